@@ -1,0 +1,1 @@
+"""fedclip_edge.broker"""

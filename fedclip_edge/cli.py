@@ -1,0 +1,220 @@
+"""The `fedclip-edge` command line: wiring only, the work lives in the library.
+
+Every FedClipError becomes one `error: ...` line and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from fedclip_edge import __version__
+from fedclip_edge.errors import ConfigError, FedClipError
+
+app = typer.Typer(
+    name="fedclip-edge",
+    help="Federated personalization of CLIP on edge devices (FedCLIP).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Datasets: synthetic domains, ImageFolder layout.", no_args_is_help=True)
+model_app = typer.Typer(help="Models: the offline default, open_clip architectures.",
+                        no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that measure both sides in one run.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+
+# Options that take several values after one flag (`--seeds 0 1 2`), as users type them.
+MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends"}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="open_clip architecture, or "
+                                       "fedclip-tiny (the offline default).")]
+PretrainedOpt = Annotated[str | None, typer.Option(
+    help="open_clip tag (openai, laion2b_s34b_b79k, ...), a checkpoint file, or 'none' for "
+    "random init. fedclip-tiny defaults to 'synth' (built here on first use).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedclip-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """FedCLIP keeps CLIP frozen and federates a 0.5M-parameter attention adapter."""
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write DOMAIN/CLASS/*.png into.")],
+    per_class: Annotated[int, typer.Option(help="Images per domain and class.")] = 30,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+) -> None:
+    """Write the synthetic four-style dataset (a PACS stand-in that needs no download)."""
+    from fedclip_edge.data.synth import write_dataset
+
+    info = write_dataset(out, per_class=per_class, seed=seed, size=size, progress=True)
+    typer.echo(f"wrote {info['images']} images: {len(info['domains'])} domains "
+               f"({', '.join(info['domains'])}) x {len(info['classes'])} classes to {out}")
+
+
+@model_app.command("prepare")
+def model_prepare(
+    seed: Annotated[int, typer.Option(help="Pretraining seed.")] = 0,
+) -> None:
+    """Build (or find cached) the offline default model and print its zero-shot accuracy."""
+    from fedclip_edge.models.tiny import ensure_pretrained
+
+    path, meta = ensure_pretrained(seed=seed)
+    zs = ", ".join(f"{d} {a:.1%}" for d, a in meta["zero_shot"].items())
+    typer.echo(f"{meta['model']} (seed {seed}) at {path}\nzero-shot accuracy per synthetic domain: {zs}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """Architectures that open_clip can build here (weights are a separate matter)."""
+    from fedclip_edge.models import list_architectures
+
+    typer.echo("\n".join(list_architectures()))
+
+
+@app.command("features")
+def features(
+    data: Annotated[Path, typer.Option(help="Dataset root: DOMAIN/CLASS/image files.")],
+    out: Annotated[Path, typer.Option(help="Cache folder (re-runs reuse what is there).")],
+    model: ModelOpt = "fedclip-tiny",
+    pretrained: PretrainedOpt = None,
+    domains: Annotated[list[str] | None, typer.Option(help="Only these domains.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = 32,
+) -> None:
+    """Encode every image once with the frozen image tower and cache the features."""
+    from fedclip_edge.pipeline import build_features
+
+    build_features(data, out, model=model, pretrained=pretrained, domains=domains,
+                   batch_size=batch_size)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    test_domain: Annotated[str, typer.Option(help="Held-out domain (generalization target).")],
+    out: Annotated[Path, typer.Option(help="Output folder for summary.json.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset root (features are cached in "
+                                              "OUT/features).")] = None,
+    features_dir: Annotated[Path | None, typer.Option("--features", help="A feature cache "
+                                                      "from `fedclip-edge features`.")] = None,
+    model: ModelOpt = "fedclip-tiny",
+    pretrained: PretrainedOpt = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
+    seeds: Annotated[list[int] | None, typer.Option(help="One run per seed: --seeds 0 1 2.")] = None,
+    preset: Annotated[str, typer.Option(help="'reference' (the paper's: Adam lr 5e-5, weight "
+                                        "decay 0.2, clip loss) or 'learning' (lr 1e-3, weight "
+                                        "decay 0, ce loss).")] = "reference",
+    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Override: coupled L2.")] = None,
+    loss: Annotated[str | None, typer.Option(help="Override: clip or ce.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override: local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override: local batch size.")] = None,
+    weighting: Annotated[str, typer.Option(help="uniform (reference) or samples.")] = "uniform",
+    personalize_epochs: Annotated[int, typer.Option(help="Local fine-tuning epochs of the "
+                                                    "global adapter before evaluation.")] = 0,
+) -> None:
+    """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
+    from fedclip_edge.pipeline import run_simulation
+
+    if (data is None) == (features_dir is None):
+        raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
+    run_simulation(
+        out, data=data, features_dir=features_dir, model=model, pretrained=pretrained,
+        test_domain=test_domain, rounds=rounds, seeds=tuple(seeds or (0,)), preset=preset,
+        overrides={"lr": lr, "weight_decay": weight_decay, "loss": loss, "epochs": epochs,
+                   "batch_size": batch_size},
+        weighting=weighting, personalize_epochs=personalize_epochs,
+    )
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for data, features and the report.")] = Path(
+        "demo-out"),
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 15,
+    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 40,
+    test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "sketch",
+    seeds: Annotated[list[int] | None, typer.Option(help="One run per seed.")] = None,
+) -> None:
+    """The whole pipeline on one machine, no downloads: data, model, features, federation."""
+    from fedclip_edge.pipeline import run_demo
+
+    run_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain,
+             seeds=tuple(seeds or (0, 1, 2)))
+
+
+def _register_optional() -> None:
+    """Commands from the other parts of the toolkit, when they are installed."""
+    try:
+        from fedclip_edge.exporters.cli import export
+    except ImportError:
+        pass
+    else:
+        app.command("export")(export)
+    try:
+        from fedclip_edge.benchmarks.extractor import bench_extractor
+    except ImportError:
+        pass
+    else:
+        bench_app.command("extractor")(bench_extractor)
+
+
+def expand_multi_values(argv: list[str]) -> list[str]:
+    """`--seeds 0 1 2` -> `--seeds 0 --seeds 1 --seeds 2` (click wants one value per flag)."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg.startswith("-"):
+            current = arg if arg in MULTI_VALUE_OPTIONS else None
+            out.append(arg)
+        elif current is not None and out and out[-1] != current and not out[-1].startswith("-"):
+            out.extend([current, arg])
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and an exit code for a user's mistake, not a traceback."""
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    _register_optional()
+    args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="fedclip-edge", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept (caches and checkpoints are written "
+              "atomically); re-run to continue", file=sys.stderr)
+        return 130
+    except FedClipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

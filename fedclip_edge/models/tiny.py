@@ -1,0 +1,200 @@
+"""The offline default model: a small CLIP that the project pretrains itself on synthetic data.
+
+No weights can be downloaded on the build machines, and a random-init CLIP is useless for
+FedCLIP (its image features barely depend on the image). So `fedclip-tiny` is pretrained here,
+deterministically from a seed, in about a minute on 2 CPU cores, and cached. What made it train
+(MEASURED.md): AdamW lr 5e-4 with a one-cycle schedule, gradient clipping at 1.0, and targets that
+treat every same-caption pair in a batch as positive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from fedclip_edge.errors import ModelError
+
+MODEL_NAME = "fedclip-tiny"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 0
+    images: int = 4096
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # "class": every pair naming the same class is positive (captions always name it);
+    # "caption": only identical captions are positive (weaker signal, slower to train)
+    positives: str = "class"
+    eval_per_class: int = 20  # per domain and class, for the recorded zero-shot accuracy
+    threads: int = 2  # fixed, so the result does not depend on the machine's core count
+
+
+def checkpoint_path(seed: int = 0) -> Path:
+    from fedclip_edge.models.load import cache_dir
+
+    return cache_dir() / "models" / f"{MODEL_NAME}-synth-r{RECIPE_VERSION}-seed{seed}.safetensors"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Several agents on one machine may ask for the model at once: build it only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _to_batch(images: list, preprocess) -> torch.Tensor:
+    return torch.stack([preprocess(im) for im in images])
+
+
+def _zero_shot(model, tokenizer, preprocess, cfg: PretrainConfig) -> dict[str, float]:
+    """Top-1 zero-shot accuracy per synthetic domain, with the FedCLIP prompt."""
+    from fedclip_edge import PROMPT_TEMPLATE
+    from fedclip_edge.data.synth import CLASSES, DOMAINS, sample_batch
+
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokenizer([PROMPT_TEMPLATE.format(c) for c in CLASSES])), dim=-1)
+        out = {}
+        for d in DOMAINS:
+            imgs, _, labels, _ = sample_batch(
+                cfg.eval_per_class * len(CLASSES), seed=cfg.seed + 7919, domains=(d,)
+            )
+            feats = F.normalize(model.encode_image(_to_batch(imgs, preprocess)), dim=-1)
+            pred = (feats @ text.T).argmax(1)
+            out[d] = float((pred == torch.tensor(labels)).float().mean())
+    return out
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Contrastive pretraining of fedclip-tiny on synthetic captioned images."""
+    import open_clip
+
+    from fedclip_edge.data.synth import sample_batch
+    from fedclip_edge.models.load import _open_clip
+
+    _open_clip()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=None)
+        tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+        images, captions, labels, _ = sample_batch(cfg.images, seed=cfg.seed + 104729)
+        pixels = _to_batch(images, preprocess)
+        tokens = tokenizer(captions)
+        # same caption -> positive pair; ids let us build the target matrix per batch cheaply
+        if cfg.positives == "class":
+            cap_ids = torch.tensor(labels)
+        else:
+            uniq = {c: i for i, c in enumerate(sorted(set(captions)))}
+            cap_ids = torch.tensor([uniq[c] for c in captions])
+        t_data = time.perf_counter() - t0
+
+        steps_per_epoch = math.ceil(cfg.images / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        step, last = 0, 0.0
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(cfg.images, generator=gen)
+            for s in range(steps_per_epoch):
+                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                if idx.numel() < 2:
+                    continue
+                img = F.normalize(model.encode_image(pixels[idx]), dim=-1)
+                txt = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+                logits = model.logit_scale.exp() * img @ txt.T
+                same = (cap_ids[idx][:, None] == cap_ids[idx][None, :]).float()
+                targets = same / same.sum(1, keepdim=True)
+                loss = (
+                    torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
+                    + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean()
+                ) / 2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                last = float(loss.detach())
+            if progress:
+                print(
+                    f"pretrain {MODEL_NAME}: epoch {epoch + 1}/{cfg.epochs} step {step}/{total} "
+                    f"loss {last:.3f} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+        model.eval()
+        zero_shot = _zero_shot(model, tokenizer, preprocess, cfg)
+        meta = {
+            "model": MODEL_NAME,
+            "recipe_version": RECIPE_VERSION,
+            "config": asdict(cfg),
+            "final_loss": last,
+            "steps": step,
+            "data_seconds": round(t_data, 2),
+            "train_seconds": round(time.perf_counter() - t0 - t_data, 2),
+            "zero_shot": zero_shot,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        }
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        return state, meta
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ensure_pretrained(seed: int = 0, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Path of the cached checkpoint (built on first use) and its metadata."""
+    from safetensors.torch import save_file
+
+    path = checkpoint_path(seed)
+    meta_path = path.with_suffix(".json")
+    with _file_lock(path.with_suffix(".lock")):
+        if path.is_file() and meta_path.is_file():
+            try:
+                return path, json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass  # rebuild below
+        if progress:
+            print(
+                f"building the offline default model {MODEL_NAME} (seed {seed}): pretraining on "
+                f"synthetic data, about a minute on 2 CPU cores; cached at {path}",
+                flush=True,
+            )
+        state, meta = pretrain(PretrainConfig(seed=seed), progress=progress)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file(state, str(tmp))
+            os.replace(tmp, path)
+            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        except OSError as exc:
+            raise ModelError(f"could not write the pretrained model to {path}: {exc}") from exc
+        if progress:
+            zs = ", ".join(f"{d} {a:.0%}" for d, a in meta["zero_shot"].items())
+            print(f"{MODEL_NAME} ready: zero-shot accuracy {zs}", flush=True)
+    return path, meta

@@ -1,0 +1,73 @@
+"""Aggregation strategies. A strategy owns aggregation; it never touches a transport.
+
+Aggregation streams: one running sum per round, not one copy of the adapter per client, so a
+round with 1000 devices costs the memory of one adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+WEIGHTINGS = ("uniform", "samples")
+
+
+class RunningMean:
+    """Weighted mean of state dicts, accumulated one update at a time in float64."""
+
+    def __init__(self, weighting: str) -> None:
+        self.weighting = weighting
+        self._sum: dict[str, torch.Tensor] | None = None
+        self._weight = 0.0
+        self.count = 0
+        self.samples = 0
+
+    def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        w = 1.0 if self.weighting == "uniform" else float(num_samples)
+        if self._sum is None:
+            self._sum = {k: v.detach().to(torch.float64) * w for k, v in state.items()}
+        else:
+            if set(state) != set(self._sum):
+                raise ValueError(
+                    f"update tensors {sorted(state)} differ from the round's {sorted(self._sum)}"
+                )
+            for k, v in state.items():
+                if v.shape != self._sum[k].shape:
+                    raise ValueError(
+                        f"tensor {k!r} has shape {list(v.shape)}, expected {list(self._sum[k].shape)}"
+                    )
+                self._sum[k].add_(v.detach().to(torch.float64), alpha=w)
+        self._weight += w
+        self.count += 1
+        self.samples += num_samples
+
+    def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        if self._sum is None or self._weight <= 0:
+            raise ValueError("no update (or only zero-sample updates) to aggregate")
+        return {k: (v / self._weight).to(dtype) for k, v in self._sum.items()}
+
+
+class FedAvg:
+    """FedAvg. `uniform` (the reference: 1/K per client) or `samples` (weights by sample count)."""
+
+    name = "fedavg"
+
+    def __init__(self, weighting: str = "uniform") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        self.weighting = weighting
+
+    def start_round(self) -> RunningMean:
+        return RunningMean(self.weighting)
+
+    def aggregate(
+        self, updates: list[tuple[Mapping[str, torch.Tensor], int]]
+    ) -> dict[str, torch.Tensor]:
+        """Mean of (state, num_samples) pairs."""
+        acc = self.start_round()
+        for state, n in updates:
+            acc.add(state, n)
+        return acc.result()
