@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +29,20 @@ DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_BATCHES = (1, 8, 32)
 # Targets from the issue, for ViT-B-32 on a 2-core CPU machine.
 TARGETS = (
-    {"what": "onnxruntime fp32 vs torch eager at batch 1", "batch": 1,
-     "num": ("onnxruntime", "fp32"), "den": ("torch", None), "min_ratio": 1.8},
-    {"what": "onnxruntime int8 vs onnxruntime fp32 at batch 32", "batch": 32,
-     "num": ("onnxruntime", "int8"), "den": ("onnxruntime", "fp32"), "min_ratio": 2.2},
+    {
+        "what": "onnxruntime fp32 vs torch eager at batch 1",
+        "batch": 1,
+        "num": ("onnxruntime", "fp32"),
+        "den": ("torch", None),
+        "min_ratio": 1.8,
+    },
+    {
+        "what": "onnxruntime int8 vs onnxruntime fp32 at batch 32",
+        "batch": 32,
+        "num": ("onnxruntime", "int8"),
+        "den": ("onnxruntime", "fp32"),
+        "min_ratio": 2.2,
+    },
 )
 
 
@@ -46,7 +57,9 @@ def find_artifacts(root: Path) -> list[Path]:
         raise ExportError(f"--artifacts {root}: no such directory")
     found = sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file())
     if not found:
-        raise ExportError(f"--artifacts {root}: no exported artifact (manifest.json) in it or below it")
+        raise ExportError(
+            f"--artifacts {root}: no exported artifact (manifest.json) in it or below it"
+        )
     return found
 
 
@@ -60,8 +73,12 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         import torch
 
@@ -72,7 +89,9 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _time_rounds(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+def _time_rounds(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -137,19 +156,23 @@ def run_extractor_bench(
             key = f"{art.name}:{spec}"
             extractors[key] = ext
             rows_meta[key] = {
-                "artifact": art.name if backend != "torch" else f"{manifest['model']['name']} (PyTorch)",
+                "artifact": art.name
+                if backend != "torch"
+                else f"{manifest['model']['name']} (PyTorch)",
                 "model": manifest["model"]["name"],
                 "identity": ident,
                 "backend": backend,
-                "extractor": ext.name,
+                "extractor": ext.label,
                 "precision": ext.precision,
                 "picked": ext.picked,
                 "max_batch": ext.max_batch,
                 "golden_min_cosine": (ext.parity or {}).get("min_cosine"),
             }
     if not extractors:
-        raise ExportError("no backend could be opened: " + "; ".join(
-            f"{s['artifact']}:{s['backend']} ({s['reason']})" for s in skipped))
+        raise ExportError(
+            "no backend could be opened: "
+            + "; ".join(f"{s['artifact']}:{s['backend']} ({s['reason']})" for s in skipped)
+        )
 
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
@@ -157,48 +180,81 @@ def run_extractor_bench(
         fns = {}
         for key, ext in extractors.items():
             if b > ext.max_batch:
-                skipped.append({"artifact": rows_meta[key]["artifact"], "backend": key,
-                                "reason": f"batch {b} > the artifact's max batch {ext.max_batch}"})
+                skipped.append(
+                    {
+                        "artifact": rows_meta[key]["artifact"],
+                        "backend": rows_meta[key]["extractor"],
+                        "reason": f"batch {b} > the artifact's max batch {ext.max_batch}",
+                    }
+                )
                 continue
             h, w = ext.preprocess.size
             x = rng.standard_normal((b, 3, h, w)).astype(np.float32)
-            fns[key] = (lambda e=ext, x=x: e.extract(x))
+            fns[key] = lambda e=ext, x=x: e.extract(x)
         say(f"timing batch {b}: {len(fns)} backends x ({warmup} warm-up + {repeats} rounds)")
         times = _time_rounds(fns, warmup, repeats)
         for key, ts in times.items():
             med = statistics.median(ts)
-            results.append({**rows_meta[key], "batch": b, "median_s": med, "min_s": min(ts),
-                            "times_s": ts, "images_per_s": b / med})
+            results.append(
+                {
+                    **rows_meta[key],
+                    "batch": b,
+                    "median_s": med,
+                    "min_s": min(ts),
+                    "times_s": ts,
+                    "images_per_s": b / med,
+                }
+            )
 
     # Ratio to PyTorch eager on the same model and batch.
-    torch_rate = {(r["identity"], r["batch"]): r["images_per_s"] for r in results
-                  if r["backend"] == "torch" and r["precision"] == "fp32"}
+    torch_rate = {
+        (r["identity"], r["batch"]): r["images_per_s"]
+        for r in results
+        if r["backend"] == "torch" and r["precision"] == "fp32"
+    }
     for r in results:
         base = torch_rate.get((r["identity"], r["batch"]))
         r["ratio_to_torch_eager"] = r["images_per_s"] / base if base else None
 
     targets = []
     for t in TARGETS:
+
         def pick(backend: str, precision: str | None, batch: int) -> dict[str, Any] | None:
             for r in results:
-                if r["backend"] == backend and r["batch"] == batch and (
-                    precision is None or r["precision"] == precision
-                ) and (backend != "torch" or r["precision"] == "fp32"):
+                if (
+                    r["backend"] == backend
+                    and r["batch"] == batch
+                    and (precision is None or r["precision"] == precision)
+                    and (backend != "torch" or r["precision"] == "fp32")
+                ):
                     return r
             return None
 
         num, den = pick(*t["num"], t["batch"]), pick(*t["den"], t["batch"])
         if num and den and num["identity"] == den["identity"]:
             ratio = num["images_per_s"] / den["images_per_s"]
-            targets.append({"what": t["what"], "model": num["model"], "ratio": ratio,
-                            "min_ratio": t["min_ratio"], "met": ratio >= t["min_ratio"]})
+            targets.append(
+                {
+                    "what": t["what"],
+                    "model": num["model"],
+                    "ratio": ratio,
+                    "min_ratio": t["min_ratio"],
+                    "met": ratio >= t["min_ratio"],
+                }
+            )
     return {
         "benchmark": "extractor",
         "machine": machine_info(),
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
-        "settings": {"backends": list(backends), "batches": batches, "repeats": repeats,
-                     "warmup": warmup, "threads": threads, "timing": "interleaved rounds, median"},
+        "settings": {
+            "backends": list(backends),
+            "batches": batches,
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": threads,
+            "timing": "interleaved rounds, median",
+        },
         "versions": tool_versions(),
         "results": results,
         "targets": targets,
@@ -211,34 +267,62 @@ def render_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
     m = report["machine"]
-    table = Table(title=f"extractor throughput: {m['cpu']} ({m['cpu_count']} cores)"
-                  + (f", {m['gpu']}" if m.get("gpu") else ""))
-    for col, just in (("artifact", "left"), ("backend", "left"), ("precision", "left"),
-                      ("batch", "right"), ("img/s", "right"), ("ms/batch", "right"),
-                      ("x torch eager", "right")):
+    table = Table(
+        title=f"extractor throughput: {m['cpu']} ({m['cpu_count']} cores)"
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+    )
+    for col, just in (
+        ("artifact", "left"),
+        ("backend", "left"),
+        ("precision", "left"),
+        ("batch", "right"),
+        ("img/s", "right"),
+        ("ms/batch", "right"),
+        ("x torch eager", "right"),
+    ):
         table.add_column(col, justify=just)
     for r in sorted(report["results"], key=lambda r: (r["batch"], r["artifact"], r["backend"])):
         ratio = r["ratio_to_torch_eager"]
-        table.add_row(r["artifact"], r["extractor"], r["precision"], str(r["batch"]),
-                      f"{r['images_per_s']:.1f}", f"{1000 * r['median_s']:.1f}",
-                      f"{ratio:.2f}x" if ratio is not None else "-")
+        table.add_row(
+            r["artifact"],
+            r["extractor"],
+            r["precision"],
+            str(r["batch"]),
+            f"{r['images_per_s']:.1f}",
+            f"{1000 * r['median_s']:.1f}",
+            f"{ratio:.2f}x" if ratio is not None else "-",
+        )
     return table
 
 
 def bench_extractor(
-    artifacts: Annotated[Path, typer.Option(help="An exported artifact, or a folder of them "
-                                            "(e.g. one per precision).")],
-    backends: Annotated[list[str] | None, typer.Option(help="Backends to time: torch, "
-                                                       "onnxruntime, tensorrt, auto; with "
-                                                       "':device' (onnxruntime:cuda, "
-                                                       "onnxruntime:tensorrt, torch:cuda).")] = None,
+    artifacts: Annotated[
+        Path,
+        typer.Option(help="An exported artifact, or a folder of them (e.g. one per precision)."),
+    ],
+    backends: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Backends to time: torch, "
+            "onnxruntime, tensorrt, auto; with "
+            "':device' (onnxruntime:cuda, "
+            "onnxruntime:tensorrt, torch:cuda)."
+        ),
+    ] = None,
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes: --batch 1 8 32.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed rounds per batch size (median).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs per backend and batch size.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch and ONNX Runtime "
-                                                "(default: all cores).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Where to write the JSON "
-                                                  "report (default: ARTIFACTS/bench_extractor.json).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Where to write the JSON report (default: ARTIFACTS/bench_extractor.json).",
+        ),
+    ] = None,
 ) -> None:
     """Images/s of every extractor backend in one run, with the ratio to PyTorch eager."""
     from rich.console import Console
@@ -246,21 +330,29 @@ def bench_extractor(
     err = Console(stderr=True)
     start = time.monotonic()
     report = run_extractor_bench(
-        artifacts, backends=tuple(backends or DEFAULT_BACKENDS),
-        batches=tuple(batch or DEFAULT_BATCHES), repeats=repeats, warmup=warmup, threads=threads,
+        artifacts,
+        backends=tuple(backends or DEFAULT_BACKENDS),
+        batches=tuple(batch or DEFAULT_BATCHES),
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
         progress=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {m}"),
     )
     path = json_out or (Path(artifacts) / "bench_extractor.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(render_table(report))
     for t in report["targets"]:
         mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
-        console.print(f"target {t['what']} ({t['model']}): {t['ratio']:.2f}x "
-                      f"(want >= {t['min_ratio']}x) {mark}")
+        console.print(
+            f"target {t['what']} ({t['model']}): {t['ratio']:.2f}x "
+            f"(want >= {t['min_ratio']}x) {mark}"
+        )
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {s['artifact']} {s['backend']}: {s['reason']}")
     la, lb = report["load_average_before"], report["load_average_after"]
-    console.print(f"load average before {la[0]:.2f}, after {lb[0]:.2f} "
-                  f"({report['machine']['cpu_count']} cores); JSON: {path}")
+    console.print(
+        f"load average before {la[0]:.2f}, after {lb[0]:.2f} "
+        f"({report['machine']['cpu_count']} cores); JSON: {path}"
+    )

@@ -6,6 +6,7 @@ Register with `app.command("export")(export)`. Errors are FedClipError (ExportEr
 
 from __future__ import annotations
 
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -31,28 +32,66 @@ def _size(n: int) -> str:
 
 
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create "
-                                      "(written aside and renamed into place only after parity passes).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="open_clip architecture, or "
-                                       "fedclip-tiny (the offline default).")] = "fedclip-tiny",
-    pretrained: Annotated[str | None, typer.Option(help="open_clip tag, checkpoint file, or "
-                                                   "'none' for random init (fedclip-tiny "
-                                                   "defaults to 'synth').")] = None,
-    precision: Annotated[Precision, typer.Option(help="fp32; fp16 (GPU providers/TensorRT: "
-                                                 "LayerNorm, softmax and I/O stay fp32); int8 "
-                                                 "(ONNX Runtime dynamic quantization, CPU).")] = Precision.fp32,
-    max_batch: Annotated[int, typer.Option(help="Largest batch the artifact is checked at "
-                                           "(and the TensorRT profile's max).")] = 32,
-    opt_batch: Annotated[int, typer.Option(help="Typical device batch: the TensorRT "
-                                           "profile's opt shape.")] = 8,
-    classes: Annotated[Path | None, typer.Option(help="Class names (a text file, one per line, "
-                                                 "or a DOMAIN/CLASS dataset folder): their "
-                                                 "prompt features ship with the model.")] = None,
-    text_encoder: Annotated[bool, typer.Option("--text-encoder", help="Also export the text "
-                                               "encoder to ONNX (fp32).")] = False,
-    trt: Annotated[bool, typer.Option("--trt", help="Build a TensorRT engine too (on the "
-                                      "device; prints the trtexec command where TensorRT is "
-                                      "not importable).")] = False,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Artifact directory to create "
+            "(written aside and renamed into place only after parity passes).",
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="open_clip architecture, or fedclip-tiny (the offline default)."
+        ),
+    ] = "fedclip-tiny",
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="open_clip tag, checkpoint file, or "
+            "'none' for random init (fedclip-tiny "
+            "defaults to 'synth')."
+        ),
+    ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="fp32; fp16 (GPU providers/TensorRT: "
+            "LayerNorm, softmax and I/O stay fp32); int8 "
+            "(ONNX Runtime dynamic quantization, CPU)."
+        ),
+    ] = Precision.fp32,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            help="Largest batch the artifact is checked at (and the TensorRT profile's max)."
+        ),
+    ] = 32,
+    opt_batch: Annotated[
+        int, typer.Option(help="Typical device batch: the TensorRT profile's opt shape.")
+    ] = 8,
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Class names (a text file, one per line, "
+            "or a DOMAIN/CLASS dataset folder): their "
+            "prompt features ship with the model."
+        ),
+    ] = None,
+    text_encoder: Annotated[
+        bool, typer.Option("--text-encoder", help="Also export the text encoder to ONNX (fp32).")
+    ] = False,
+    trt: Annotated[
+        bool,
+        typer.Option(
+            "--trt",
+            help="Build a TensorRT engine too (on the "
+            "device; prints the trtexec command where TensorRT is "
+            "not importable).",
+        ),
+    ] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).")] = 17,
     seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
@@ -67,35 +106,55 @@ def export(
         console.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {msg}")
 
     result = export_artifact(
-        out, model=model, pretrained=pretrained, precision=precision.value, max_batch=max_batch,
-        opt_batch=opt_batch, classes=classes, text_encoder=text_encoder, trt=trt, opset=opset,
-        seed=seed, overwrite=force, progress=progress,
+        out,
+        model=model,
+        pretrained=pretrained,
+        precision=precision.value,
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        classes=classes,
+        text_encoder=text_encoder,
+        trt=trt,
+        opset=opset,
+        seed=seed,
+        overwrite=force,
+        progress=progress,
     )
     m = result.manifest
     p = m["parity"]
-    out_console = Console()
-    table = Table(title=f"{m['model']['name']} ({m['model']['pretrained']}) {m['precision']} "
-                  f"-> {result.out}", show_header=True)
+    out_console = Console(width=None if sys.stdout.isatty() else 120)
+    table = Table(
+        title=f"{m['model']['name']} ({m['model']['pretrained']}) {m['precision']} -> {result.out}",
+        show_header=True,
+    )
     table.add_column("check")
     table.add_column("measured", justify="right")
     table.add_column("bound", justify="right")
-    table.add_row("min cosine vs PyTorch fp32", f"{p['min_cosine']:.6f}", f"{p['bound']['min_cosine']}")
+    table.add_row(
+        "min cosine vs PyTorch fp32", f"{p['min_cosine']:.6f}", f"{p['bound']['min_cosine']}"
+    )
     if p.get("top1_agreement") is not None:
-        table.add_row(f"zero-shot top-1 agreement ({p['top1_agreement_over']['count']} inputs)",
-                      f"{100 * p['top1_agreement']:.1f}%",
-                      f"{100 * p['bound']['min_top1_agreement']:.0f}%")
+        table.add_row(
+            f"zero-shot top-1 agreement ({p['top1_agreement_over']['count']} inputs)",
+            f"{100 * p['top1_agreement']:.1f}%",
+            f"{100 * p['bound']['min_top1_agreement']:.0f}%",
+        )
     for name, s in p["sets"].items():
         table.add_row(f"  {name} ({s['count']})", f"{s['min_cosine']:.6f}", "")
     engine = m.get("tensorrt") or {}
     if engine.get("parity"):
-        table.add_row("TensorRT engine min cosine", f"{engine['parity']['min_cosine']:.6f}",
-                      f"{engine['parity']['bound']['min_cosine']}")
+        table.add_row(
+            "TensorRT engine min cosine",
+            f"{engine['parity']['min_cosine']:.6f}",
+            f"{engine['parity']['bound']['min_cosine']}",
+        )
     out_console.print(table)
     files = ", ".join(f"{k} {_size(v['bytes'])}" for k, v in m["files"].items())
     out_console.print(f"files: {files}")
     if engine.get("build_warning_count"):
-        out_console.print(f"TensorRT build warnings: {engine['build_warning_count']} "
-                          f"(see {engine['build_log']})")
+        out_console.print(
+            f"TensorRT build warnings: {engine['build_warning_count']} (see {engine['build_log']})"
+        )
     for note in result.notes:
         out_console.print(f"[yellow]note:[/yellow] {note}")
     if result.trtexec:

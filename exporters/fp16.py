@@ -49,8 +49,18 @@ FP32_OPS = frozenset(
 )
 # Ops that create float tensors out of an attribute: their attributes are rewritten.
 _UNSUPPORTED_DTYPE_OPS = frozenset(
-    {"EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-     "Multinomial", "Bernoulli", "CastLike", "Resize", "Upsample"}
+    {
+        "EyeLike",
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "CastLike",
+        "Resize",
+        "Upsample",
+    }
 )
 
 
@@ -70,7 +80,9 @@ def _float_types(model: onnx.ModelProto) -> dict[str, int]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise ExportError(f"fp16 conversion: shape inference failed on the fp32 graph: {exc}") from exc
+        raise ExportError(
+            f"fp16 conversion: shape inference failed on the fp32 graph: {exc}"
+        ) from exc
     g = inferred.graph
     types: dict[str, int] = {}
     for vi in list(g.value_info) + list(g.input) + list(g.output):
@@ -107,7 +119,10 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] = FP32_OPS)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     for node in g.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
             raise ExportError(f"fp16 conversion does not handle subgraphs ({node.op_type} node)")
         if node.op_type in _UNSUPPORTED_DTYPE_OPS:
             raise ExportError(f"fp16 conversion does not handle {node.op_type} nodes")
@@ -190,8 +205,10 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_ops: frozenset[str] = FP32_OPS)
         if node.op_type == "Constant":
             for attr in list(node.attribute):
                 if attr.name in ("value_float", "value_floats"):
-                    arr = np.array(attr.f if attr.name == "value_float" else list(attr.floats),
-                                   dtype=np.float32)
+                    arr = np.array(
+                        attr.f if attr.name == "value_float" else list(attr.floats),
+                        dtype=np.float32,
+                    )
                     node.attribute.remove(attr)
                     node.attribute.append(
                         helper.make_attribute("value", numpy_helper.from_array(_to_fp16_array(arr)))

@@ -19,8 +19,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters.names import MANIFEST_FILE, PRECISIONS, SCHEMA, SCHEMA_VERSION
+
+from fedclip_edge.errors import ExportError
 
 # Top-level keys every manifest must have, and their JSON types.
 REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -98,7 +99,12 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
     if data["max_batch"] < 1:
         raise ExportError("artifact manifest max_batch must be at least 1")
     for rel, rec in data["files"].items():
-        if not isinstance(rec, dict) or "sha256" not in rec or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if (
+            not isinstance(rec, dict)
+            or "sha256" not in rec
+            or Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+        ):
             raise ExportError(f"artifact manifest has a bad file entry {rel!r}")
 
 
@@ -109,7 +115,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise ExportError(f"artifact directory not found: {root}")
     if not path.is_file():
-        raise ExportError(f"{root} has no {MANIFEST_FILE}: not an exported artifact (or unfinished)")
+        raise ExportError(
+            f"{root} has no {MANIFEST_FILE}: not an exported artifact (or unfinished)"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -157,7 +165,9 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} already exists and is not empty: pass --force to replace it")
+        raise ExportError(
+            f"--out {out} already exists and is not empty: pass --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
-from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters.names import (
     BATCH_AXIS,
     IMAGE_INPUT,
@@ -27,6 +25,8 @@ from fedclip_edge.exporters.names import (
     TEXT_INPUT,
     TEXT_OUTPUT,
 )
+
+from fedclip_edge.errors import ExportError
 
 MIN_OPSET = 17
 _TWO_GB = 2**31 - 1
@@ -79,7 +79,9 @@ def _export(
     opset: int,
 ) -> None:
     if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: use {MIN_OPSET} or newer (LayerNormalization)")
+        raise ExportError(
+            f"opset {opset} is too old: use {MIN_OPSET} or newer (LayerNormalization)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     try:
@@ -118,7 +120,9 @@ def export_image_encoder(
     example_batch: int = 2,
 ) -> None:
     """Write the image tower to `path` with a dynamic batch axis (example batch >= 2)."""
-    example = torch.randn(max(2, example_batch), 3, *image_size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(
+        max(2, example_batch), 3, *image_size, generator=torch.Generator().manual_seed(0)
+    )
     _export(ImageTower(clip), example, path, IMAGE_INPUT, IMAGE_OUTPUT, opset)
 
 

@@ -103,7 +103,12 @@ def run_isolated(
         env = dict(os.environ)
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "fedclip_edge.exporters.ort_utils", str(tmp_path / "request.json")],
+                [
+                    sys.executable,
+                    "-m",
+                    "fedclip_edge.exporters.ort_utils",
+                    str(tmp_path / "request.json"),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,

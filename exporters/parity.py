@@ -80,7 +80,9 @@ def measure(
         "top1_agreement": None,
     }
     if class_features is not None and len(class_features):
-        same = zero_shot_top1(reference, class_features) == zero_shot_top1(candidate, class_features)
+        same = zero_shot_top1(reference, class_features) == zero_shot_top1(
+            candidate, class_features
+        )
         out["top1_agreement"] = float(same.mean())
         out["distinct_reference_predictions"] = int(
             len(np.unique(zero_shot_top1(reference, class_features)))
@@ -150,7 +152,7 @@ def require(rep: Mapping[str, Any], what: str) -> None:
 
 
 def synthetic_images(size: int, per_domain: int = 8, seed: int = 1234) -> list[Any]:
-    """Real (rendered) images from the project's synthetic dataset: every domain, cycling classes."""
+    """Rendered images of the project's synthetic dataset: every domain, cycling classes."""
     from fedclip_edge.data import synth
 
     images = []

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import staged_dir, write_manifest
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
+
+from fedclip_edge.errors import ExportError
 
 Progress = Callable[[str], None]
 
@@ -82,17 +82,44 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def _torch_features(loaded: Any, x: np.ndarray, chunk: int = 16) -> np.ndarray:
+_REFERENCE_CACHE: dict[tuple, tuple[np.ndarray, ...]] = {}
+
+
+def _parity_inputs(
+    loaded: Any, cfg: PreprocessConfig, per_domain: int, n_random: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(real, random, PyTorch features of real, of random); kept for the last model, so
+    exporting several precisions in one process computes the references once."""
+    key = (loaded.name, loaded.weights_sha256, cfg, per_domain, n_random)
+    if key not in _REFERENCE_CACHE:
+        h, w = cfg.size
+        real = preprocess_images(parity.synthetic_images(max(h, w), per_domain), cfg)
+        rand = parity.random_inputs(n_random, (h, w))
+        _REFERENCE_CACHE.clear()
+        _REFERENCE_CACHE[key] = (
+            real,
+            rand,
+            _torch_features(loaded, real),
+            _torch_features(loaded, rand),
+        )
+    return _REFERENCE_CACHE[key]  # type: ignore[return-value]
+
+
+def _torch_features(loaded: Any, x: np.ndarray, chunk: int = 32) -> np.ndarray:
     import torch
 
     from fedclip_edge.models import encode_images
 
-    outs = [encode_images(loaded, torch.from_numpy(x[i : i + chunk])).numpy()
-            for i in range(0, len(x), chunk)]
+    outs = [
+        encode_images(loaded, torch.from_numpy(x[i : i + chunk])).numpy()
+        for i in range(0, len(x), chunk)
+    ]
     return np.concatenate(outs).astype(np.float32)
 
 
-def _run_candidate(path: Path, precision: str, batches: list[np.ndarray]) -> tuple[list[np.ndarray], str]:
+def _run_candidate(
+    path: Path, precision: str, batches: list[np.ndarray]
+) -> tuple[list[np.ndarray], str]:
     """Run the exported model on CPU; fp16 in a child process (it may crash the provider)."""
     from fedclip_edge.exporters.ort_utils import (
         disabled_optimizers_for,
@@ -104,11 +131,14 @@ def _run_candidate(path: Path, precision: str, batches: list[np.ndarray]) -> tup
     providers = ["CPUExecutionProvider"]
     disabled = disabled_optimizers_for(precision, providers)
     if precision == "fp16":
-        outs = run_isolated(path, N.IMAGE_INPUT, batches, providers=providers,
-                            disabled_optimizers=disabled)
-        where = ("onnxruntime CPUExecutionProvider, child process (kernels the CPU provider "
-                 "lacks in fp16 run in fp32 between Casts; the device re-checks its golden set "
-                 "on its own provider at load)")
+        outs = run_isolated(
+            path, N.IMAGE_INPUT, batches, providers=providers, disabled_optimizers=disabled
+        )
+        where = (
+            "onnxruntime CPUExecutionProvider, child process (kernels the CPU provider "
+            "lacks in fp16 run in fp32 between Casts; the device re-checks its golden set "
+            "on its own provider at load)"
+        )
     else:
         session = make_session(path, providers)
         outs = run_batches(session, N.IMAGE_INPUT, batches)
@@ -151,9 +181,12 @@ def export_artifact(
         )
     opt_batch = max(1, min(int(opt_batch), int(max_batch)))
     class_names = resolve_classes(classes)
+    out_path = Path(out).expanduser()
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:  # fail before the work
+        raise ExportError(
+            f"--out {out_path} already exists and is not empty: pass --force to replace it"
+        )
 
-    from fedclip_edge import PROMPT_TEMPLATE
-    from fedclip_edge.data import synth
     from fedclip_edge.exporters.onnx_export import (
         check_onnx,
         export_image_encoder,
@@ -162,6 +195,9 @@ def export_artifact(
         opset_of,
         save_onnx,
     )
+
+    from fedclip_edge import PROMPT_TEMPLATE
+    from fedclip_edge.data import synth
     from fedclip_edge.models import encode_prompts, load_model
 
     say(f"loading {model} ({pretrained or 'default weights'})")
@@ -173,10 +209,7 @@ def export_artifact(
     zs_features = encode_prompts(loaded, zs_names).numpy()
 
     say("preparing parity inputs (synthetic images, random tensors) and PyTorch fp32 features")
-    real = preprocess_images(parity.synthetic_images(max(h, w), parity_per_domain), cfg)
-    rand = parity.random_inputs(parity_random, (h, w))
-    ref_real = _torch_features(loaded, real)
-    ref_rand = _torch_features(loaded, rand)
+    real, rand, ref_real, ref_rand = _parity_inputs(loaded, cfg, parity_per_domain, parity_random)
 
     everything = np.concatenate([real, rand])
     ref_all = np.concatenate([ref_real, ref_rand])
@@ -196,7 +229,6 @@ def export_artifact(
             shutil.move(fp32_path, final)
         elif precision == "fp16":
             import onnx
-
             from fedclip_edge.exporters.fp16 import FP32_OPS, convert_to_fp16, fp16_summary
 
             say("converting to an fp16 body (LayerNorm/Softmax and I/O stay fp32)")
@@ -205,8 +237,10 @@ def export_artifact(
             check_onnx(final)
             from fedclip_edge.exporters.ort_utils import FP16_CPU_DISABLED_OPTIMIZERS
 
-            extra = {"fp16": {**fp16_summary(converted), "fp32_ops": sorted(FP32_OPS)},
-                     "ort_cpu_disabled_optimizers": list(FP16_CPU_DISABLED_OPTIMIZERS)}
+            extra = {
+                "fp16": {**fp16_summary(converted), "fp32_ops": sorted(FP32_OPS)},
+                "ort_cpu_disabled_optimizers": list(FP16_CPU_DISABLED_OPTIMIZERS),
+            }
             del converted
         else:
             from fedclip_edge.exporters.quantize import QUANTIZED_OPS, quantize_int8
@@ -214,8 +248,13 @@ def export_artifact(
             say("quantizing (ONNX Runtime dynamic int8, QInt8 weights)")
             quantize_int8(fp32_path, final)
             check_onnx(final)
-            extra = {"int8": {"method": "onnxruntime.quantization.quantize_dynamic",
-                              "weight_type": "QInt8", "op_types": list(QUANTIZED_OPS)}}
+            extra = {
+                "int8": {
+                    "method": "onnxruntime.quantization.quantize_dynamic",
+                    "weight_type": "QInt8",
+                    "op_types": list(QUANTIZED_OPS),
+                }
+            }
 
         say(f"measuring parity against PyTorch ({precision}, batch 1 and {max_batch})")
         chunks = [everything[i : i + max_batch] for i in range(0, len(everything), max_batch)]
@@ -243,7 +282,8 @@ def export_artifact(
         )
         rep["zero_shot_classes"] = "--classes" if class_names else "synthetic shape classes"
         rep["inputs"] = {
-            "real": f"{n_real} synthetic images ({', '.join(synth.DOMAINS)}), rendered at {max(h, w)} px",
+            "real": f"{n_real} synthetic images ({', '.join(synth.DOMAINS)}), "
+            f"rendered at {max(h, w)} px",
             "random": f"{len(rand)} standard-normal tensors",
         }
         rep["dynamic_batch_checked"] = [1, max_batch]
@@ -257,9 +297,13 @@ def export_artifact(
         if class_names:
             feats = encode_prompts(loaded, class_names).numpy().astype(np.float32)
             np.savez(stage / N.CLASS_FEATURES_FILE, features=feats, classes=np.array(class_names))
-            class_entry = {"file": N.CLASS_FEATURES_FILE, "count": len(class_names),
-                           "classes": class_names, "prompt_template": PROMPT_TEMPLATE,
-                           "normalized": False}
+            class_entry = {
+                "file": N.CLASS_FEATURES_FILE,
+                "count": len(class_names),
+                "classes": class_names,
+                "prompt_template": PROMPT_TEMPLATE,
+                "normalized": False,
+            }
 
         text_entry = None
         if text_encoder:
@@ -292,8 +336,13 @@ def export_artifact(
             },
             "text_encoder": text_entry,
             "class_features": class_entry,
-            "golden": {"file": N.GOLDEN_FILE, "count": int(len(gi)), "real": golden_real,
-                       "random": golden_random, "bound": parity.bound_for(precision).min_cosine},
+            "golden": {
+                "file": N.GOLDEN_FILE,
+                "count": int(len(gi)),
+                "real": golden_real,
+                "random": golden_random,
+                "bound": parity.bound_for(precision).min_cosine,
+            },
             "parity": rep,
             "tensorrt": None,
             "versions": tool_versions(),
@@ -303,20 +352,39 @@ def export_artifact(
 
         result = ExportResult(out=Path(out).expanduser().absolute(), manifest=manifest)
         if trt:
-            _tensorrt_step(stage, result, manifest, precision, (h, w), max_batch, opt_batch,
-                           real, rand, ref_real, ref_rand, zs_features, say)
+            _tensorrt_step(
+                stage,
+                result,
+                manifest,
+                precision,
+                (h, w),
+                max_batch,
+                opt_batch,
+                real,
+                rand,
+                ref_real,
+                ref_rand,
+                zs_features,
+                say,
+            )
         say("writing manifest")
         result.manifest = write_manifest(stage, manifest)
     return result
 
 
-def _export_text(loaded: Any, stage: Path, names: list[str], opset: int,
-                 export_text_encoder: Callable, model_io: Callable) -> dict[str, Any]:
+def _export_text(
+    loaded: Any,
+    stage: Path,
+    names: list[str],
+    opset: int,
+    export_text_encoder: Callable,
+    model_io: Callable,
+) -> dict[str, Any]:
     """Text tower to ONNX (fp32), checked against PyTorch on the class prompts."""
     import torch
+    from fedclip_edge.exporters.ort_utils import make_session, run_batches
 
     from fedclip_edge import PROMPT_TEMPLATE
-    from fedclip_edge.exporters.ort_utils import make_session, run_batches
 
     tokens = loaded.tokenizer([PROMPT_TEMPLATE.format(n) for n in names])
     path = stage / N.TEXT_ONNX_FILE
@@ -337,10 +405,21 @@ def _export_text(loaded: Any, stage: Path, names: list[str], opset: int,
     }
 
 
-def _tensorrt_step(stage: Path, result: ExportResult, manifest: dict[str, Any], precision: str,
-                   size: tuple[int, int], max_batch: int, opt_batch: int, real: np.ndarray,
-                   rand: np.ndarray, ref_real: np.ndarray, ref_rand: np.ndarray,
-                   zs_features: np.ndarray, say: Progress) -> None:
+def _tensorrt_step(
+    stage: Path,
+    result: ExportResult,
+    manifest: dict[str, Any],
+    precision: str,
+    size: tuple[int, int],
+    max_batch: int,
+    opt_batch: int,
+    real: np.ndarray,
+    rand: np.ndarray,
+    ref_real: np.ndarray,
+    ref_rand: np.ndarray,
+    zs_features: np.ndarray,
+    say: Progress,
+) -> None:
     """Build the engine where TensorRT imports; otherwise record the trtexec command lines."""
     from fedclip_edge.exporters.tensorrt_build import (
         build_engine,
@@ -352,12 +431,20 @@ def _tensorrt_step(stage: Path, result: ExportResult, manifest: dict[str, Any], 
     trt_mod, why = import_tensorrt()
     if trt_mod is None:
         cmds = trtexec_commands(
-            result.out / N.IMAGE_ONNX_FILE, result.out / N.ENGINE_FILE,
-            input_name=N.IMAGE_INPUT, image_size=size, max_batch=max_batch, opt_batch=opt_batch,
-            precision=precision, fp32_layers=fp32_layer_names(stage / N.IMAGE_ONNX_FILE),
+            result.out / N.IMAGE_ONNX_FILE,
+            result.out / N.ENGINE_FILE,
+            input_name=N.IMAGE_INPUT,
+            image_size=size,
+            max_batch=max_batch,
+            opt_batch=opt_batch,
+            precision=precision,
+            fp32_layers=fp32_layer_names(stage / N.IMAGE_ONNX_FILE),
         )
-        manifest["tensorrt"] = {"status": "not built", "reason": f"tensorrt not importable: {why}",
-                                "trtexec": cmds}
+        manifest["tensorrt"] = {
+            "status": "not built",
+            "reason": f"tensorrt not importable: {why}",
+            "trtexec": cmds,
+        }
         result.trtexec = cmds
         result.notes.append(
             "TensorRT is not importable here, so no engine was built. On the device, run the "
@@ -366,12 +453,21 @@ def _tensorrt_step(stage: Path, result: ExportResult, manifest: dict[str, Any], 
             "(or run this export there with --trt)."
         )
         return
-    say(f"building the TensorRT {trt_mod.__version__} engine (batch 1..{max_batch}, opt {opt_batch})")
+    say(
+        f"building the TensorRT {trt_mod.__version__} engine "
+        f"(batch 1..{max_batch}, opt {opt_batch})"
+    )
     record = build_engine(
-        stage / N.IMAGE_ONNX_FILE, stage / N.ENGINE_FILE,
-        input_name=N.IMAGE_INPUT, output_name=N.IMAGE_OUTPUT, image_size=size,
-        max_batch=max_batch, opt_batch=opt_batch, precision=precision,
-        timing_cache_path=stage / N.TIMING_CACHE_FILE, log_path=stage / N.TRT_LOG_FILE,
+        stage / N.IMAGE_ONNX_FILE,
+        stage / N.ENGINE_FILE,
+        input_name=N.IMAGE_INPUT,
+        output_name=N.IMAGE_OUTPUT,
+        image_size=size,
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        precision=precision,
+        timing_cache_path=stage / N.TIMING_CACHE_FILE,
+        log_path=stage / N.TRT_LOG_FILE,
     )
     manifest["tensorrt"] = record
     from fedclip_edge.exporters.runtimes import TensorRTExtractor
@@ -379,8 +475,12 @@ def _tensorrt_step(stage: Path, result: ExportResult, manifest: dict[str, Any], 
     say("measuring the engine's parity on this GPU")
     ext = TensorRTExtractor(stage, manifest)
     got_real, got_rand = ext.extract(real), ext.extract(rand)
-    rep = parity.report({"real": (ref_real, got_real), "random": (ref_rand, got_rand)},
-                        zs_features, precision, measured_on=ext.name)
+    rep = parity.report(
+        {"real": (ref_real, got_real), "random": (ref_rand, got_rand)},
+        zs_features,
+        precision,
+        measured_on=ext.name,
+    )
     parity.require(rep, f"the {precision} TensorRT engine")
     record["parity"] = rep
     ext.close()

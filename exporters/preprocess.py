@@ -94,7 +94,9 @@ def _resize_shortest_square(w: int, h: int, target: int) -> tuple[int, int]:
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
-def _resize_keep_ratio(w: int, h: int, target_hw: tuple[int, int], longest: float) -> tuple[int, int]:
+def _resize_keep_ratio(
+    w: int, h: int, target_hw: tuple[int, int], longest: float
+) -> tuple[int, int]:
     """open_clip/timm `ResizeKeepRatio.get_params` (no random scale): sizes rounded."""
     th, tw = target_hw
     ratio_h, ratio_w = h / th, w / tw

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import read_manifest, verify_artifact
 from fedclip_edge.exporters.names import CLASS_FEATURES_FILE
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
+
+from fedclip_edge.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,13 @@ class BaseExtractor:
         self.detail = ""
 
     @property
+    def label(self) -> str:
+        """Backend and where it runs, e.g. `onnxruntime[CPU]`, `torch[cuda autocast fp16]`."""
+        return f"{self.backend}[{self.detail or self.device}]"
+
+    @property
     def name(self) -> str:
-        extra = f", {self.detail}" if self.detail else ""
-        return f"{self.backend}[{self.device}{extra}] {self.precision}"
+        return f"{self.label} {self.precision}"
 
     @property
     def parity_precision(self) -> str:
@@ -127,13 +131,16 @@ class TorchExtractor(BaseExtractor):
 
     backend = "torch"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], device: str = "cpu",
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, root: Path, manifest: dict[str, Any], device: str = "cpu", threads: int | None = None
+    ) -> None:
         super().__init__(root, manifest, device)
         import torch
 
         from fedclip_edge.models import load_model
 
+        if device not in ("cpu", "cuda"):
+            raise ExportError(f"torch runs on cpu or cuda, not {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ExportError("torch:cuda asked for, but torch sees no CUDA device")
         if threads:
@@ -150,7 +157,8 @@ class TorchExtractor(BaseExtractor):
         self._model = loaded.model
         self._autocast = device == "cuda"
         self.precision = "fp16" if self._autocast else "fp32"
-        self.detail = "autocast fp16" if self._autocast else "eager"
+        self.detail = "cuda autocast fp16" if self._autocast else f"{device} eager"
+        self.max_batch = 1 << 16  # eager PyTorch has no profile limit; batches are not split
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -181,15 +189,17 @@ class OnnxRuntimeExtractor(BaseExtractor):
 
     backend = "onnxruntime"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], device: str = "cpu",
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, root: Path, manifest: dict[str, Any], device: str = "cpu", threads: int | None = None
+    ) -> None:
         super().__init__(root, manifest, device)
         import onnxruntime as ort
-
         from fedclip_edge.exporters.ort_utils import disabled_optimizers_for, make_session
 
         if device not in ORT_PROVIDERS:
-            raise ExportError(f"onnxruntime device must be one of {sorted(ORT_PROVIDERS)}, not {device!r}")
+            raise ExportError(
+                f"onnxruntime device must be one of {sorted(ORT_PROVIDERS)}, not {device!r}"
+            )
         want = ORT_PROVIDERS[device]
         available = ort.get_available_providers()
         if want not in available:
@@ -205,16 +215,21 @@ class OnnxRuntimeExtractor(BaseExtractor):
             h, w = self.preprocess.size
             cache = str(_ort_cache_dir(manifest))
             opt = int(manifest.get("opt_batch", min(8, self.max_batch)))
-            providers.append((want, {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": cache,
-                "trt_fp16_enable": self.precision == "fp16",
-                "trt_profile_min_shapes": f"{self.input_name}:1x3x{h}x{w}",
-                "trt_profile_opt_shapes": f"{self.input_name}:{opt}x3x{h}x{w}",
-                "trt_profile_max_shapes": f"{self.input_name}:{self.max_batch}x3x{h}x{w}",
-            }))
+            providers.append(
+                (
+                    want,
+                    {
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": cache,
+                        "trt_timing_cache_enable": True,
+                        "trt_timing_cache_path": cache,
+                        "trt_fp16_enable": self.precision == "fp16",
+                        "trt_profile_min_shapes": f"{self.input_name}:1x3x{h}x{w}",
+                        "trt_profile_opt_shapes": f"{self.input_name}:{opt}x3x{h}x{w}",
+                        "trt_profile_max_shapes": f"{self.input_name}:{self.max_batch}x3x{h}x{w}",
+                    },
+                )
+            )
         if device in ("tensorrt", "cuda"):
             providers.append("CUDAExecutionProvider")
         providers.append("CPUExecutionProvider")
@@ -227,11 +242,15 @@ class OnnxRuntimeExtractor(BaseExtractor):
             # so a crash becomes an ExportError naming the signal instead of a dead agent.
             h, w = self.preprocess.size
             self.isolated_run([np.zeros((1, 3, h, w), dtype=np.float32)])
-        self.session = make_session(self.path, providers, disabled_optimizers=self._disabled,
-                                    threads=threads)
+        self.session = make_session(
+            self.path, providers, disabled_optimizers=self._disabled, threads=threads
+        )
         got = self.session.get_providers()
         if not got or got[0] != want:
-            raise ExportError(f"onnxruntime could not start {want} (it fell back to {got}): check the GPU libraries")
+            raise ExportError(
+                f"onnxruntime could not start {want} (it fell back to {got}): "
+                "check the GPU libraries"
+            )
         self.detail = want.replace("ExecutionProvider", "")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -242,8 +261,9 @@ class OnnxRuntimeExtractor(BaseExtractor):
         from fedclip_edge.exporters.ort_utils import run_isolated
 
         names = [p[0] if isinstance(p, tuple) else p for p in self._providers]
-        return run_isolated(self.path, self.input_name, batches, providers=names,
-                            disabled_optimizers=self._disabled)
+        return run_isolated(
+            self.path, self.input_name, batches, providers=names, disabled_optimizers=self._disabled
+        )
 
 
 # --------------------------------------------------------------------------- tensorrt
@@ -275,7 +295,9 @@ class TensorRTExtractor(BaseExtractor):
         try:
             import torch
         except ImportError as exc:
-            raise ExportError("the tensorrt backend uses torch's CUDA allocator: install torch") from exc
+            raise ExportError(
+                "the tensorrt backend uses torch's CUDA allocator: install torch"
+            ) from exc
         if not torch.cuda.is_available():
             raise ExportError("the tensorrt backend needs a CUDA device, and torch sees none")
         header, plan = read_engine(self.root / record["file"])
@@ -302,7 +324,7 @@ class TensorRTExtractor(BaseExtractor):
         self.max_batch = min(self.max_batch, int(header["profile"]["max"][0]))
         self.precision = header.get("precision", self.precision)
         self._stream = torch.cuda.Stream()
-        self.detail = f"TensorRT {trt.__version__}"
+        self.detail = f"TensorRT {trt.__version__}, {header.get('gpu_name', 'GPU')}"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -337,8 +359,9 @@ def parse_backend(spec: str, device: str = "auto") -> tuple[str, str]:
     return backend, (dev or device).strip().lower()
 
 
-def _construct(backend: str, device: str, root: Path, manifest: dict[str, Any],
-               threads: int | None) -> BaseExtractor:
+def _construct(
+    backend: str, device: str, root: Path, manifest: dict[str, Any], threads: int | None
+) -> BaseExtractor:
     if backend == "torch":
         return TorchExtractor(root, manifest, "cpu" if device == "auto" else device, threads)
     if backend == "onnxruntime":

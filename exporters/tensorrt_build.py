@@ -55,14 +55,29 @@ def gpu_info(device: int = 0) -> dict[str, str]:
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(device)
-            return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+            return {
+                "name": torch.cuda.get_device_name(device),
+                "compute_capability": f"{major}.{minor}",
+            }
     except Exception:  # torch missing or CUDA broken: try nvidia-smi
         pass
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", f"--id={device}"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,compute_cap",
+                    "--format=csv,noheader",
+                    f"--id={device}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         name, cap = (s.strip() for s in out[0].split(","))
         return {"name": name, "compute_capability": cap}
     except Exception as exc:
@@ -165,7 +180,8 @@ def build_engine(
     if precision == "int8":
         raise ExportError(
             "int8 artifacts use ONNX Runtime dynamic quantization (CPU); TensorRT int8 needs "
-            "explicit Q/DQ quantization, which this exporter does not do: use --precision fp16 --trt"
+            "explicit Q/DQ quantization, which this exporter does not do: "
+            "use --precision fp16 --trt"
         )
     major = trt_major(trt)
     gpu = gpu_info()
@@ -181,7 +197,9 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or _errors(logger)
-        raise ExportError(f"TensorRT could not parse {Path(onnx_path).name}: {'; '.join(errs)[:500]}")
+        raise ExportError(
+            f"TensorRT could not parse {Path(onnx_path).name}: {'; '.join(errs)[:500]}"
+        )
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if input_name not in names:
         raise ExportError(f"parsed network has inputs {names}, expected {input_name!r}")
@@ -221,7 +239,8 @@ def build_engine(
     if plan is None:
         errs = _errors(logger)
         raise ExportError(
-            "TensorRT engine build failed: " + ("; ".join(errs)[:500] if errs else f"see {log_path}")
+            "TensorRT engine build failed: "
+            + ("; ".join(errs)[:500] if errs else f"see {log_path}")
         )
     timing_cache_path.write_bytes(bytes(cache.serialize()))
 
@@ -233,17 +252,25 @@ def build_engine(
         "strongly_typed": strongly_typed,
         "input": input_name,
         "output": output_name,
-        "profile": {"min": [1, 3, h, w], "opt": [opt_batch, 3, h, w], "max": [int(max_batch), 3, h, w]},
+        "profile": {
+            "min": [1, 3, h, w],
+            "opt": [opt_batch, 3, h, w],
+            "max": [int(max_batch), 3, h, w],
+        },
     }
     write_engine(engine_path, header, bytes(plan))
 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(bytes(plan))
     if engine is None:
-        raise ExportError(f"the engine just built does not deserialize: {'; '.join(_errors(logger))[:300]}")
+        raise ExportError(
+            f"the engine just built does not deserialize: {'; '.join(_errors(logger))[:300]}"
+        )
     io_names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     if input_name not in io_names or output_name not in io_names:
-        raise ExportError(f"engine tensors are {io_names}, expected {input_name!r} and {output_name!r}")
+        raise ExportError(
+            f"engine tensors are {io_names}, expected {input_name!r} and {output_name!r}"
+        )
 
     warnings = _warnings(logger)
     return {
@@ -258,7 +285,9 @@ def build_engine(
     }
 
 
-def fp32_layer_names(onnx_path: Path, ops: Sequence[str] = ("LayerNormalization", "Softmax")) -> list[str]:
+def fp32_layer_names(
+    onnx_path: Path, ops: Sequence[str] = ("LayerNormalization", "Softmax")
+) -> list[str]:
     """ONNX node names of the layers to pin to fp32 (TensorRT names parsed layers after them)."""
     import onnx
 
@@ -298,8 +327,10 @@ def trtexec_commands(
     if precision == "fp16":
         v10 += ["--fp16"]
         if fp32_layers:
-            v10 += ["--precisionConstraints=prefer",
-                    "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in fp32_layers)]
+            v10 += [
+                "--precisionConstraints=prefer",
+                "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in fp32_layers),
+            ]
     elif precision == "fp32":
         v10 += ["--noTF32"]
     v11 = list(base) + (["--noTF32"] if precision == "fp32" else [])

@@ -23,9 +23,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Datasets: synthetic domains, ImageFolder layout.", no_args_is_help=True)
-model_app = typer.Typer(help="Models: the offline default, open_clip architectures.",
-                        no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: synthetic domains, ImageFolder layout.", no_args_is_help=True
+)
+model_app = typer.Typer(
+    help="Models: the offline default, open_clip architectures.", no_args_is_help=True
+)
 bench_app = typer.Typer(help="Benchmarks that measure both sides in one run.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
@@ -34,11 +37,19 @@ app.add_typer(bench_app, name="bench")
 # Options that take several values after one flag (`--seeds 0 1 2`), as users type them.
 MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends"}
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="open_clip architecture, or "
-                                       "fedclip-tiny (the offline default).")]
-PretrainedOpt = Annotated[str | None, typer.Option(
-    help="open_clip tag (openai, laion2b_s34b_b79k, ...), a checkpoint file, or 'none' for "
-    "random init. fedclip-tiny defaults to 'synth' (built here on first use).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="open_clip architecture, or fedclip-tiny (the offline default)."
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="open_clip tag (openai, laion2b_s34b_b79k, ...), a checkpoint file, or 'none' for "
+        "random init. fedclip-tiny defaults to 'synth' (built here on first use)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -49,8 +60,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """FedCLIP keeps CLIP frozen and federates a 0.5M-parameter attention adapter."""
 
@@ -66,8 +81,10 @@ def data_synth(
     from fedclip_edge.data.synth import write_dataset
 
     info = write_dataset(out, per_class=per_class, seed=seed, size=size, progress=True)
-    typer.echo(f"wrote {info['images']} images: {len(info['domains'])} domains "
-               f"({', '.join(info['domains'])}) x {len(info['classes'])} classes to {out}")
+    typer.echo(
+        f"wrote {info['images']} images: {len(info['domains'])} domains "
+        f"({', '.join(info['domains'])}) x {len(info['classes'])} classes to {out}"
+    )
 
 
 @model_app.command("prepare")
@@ -79,7 +96,9 @@ def model_prepare(
 
     path, meta = ensure_pretrained(seed=seed)
     zs = ", ".join(f"{d} {a:.1%}" for d, a in meta["zero_shot"].items())
-    typer.echo(f"{meta['model']} (seed {seed}) at {path}\nzero-shot accuracy per synthetic domain: {zs}")
+    typer.echo(
+        f"{meta['model']} (seed {seed}) at {path}\nzero-shot accuracy per synthetic domain: {zs}"
+    )
 
 
 @model_app.command("list")
@@ -102,33 +121,45 @@ def features(
     """Encode every image once with the frozen image tower and cache the features."""
     from fedclip_edge.pipeline import build_features
 
-    build_features(data, out, model=model, pretrained=pretrained, domains=domains,
-                   batch_size=batch_size)
+    build_features(
+        data, out, model=model, pretrained=pretrained, domains=domains, batch_size=batch_size
+    )
 
 
 @app.command("simulate")
 def simulate_cmd(
     test_domain: Annotated[str, typer.Option(help="Held-out domain (generalization target).")],
     out: Annotated[Path, typer.Option(help="Output folder for summary.json.")],
-    data: Annotated[Path | None, typer.Option(help="Dataset root (features are cached in "
-                                              "OUT/features).")] = None,
-    features_dir: Annotated[Path | None, typer.Option("--features", help="A feature cache "
-                                                      "from `fedclip-edge features`.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset root (features are cached in OUT/features).")
+    ] = None,
+    features_dir: Annotated[
+        Path | None,
+        typer.Option("--features", help="A feature cache from `fedclip-edge features`."),
+    ] = None,
     model: ModelOpt = "fedclip-tiny",
     pretrained: PretrainedOpt = None,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
-    seeds: Annotated[list[int] | None, typer.Option(help="One run per seed: --seeds 0 1 2.")] = None,
-    preset: Annotated[str, typer.Option(help="'reference' (the paper's: Adam lr 5e-5, weight "
-                                        "decay 0.2, clip loss) or 'learning' (lr 1e-3, weight "
-                                        "decay 0, ce loss).")] = "reference",
+    seeds: Annotated[
+        list[int] | None, typer.Option(help="One run per seed: --seeds 0 1 2.")
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="'reference' (the paper's: Adam lr 5e-5, weight "
+            "decay 0.2, clip loss) or 'learning' (lr 1e-3, weight "
+            "decay 0, ce loss)."
+        ),
+    ] = "reference",
     lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Override: coupled L2.")] = None,
     loss: Annotated[str | None, typer.Option(help="Override: clip or ce.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override: local epochs per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override: local batch size.")] = None,
     weighting: Annotated[str, typer.Option(help="uniform (reference) or samples.")] = "uniform",
-    personalize_epochs: Annotated[int, typer.Option(help="Local fine-tuning epochs of the "
-                                                    "global adapter before evaluation.")] = 0,
+    personalize_epochs: Annotated[
+        int, typer.Option(help="Local fine-tuning epochs of the global adapter before evaluation.")
+    ] = 0,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
     from fedclip_edge.pipeline import run_simulation
@@ -136,18 +167,32 @@ def simulate_cmd(
     if (data is None) == (features_dir is None):
         raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
     run_simulation(
-        out, data=data, features_dir=features_dir, model=model, pretrained=pretrained,
-        test_domain=test_domain, rounds=rounds, seeds=tuple(seeds or (0,)), preset=preset,
-        overrides={"lr": lr, "weight_decay": weight_decay, "loss": loss, "epochs": epochs,
-                   "batch_size": batch_size},
-        weighting=weighting, personalize_epochs=personalize_epochs,
+        out,
+        data=data,
+        features_dir=features_dir,
+        model=model,
+        pretrained=pretrained,
+        test_domain=test_domain,
+        rounds=rounds,
+        seeds=tuple(seeds or (0,)),
+        preset=preset,
+        overrides={
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "loss": loss,
+            "epochs": epochs,
+            "batch_size": batch_size,
+        },
+        weighting=weighting,
+        personalize_epochs=personalize_epochs,
     )
 
 
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, features and the report.")] = Path(
-        "demo-out"),
+        "demo-out"
+    ),
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 15,
     per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 40,
     test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "sketch",
@@ -156,8 +201,13 @@ def demo(
     """The whole pipeline on one machine, no downloads: data, model, features, federation."""
     from fedclip_edge.pipeline import run_demo
 
-    run_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain,
-             seeds=tuple(seeds or (0, 1, 2)))
+    run_demo(
+        out,
+        rounds=rounds,
+        per_class=per_class,
+        test_domain=test_domain,
+        seeds=tuple(seeds or (0, 1, 2)),
+    )
 
 
 def _register_optional() -> None:
@@ -207,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted: what was finished is kept (caches and checkpoints are written "
-              "atomically); re-run to continue", file=sys.stderr)
+        print(
+            "interrupted: what was finished is kept (caches and checkpoints are written "
+            "atomically); re-run to continue",
+            file=sys.stderr,
+        )
         return 130
     except FedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)

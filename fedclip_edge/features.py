@@ -130,8 +130,11 @@ def _same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"fedclip_edge": json.dumps(meta)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"fedclip_edge": json.dumps(meta)},
+    )
     os.replace(tmp, path)
 
 
@@ -144,7 +147,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("fedclip_edge")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CacheError(f"cache file {path} is corrupt ({str(exc).splitlines()[0][:120]})") from exc
+        raise CacheError(
+            f"cache file {path} is corrupt ({str(exc).splitlines()[0][:120]})"
+        ) from exc
     if raw is None:
         raise CacheError(f"cache file {path} has no fedclip-edge metadata")
     try:
@@ -156,7 +161,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def read_domain(path: Path, identity: dict[str, Any] | None, class_names: list[str] | None) -> tuple[DomainFeatures, dict[str, Any]]:
+def read_domain(
+    path: Path, identity: dict[str, Any] | None, class_names: list[str] | None
+) -> tuple[DomainFeatures, dict[str, Any]]:
     """Load one domain file, checking it against the expected identity and classes."""
     tensors, meta = _read(path)
     if identity is not None and not _same_identity(meta.get("identity", {}), identity):
@@ -175,9 +182,14 @@ def read_domain(path: Path, identity: dict[str, Any] | None, class_names: list[s
     n = labels.shape[0]
     paths = meta.get("paths")
     if (
-        feats.ndim != 2 or feats.dtype != torch.float32 or feats.shape[0] != n
-        or labels.dtype != torch.int64 or hashes.shape != (n, 32) or hashes.dtype != torch.uint8
-        or not isinstance(paths, list) or len(paths) != n
+        feats.ndim != 2
+        or feats.dtype != torch.float32
+        or feats.shape[0] != n
+        or labels.dtype != torch.int64
+        or hashes.shape != (n, 32)
+        or hashes.dtype != torch.uint8
+        or not isinstance(paths, list)
+        or len(paths) != n
     ):
         raise CacheError(f"cache file {path} has inconsistent shapes or dtypes")
     if not torch.isfinite(feats).all():
@@ -212,14 +224,19 @@ def _encode_domain(
     if path.exists():
         try:
             old, _ = read_domain(path, encoder.identity, class_names)
-            cached = {bytes(h.tolist()): f for h, f in zip(old.content_sha256, old.features)}
+            cached = {
+                bytes(h.tolist()): f for h, f in zip(old.content_sha256, old.features, strict=True)
+            }
         except CacheError as exc:
             report.recomputed.append(str(path))
             log(f"warning: {exc}; recomputing it")
 
     meta = {
-        "schema": SCHEMA, "identity": encoder.identity, "domain": domain,
-        "class_names": class_names, "preprocess": encoder.preprocess_cfg,
+        "schema": SCHEMA,
+        "identity": encoder.identity,
+        "domain": domain,
+        "class_names": class_names,
+        "preprocess": encoder.preprocess_cfg,
     }
     rows: list[tuple[str, int, bytes, torch.Tensor]] = []  # done, in record order
     todo: list[tuple[str, int, bytes, Path]] = []
@@ -239,8 +256,10 @@ def _encode_domain(
             todo.append((rel, rec.label, digest, rec.path))
 
     def save(complete: bool) -> DomainFeatures:
-        order = {str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path): i
-                 for i, r in enumerate(records)}
+        order = {
+            str(r.path.relative_to(root)) if r.path.is_relative_to(root) else str(r.path): i
+            for i, r in enumerate(records)
+        }
         done = sorted(rows, key=lambda r: order[r[0]])
         dim = done[0][3].shape[0] if done else 0
         df = DomainFeatures(
@@ -251,8 +270,13 @@ def _encode_domain(
             torch.tensor([list(r[2]) for r in done], dtype=torch.uint8).reshape(-1, 32),
         )
         _atomic_save(
-            {"features": df.features.float(), "labels": df.labels, "content_sha256": df.content_sha256},
-            {**meta, "paths": df.paths, "complete": complete}, path,
+            {
+                "features": df.features.float(),
+                "labels": df.labels,
+                "content_sha256": df.content_sha256,
+            },
+            {**meta, "paths": df.paths, "complete": complete},
+            path,
         )
         return df
 
@@ -277,7 +301,7 @@ def _encode_domain(
                 f"the encoder returned {list(feats.shape)} features with non-finite values or the "
                 f"wrong count for {len(kept)} images of {domain}: the model or artifact is broken"
             )
-        for item, f in zip(kept, feats):
+        for item, f in zip(kept, feats, strict=True):
             rows.append((item[0], item[1], item[2], f.clone()))
         report.encoded += len(kept)
         since_save += len(kept)
@@ -309,22 +333,37 @@ def extract_features(
     out.mkdir(parents=True, exist_ok=True)
     class_names = list(dataset.classes)
     if text_features.shape[0] != len(class_names):
-        raise CacheError(
-            f"{text_features.shape[0]} text features for {len(class_names)} classes"
-        )
+        raise CacheError(f"{text_features.shape[0]} text features for {len(class_names)} classes")
     _atomic_save(
         {"text_features": text_features.float().cpu()},
-        {"schema": SCHEMA, "identity": encoder.identity, "class_names": class_names,
-         "logit_scale": float(logit_scale)},
+        {
+            "schema": SCHEMA,
+            "identity": encoder.identity,
+            "class_names": class_names,
+            "logit_scale": float(logit_scale),
+        },
         out / TEXT_FILE,
     )
     report = ExtractReport()
-    fs = FeatureSet(dict(encoder.identity), class_names, text_features.float().cpu(), float(logit_scale))
+    fs = FeatureSet(
+        dict(encoder.identity), class_names, text_features.float().cpu(), float(logit_scale)
+    )
     total = sum(len(v) for v in dataset.records.values())
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("[bold]encode[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]encode[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("", total=total, rate="")
 
@@ -335,8 +374,16 @@ def extract_features(
         for domain in dataset.domains:
             bar.update(task, description=domain)
             fs.domains[domain] = _encode_domain(
-                domain, dataset.records[domain], dataset.root, encoder, class_names, out, report,
-                batch_size=batch_size, checkpoint_every=checkpoint_every, on_progress=advance,
+                domain,
+                dataset.records[domain],
+                dataset.root,
+                encoder,
+                class_names,
+                out,
+                report,
+                batch_size=batch_size,
+                checkpoint_every=checkpoint_every,
+                on_progress=advance,
                 log=log,
             )
     return fs, report
@@ -356,20 +403,28 @@ def load_feature_cache(path: Path, domains: Iterable[str] | None = None) -> Feat
     if text is None or not isinstance(names, list) or text.ndim != 2 or text.shape[0] != len(names):
         raise CacheError(f"cache file {text_path} has inconsistent text features")
     fs = FeatureSet(meta["identity"], names, text.float(), float(meta.get("logit_scale", 100.0)))
-    wanted = list(domains) if domains is not None else sorted(
-        p.stem for p in path.glob("*.safetensors") if p.name != TEXT_FILE
+    wanted = (
+        list(domains)
+        if domains is not None
+        else sorted(p.stem for p in path.glob("*.safetensors") if p.name != TEXT_FILE)
     )
     for d in wanted:
         f = path / f"{d}.safetensors"
         if not f.is_file():
             available = sorted(p.stem for p in path.glob("*.safetensors") if p.name != TEXT_FILE)
-            raise CacheError(f"no features for domain {d!r} in {path} (has: {', '.join(available)})")
+            raise CacheError(
+                f"no features for domain {d!r} in {path} (has: {', '.join(available)})"
+            )
         df, dmeta = read_domain(f, fs.identity, names)
         if not dmeta.get("complete", False):
-            raise CacheError(f"cache file {f} is incomplete (extraction was interrupted); re-run "
-                             "`fedclip-edge features` to finish it")
+            raise CacheError(
+                f"cache file {f} is incomplete (extraction was interrupted); re-run "
+                "`fedclip-edge features` to finish it"
+            )
         if df.features.shape[1] != fs.dim:
-            raise CacheError(f"cache file {f} has {df.features.shape[1]}-d features, text has {fs.dim}")
+            raise CacheError(
+                f"cache file {f} has {df.features.shape[1]}-d features, text has {fs.dim}"
+            )
         fs.domains[d] = df
     if not fs.domains:
         raise CacheError(f"feature cache {path} holds no domain files")

@@ -30,11 +30,20 @@ def build_features(
     dataset = scan_dataset(Path(data), domains)
     loaded = load_model(model, pretrained)
     text = encode_prompts(loaded, list(dataset.classes))
-    fs, report = extract_features(dataset, TorchEncoder(loaded), text, loaded.logit_scale, Path(out),
-                                  batch_size=batch_size, progress=progress)
+    fs, report = extract_features(
+        dataset,
+        TorchEncoder(loaded),
+        text,
+        loaded.logit_scale,
+        Path(out),
+        batch_size=batch_size,
+        progress=progress,
+    )
     rate = f", {report.images_per_second:.1f} img/s (encoder only)" if report.encoded else ""
-    print(f"features: {report.encoded} encoded, {report.reused} reused from the cache, "
-          f"{len(report.skipped)} skipped{rate}; cache at {out}")
+    print(
+        f"features: {report.encoded} encoded, {report.reused} reused from the cache, "
+        f"{len(report.skipped)} skipped{rate}; cache at {out}"
+    )
     from fedclip_edge.simulate import write_json
 
     write_json(Path(out) / "extract_report.json", {**report.to_dict(), "identity": fs.identity})
@@ -66,8 +75,14 @@ def run_simulation(
     from fedclip_edge.simulate import simulate
 
     train = train_config(preset, overrides)
-    cfg = SimulationConfig(test_domain=test_domain, rounds=rounds, seeds=seeds,
-                           weighting=weighting, personalize_epochs=personalize_epochs, train=train)
+    cfg = SimulationConfig(
+        test_domain=test_domain,
+        rounds=rounds,
+        seeds=seeds,
+        weighting=weighting,
+        personalize_epochs=personalize_epochs,
+        train=train,
+    )
     out = Path(out)
     if features_dir is None:
         if data is None:
@@ -82,7 +97,11 @@ def run_simulation(
 
 
 def run_demo(
-    out: Path, *, rounds: int = 15, per_class: int = 40, test_domain: str = "sketch",
+    out: Path,
+    *,
+    rounds: int = 15,
+    per_class: int = 40,
+    test_domain: str = "sketch",
     seeds: tuple[int, ...] = (0, 1, 2),
 ) -> dict[str, Any]:
     """Synthetic data, the offline default model, features, and FedCLIP with the learning preset
@@ -102,14 +121,19 @@ def run_demo(
     fs = build_features(out / "data", out / "features")
     results = {}
     for step, preset in (("4/4", "learning"), ("   ", "reference")):
-        print(f"{step} FedCLIP, {preset} setting: {rounds} rounds, seeds {list(seeds)}, "
-              f"held-out domain {test_domain}")
-        cfg = SimulationConfig(test_domain=test_domain, rounds=rounds, seeds=seeds,
-                               train=train_config(preset))
+        print(
+            f"{step} FedCLIP, {preset} setting: {rounds} rounds, seeds {list(seeds)}, "
+            f"held-out domain {test_domain}"
+        )
+        cfg = SimulationConfig(
+            test_domain=test_domain, rounds=rounds, seeds=seeds, train=train_config(preset)
+        )
         results[preset] = simulate(fs, cfg, out / preset, log=_quiet_rounds)
     _print_demo_table(results, test_domain)
-    print(f"done in {time.perf_counter() - t0:.0f}s; reports: "
-          + ", ".join(str(out / p / "summary.json") for p in results))
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s; reports: "
+        + ", ".join(str(out / p / "summary.json") for p in results)
+    )
     return results
 
 
@@ -137,9 +161,14 @@ def _print_demo_table(results: dict[str, dict[str, Any]], test_domain: str) -> N
         table.add_column(f"FedCLIP ({preset})")
     std = any_summary["std"]
     for c in any_summary["clients"]:
-        row = [f"{c} (client)", f"{any_summary['zero_shot_test'][c]:.1%} ± {std['zero_shot_test'][c]:.1%}"]
+        row = [
+            f"{c} (client)",
+            f"{any_summary['zero_shot_test'][c]:.1%} ± {std['zero_shot_test'][c]:.1%}",
+        ]
         for s in results.values():
-            row.append(f"{s['personalization_acc'][c]:.1%} ± {s['std']['personalization_acc'][c]:.1%}")
+            row.append(
+                f"{s['personalization_acc'][c]:.1%} ± {s['std']['personalization_acc'][c]:.1%}"
+            )
         table.add_row(*row)
     row = [f"{test_domain} (held out)", f"{any_summary['zero_shot'][test_domain]:.1%}"]
     for s in results.values():

@@ -48,7 +48,8 @@ def _client_splits(fs: FeatureSet, clients: list[str], seed: int) -> dict[str, d
         d = fs.domains[c]
         tr, va, te = (torch.from_numpy(ix).long() for ix in split_indices(len(d), seed))
         splits[c] = {
-            name: (d.features[ix], d.labels[ix]) for name, ix in (("train", tr), ("val", va), ("test", te))
+            name: (d.features[ix], d.labels[ix])
+            for name, ix in (("train", tr), ("val", va), ("test", te))
         }
     return splits
 
@@ -76,8 +77,10 @@ def run_seed(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"round": 0, "val": _mean(list(zero_shot_val.values()))}
     best_state = copy.deepcopy(global_adapter.state_dict())
-    log(f"seed {seed}: clients {', '.join(clients)}; held out {cfg.test_domain}; "
-        f"zero-shot test " + ", ".join(f"{c} {a:.1%}" for c, a in zero_shot_test.items()))
+    log(
+        f"seed {seed}: clients {', '.join(clients)}; held out {cfg.test_domain}; "
+        f"zero-shot test " + ", ".join(f"{c} {a:.1%}" for c, a in zero_shot_test.items())
+    )
     for rnd in range(1, cfg.rounds + 1):
         acc = strategy.start_round()
         losses = {}
@@ -85,24 +88,39 @@ def run_seed(
             local = AttentionAdapter(fs.dim)
             local.load_state_dict(global_adapter.state_dict())
             feats, labels = splits[c]["train"]
-            res = train_local(local, feats, labels, text, cfg.train, logit_scale=fs.logit_scale,
-                              generator=_generator(seed, rnd, ci))
+            res = train_local(
+                local,
+                feats,
+                labels,
+                text,
+                cfg.train,
+                logit_scale=fs.logit_scale,
+                generator=_generator(seed, rnd, ci),
+            )
             losses[c] = res.loss
             acc.add(local.state_dict(), res.samples if res.samples else len(labels))
         global_adapter.load_state_dict(acc.result())
         val = {c: accuracy(global_adapter, *splits[c]["val"], text) for c in clients}
         test = {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients}
         gen = accuracy(global_adapter, held.features, held.labels, text)
-        entry = {"round": rnd, "train_loss": losses, "val_acc": val, "test_acc": test,
-                 "generalization_acc": gen}
+        entry = {
+            "round": rnd,
+            "train_loss": losses,
+            "val_acc": val,
+            "test_acc": test,
+            "generalization_acc": gen,
+        }
         history.append(entry)
         mean_val = _mean(list(val.values()))
         if mean_val > best["val"]:
             best = {"round": rnd, "val": mean_val}
             best_state = copy.deepcopy(global_adapter.state_dict())
-        log(f"round {rnd:>3}/{cfg.rounds} | loss {_mean(list(losses.values())):.4f} | val "
-            f"{mean_val:.1%} | test " + " ".join(f"{c} {a:.1%}" for c, a in test.items())
-            + f" | held-out {cfg.test_domain} {gen:.1%}")
+        log(
+            f"round {rnd:>3}/{cfg.rounds} | loss {_mean(list(losses.values())):.4f} | val "
+            f"{mean_val:.1%} | test "
+            + " ".join(f"{c} {a:.1%}" for c, a in test.items())
+            + f" | held-out {cfg.test_domain} {gen:.1%}"
+        )
 
     best_round = best["round"]
     global_adapter.load_state_dict(best_state)
@@ -127,12 +145,20 @@ def run_seed(
         for ci, c in enumerate(clients):
             local = AttentionAdapter(fs.dim)
             local.load_state_dict(best_state)
-            train_local(local, *splits[c]["train"], text, local_cfg, logit_scale=fs.logit_scale,
-                        generator=_generator(seed, 10**6, ci))
+            train_local(
+                local,
+                *splits[c]["train"],
+                text,
+                local_cfg,
+                logit_scale=fs.logit_scale,
+                generator=_generator(seed, 10**6, ci),
+            )
             local_acc[c] = accuracy(local, *splits[c]["test"], text)
         result["personalization_acc_local"] = local_acc
-        log(f"seed {seed}: after {cfg.personalize_epochs} local epochs: "
-            + " ".join(f"{c} {a:.1%}" for c, a in local_acc.items()))
+        log(
+            f"seed {seed}: after {cfg.personalize_epochs} local epochs: "
+            + " ".join(f"{c} {a:.1%}" for c, a in local_acc.items())
+        )
     return result
 
 
@@ -153,8 +179,10 @@ def simulate(
     runs = [run_seed(fs, cfg, s, log) for s in cfg.seeds]
     pers_mean, pers_std = _per_client_stats(runs, "personalization_acc")
     zs_mean, zs_std = _per_client_stats(runs, "zero_shot_test")
-    gains = [{c: r["personalization_acc"][c] - r["zero_shot_test"][c] for c in r["zero_shot_test"]}
-             for r in runs]
+    gains = [
+        {c: r["personalization_acc"][c] - r["zero_shot_test"][c] for c in r["zero_shot_test"]}
+        for r in runs
+    ]
     gain_mean = {c: _mean([g[c] for g in gains]) for c in gains[0]}
     gain_std = {c: _std([g[c] for g in gains]) for c in gains[0]}
     gen = [r["generalization_acc"] for r in runs]
@@ -170,8 +198,9 @@ def simulate(
         "split": list(cfg.split),
         "personalize_epochs": cfg.personalize_epochs,
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
-        "zero_shot": {d: accuracy(None, v.features, v.labels, fs.text_features)
-                      for d, v in fs.domains.items()},
+        "zero_shot": {
+            d: accuracy(None, v.features, v.labels, fs.text_features) for d, v in fs.domains.items()
+        },
         "zero_shot_test": zs_mean,
         "generalization_acc": _mean(gen),
         "personalization_acc": pers_mean,

@@ -36,9 +36,8 @@ class RunningMean:
                 )
             for k, v in state.items():
                 if v.shape != self._sum[k].shape:
-                    raise ValueError(
-                        f"tensor {k!r} has shape {list(v.shape)}, expected {list(self._sum[k].shape)}"
-                    )
+                    want = list(self._sum[k].shape)
+                    raise ValueError(f"tensor {k!r} has shape {list(v.shape)}, expected {want}")
                 self._sum[k].add_(v.detach().to(torch.float64), alpha=w)
         self._weight += w
         self.count += 1
@@ -57,7 +56,9 @@ class FedAvg:
 
     def __init__(self, weighting: str = "uniform") -> None:
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+            raise ValueError(
+                f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}"
+            )
         self.weighting = weighting
 
     def start_round(self) -> RunningMean:

@@ -26,11 +26,11 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor, text: torch.Tens
             f"and {list(labels.shape)}"
         )
     if text.ndim != 2 or text.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"text features must be [C, {features.shape[1]}], got {list(text.shape)}"
-        )
+        raise ValueError(f"text features must be [C, {features.shape[1]}], got {list(text.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= text.shape[0]):
-        raise ValueError(f"labels must lie in [0, {text.shape[0]}), got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {text.shape[0]}), got {labels.min()}..{labels.max()}"
+        )
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or infinite values")
 
@@ -55,7 +55,10 @@ def train_local(
     loss_fn = get_loss(cfg.loss)
     text = F.normalize(text_features.float(), dim=-1)
     opt = torch.optim.Adam(
-        adapter.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        adapter.parameters(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
         weight_decay=cfg.weight_decay,
     )
     adapter.train()
@@ -83,7 +86,9 @@ def predict(
     adapter: AttentionAdapter | None, features: torch.Tensor, text_features: torch.Tensor
 ) -> torch.Tensor:
     """Class indices: argmax of cosine similarity to the prompts. No adapter = zero-shot CLIP."""
-    image = adapter(features.float()) if adapter is not None else F.normalize(features.float(), dim=-1)
+    image = (
+        adapter(features.float()) if adapter is not None else F.normalize(features.float(), dim=-1)
+    )
     return (image @ F.normalize(text_features.float(), dim=-1).T).argmax(dim=1)
 
 

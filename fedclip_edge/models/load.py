@@ -77,7 +77,11 @@ class LoadedModel:
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two feature sets comparable: same architecture, same weights."""
-        return {"model": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256}
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "weights_sha256": self.weights_sha256,
+        }
 
     @property
     def logit_scale(self) -> float:
@@ -97,6 +101,11 @@ def _check_architecture(name: str) -> None:
         )
 
 
+def _offline() -> bool:
+    flags = (os.environ.get("FEDCLIP_EDGE_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
+    return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
+
+
 def _resolve_tag(name: str, tag: str) -> str:
     """Path of the checkpoint for an open_clip tag: cached or downloaded, else ModelError."""
     oc = _open_clip()
@@ -109,6 +118,15 @@ def _resolve_tag(name: str, tag: str) -> str:
         )
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
+    if _offline():
+        # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it (and ours) at call time
+        # so an offline machine fails at once instead of after a minute of retries.
+        try:
+            import huggingface_hub.constants as hf_constants
+
+            hf_constants.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
     try:
         path = download_pretrained(get_pretrained_cfg(name, tag))
     except Exception as exc:  # hub/network errors come in many types
@@ -155,8 +173,10 @@ def load_model(
         label = SYNTH_TAG
     elif pretrained == NONE_TAG:
         label = NONE_TAG
-    elif Path(pretrained).expanduser().exists() or os.sep in pretrained or pretrained.endswith(
-        (".pt", ".pth", ".bin", ".safetensors")
+    elif (
+        Path(pretrained).expanduser().exists()
+        or os.sep in pretrained
+        or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     ):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -185,8 +205,10 @@ def load_model(
     visual_cfg["size"] = list(size)
     visual_cfg["mean"] = list(visual_cfg["mean"])
     visual_cfg["std"] = list(visual_cfg["std"])
-    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(
-        model.visual.output_dim
+    embed_dim = (
+        int(model.text_projection.shape[1])
+        if hasattr(model, "text_projection")
+        else int(model.visual.output_dim)
     )
     return LoadedModel(
         name=name,

@@ -18,7 +18,10 @@ def test_adapter_parameter_count_matches_reference_for_vit_b_32():
     adapter = AttentionAdapter(512)
     assert sum(p.numel() for p in adapter.parameters()) == 525_312 == adapter_param_count(512)
     assert sorted(adapter.state_dict()) == [
-        "fea_attn.0.bias", "fea_attn.0.weight", "fea_attn.2.bias", "fea_attn.2.weight"
+        "fea_attn.0.bias",
+        "fea_attn.0.weight",
+        "fea_attn.2.bias",
+        "fea_attn.2.weight",
     ]
 
 
@@ -91,7 +94,13 @@ def test_running_mean_keeps_one_copy():
 def test_train_config_defaults_are_the_reference_and_validate():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.loss) == (
-        5e-5, (0.9, 0.98), 1e-6, 0.2, 32, 1, "clip"
+        5e-5,
+        (0.9, 0.98),
+        1e-6,
+        0.2,
+        32,
+        1,
+        "clip",
     )
     assert cfg.with_overrides(lr=1e-3, loss=None).lr == 1e-3
     with pytest.raises(ConfigError, match="loss"):
@@ -116,8 +125,15 @@ def test_train_local_learns_a_toy_problem_and_resets_optimizer():
     adapter = AttentionAdapter(8)
     before = accuracy(adapter, feats, labels, text)
     cfg = TrainConfig(lr=1e-2, weight_decay=0.0, loss="ce", epochs=20, batch_size=16)
-    res = train_local(adapter, feats, labels, text, cfg, logit_scale=10.0,
-                      generator=torch.Generator().manual_seed(0))
+    res = train_local(
+        adapter,
+        feats,
+        labels,
+        text,
+        cfg,
+        logit_scale=10.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     after = accuracy(adapter, feats, labels, text)
     assert res.steps == 20 * math.ceil(120 / 16)
     assert after > before and after > 0.9

@@ -17,8 +17,12 @@ class FakeEncoder:
     """Deterministic stand-in for an image tower: mean colour per channel, tiled to 6-d."""
 
     def __init__(self, tag: str = "fake") -> None:
-        self.identity = {"model": tag, "pretrained": "none", "weights_sha256": "0" * 64,
-                         "precision": "fp32"}
+        self.identity = {
+            "model": tag,
+            "pretrained": "none",
+            "weights_sha256": "0" * 64,
+            "precision": "fp32",
+        }
         self.preprocess_cfg = {"size": [8, 8]}
         self.calls = 0
 
@@ -80,8 +84,15 @@ def test_other_model_cache_is_reported_and_recomputed(dataset, tmp_path):
     _extract(dataset, out, FakeEncoder("model-a"))
     lines = []
     enc = FakeEncoder("model-b")
-    _, report = extract_features(dataset, enc, torch.randn(len(dataset.classes), 6), 100.0, out,
-                                 progress=False, log=lines.append)
+    _, report = extract_features(
+        dataset,
+        enc,
+        torch.randn(len(dataset.classes), 6),
+        100.0,
+        out,
+        progress=False,
+        log=lines.append,
+    )
     assert report.encoded == enc.calls == 2 * 2 * len(dataset.classes)
     assert any("model-a" in line and "model-b" in line for line in lines)
 
@@ -91,8 +102,15 @@ def test_corrupt_cache_file_is_reported_and_recomputed(dataset, tmp_path):
     _extract(dataset, out, FakeEncoder())
     (out / "sketch.safetensors").write_bytes(b"\x00garbage")
     lines = []
-    _, report = extract_features(dataset, FakeEncoder(), torch.randn(len(dataset.classes), 6),
-                                 100.0, out, progress=False, log=lines.append)
+    _, report = extract_features(
+        dataset,
+        FakeEncoder(),
+        torch.randn(len(dataset.classes), 6),
+        100.0,
+        out,
+        progress=False,
+        log=lines.append,
+    )
     assert report.recomputed == [str(out / "sketch.safetensors")]
     assert any("corrupt" in line for line in lines)
     assert report.encoded == 2 * len(dataset.classes)  # only sketch, photo reused
@@ -117,8 +135,15 @@ def test_unreadable_image_is_skipped_with_its_name(dataset, tmp_path):
     bad = dataset.records["sketch"][1].path
     bad.write_bytes(b"not a png")
     lines = []
-    fs, report = extract_features(dataset, FakeEncoder(), torch.randn(len(dataset.classes), 6),
-                                  100.0, tmp_path / "cache", progress=False, log=lines.append)
+    fs, report = extract_features(
+        dataset,
+        FakeEncoder(),
+        torch.randn(len(dataset.classes), 6),
+        100.0,
+        tmp_path / "cache",
+        progress=False,
+        log=lines.append,
+    )
     assert len(report.skipped) == 1 and bad.name in report.skipped[0]
     assert any(bad.name in line for line in lines)
     assert len(fs.domains["sketch"]) == 2 * len(dataset.classes) - 1

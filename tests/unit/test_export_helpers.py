@@ -1,0 +1,56 @@
+"""Shared by the export/runtime tests: export fedclip-tiny (random init) once per precision.
+
+Not a test module: it holds a per-session cache so test_export.py and test_runtimes.py share
+the same artifacts (conftest.py belongs to another part of the tree).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fedclip_edge.exporters.manifest import file_records
+
+CLASSES = ["circle", "square", "star", "heart"]
+MAX_BATCH = 5  # odd on purpose: a batch axis baked to 2 (the example batch) would show
+_CACHE: dict[str, Path] = {}
+
+
+def exported(factory: pytest.TempPathFactory, precision: str) -> Path:
+    """Path of a fedclip-tiny artifact in `precision` (exported on first use this session)."""
+    if precision not in _CACHE:
+        from fedclip_edge.exporters.pipeline import export_artifact
+
+        root = factory.mktemp(f"artifact-{precision}")
+        classes = root / "classes.txt"
+        classes.write_text("# shapes\n" + "\n".join(CLASSES) + "\n")
+        out = root / "artifact"
+        export_artifact(
+            out,
+            model="fedclip-tiny",
+            pretrained="none",
+            precision=precision,
+            max_batch=MAX_BATCH,
+            opt_batch=2,
+            classes=classes,
+            text_encoder=precision == "fp32",
+            trt=precision == "fp16",  # no TensorRT here: records the trtexec commands
+        )
+        _CACHE[precision] = out
+    return _CACHE[precision]
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    """A private copy to tamper with."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rehash(root: Path) -> None:
+    """Rewrite the manifest's file hashes (a tampered file that the manifest agrees with)."""
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    data["files"] = file_records(root)
+    path.write_text(json.dumps(data, indent=2))
