@@ -194,9 +194,12 @@ def demo(
         "demo-out"
     ),
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 15,
-    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 40,
-    test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "sketch",
+    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 100,
+    test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "photo",
     seeds: Annotated[list[int] | None, typer.Option(help="One run per seed.")] = None,
+    personalize_epochs: Annotated[
+        int, typer.Option(help="Local epochs on the global adapter, learning setting.")
+    ] = 5,
 ) -> None:
     """The whole pipeline on one machine, no downloads: data, model, features, federation."""
     from fedclip_edge.pipeline import run_demo
@@ -207,6 +210,7 @@ def demo(
         per_class=per_class,
         test_domain=test_domain,
         seeds=tuple(seeds or (0, 1, 2)),
+        personalize_epochs=personalize_epochs,
     )
 
 
