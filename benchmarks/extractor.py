@@ -4,8 +4,10 @@ Every backend is opened through `open_extractor` (so the golden-set check runs, 
 that misses its bound is reported, not timed). Timing is interleaved: for each batch size, each
 round runs every backend once, so a change in machine load hits all of them alike; warm-up runs
 are excluded and the median of the rounds is reported, with the ratio to PyTorch eager on the
-same model. The load average before and after is recorded: on a shared 2-core machine a busy
-neighbour moves every number.
+same model. On a shared 2-core machine a busy neighbour moves every number (PyTorch's OpenMP
+threads suffer most), so each batch size's timing records the share of the CPUs that other
+processes used meanwhile (from /proc/stat minus this process's own CPU time), and the table
+flags rows measured under contention.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from fedclip_edge.errors import ExportError
+from fedclip_edge.errors import ExportError, FedClipError
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
+CONTENTION_WARN = 0.05  # other processes' share of the CPUs above which a row is flagged
 DEFAULT_BATCHES = (1, 8, 32)
 # Targets from the issue, for ViT-B-32 on a 2-core CPU machine.
 TARGETS = (
@@ -89,6 +92,35 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(busy seconds of the whole machine, seconds used by this process and its children, now)."""
+    import resource
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    busy = (sum(ticks[:8]) - idle) / hz
+    own = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    return busy, own, time.monotonic()
+
+
+def others_cpu_share(start: tuple | None, end: tuple | None) -> float | None:
+    """Share of all cores that other processes kept busy between two snapshots (0..1)."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    elapsed = (end[2] - start[2]) * (os.cpu_count() or 1)
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return max(0.0, min(1.0, others / elapsed))
+
+
 def _time_rounds(
     fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
 ) -> dict[str, list[float]]:
@@ -150,7 +182,7 @@ def run_extractor_bench(
             say(f"opening {art.name} with {spec}")
             try:
                 ext = open_extractor(art, spec, threads=threads)
-            except ExportError as exc:
+            except FedClipError as exc:
                 skipped.append({"artifact": art.name, "backend": spec, "reason": str(exc)})
                 continue
             key = f"{art.name}:{spec}"
@@ -192,11 +224,14 @@ def run_extractor_bench(
             x = rng.standard_normal((b, 3, h, w)).astype(np.float32)
             fns[key] = lambda e=ext, x=x: e.extract(x)
         say(f"timing batch {b}: {len(fns)} backends x ({warmup} warm-up + {repeats} rounds)")
+        before = _cpu_snapshot()
         times = _time_rounds(fns, warmup, repeats)
+        contention = others_cpu_share(before, _cpu_snapshot())
         for key, ts in times.items():
             med = statistics.median(ts)
             results.append(
                 {
+                    "others_cpu_share": contention,
                     **rows_meta[key],
                     "batch": b,
                     "median_s": med,
@@ -245,6 +280,7 @@ def run_extractor_bench(
     return {
         "benchmark": "extractor",
         "machine": machine_info(),
+        "contention_warn_above": CONTENTION_WARN,
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
         "settings": {
@@ -260,6 +296,13 @@ def run_extractor_bench(
         "targets": targets,
         "skipped": skipped,
     }
+
+
+def _share(share: float | None) -> str:
+    if share is None:
+        return "-"
+    text = f"{100 * share:.0f}%"
+    return f"[red]{text}[/red]" if share > CONTENTION_WARN else text
 
 
 def render_table(report: dict[str, Any]) -> Any:
@@ -279,6 +322,7 @@ def render_table(report: dict[str, Any]) -> Any:
         ("img/s", "right"),
         ("ms/batch", "right"),
         ("x torch eager", "right"),
+        ("others' CPU", "right"),
     ):
         table.add_column(col, justify=just)
     for r in sorted(report["results"], key=lambda r: (r["batch"], r["artifact"], r["backend"])):
@@ -291,6 +335,7 @@ def render_table(report: dict[str, Any]) -> Any:
             f"{r['images_per_s']:.1f}",
             f"{1000 * r['median_s']:.1f}",
             f"{ratio:.2f}x" if ratio is not None else "-",
+            _share(r.get("others_cpu_share")),
         )
     return table
 
@@ -351,6 +396,12 @@ def bench_extractor(
         )
     for s in report["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {s['artifact']} {s['backend']}: {s['reason']}")
+    busy = [r["others_cpu_share"] for r in report["results"] if r.get("others_cpu_share")]
+    if busy and max(busy) > CONTENTION_WARN:
+        console.print(
+            f"[yellow]warning:[/yellow] other processes used up to {100 * max(busy):.0f}% of the "
+            "CPUs while timing: these numbers are low; re-run on a quiet machine"
+        )
     la, lb = report["load_average_before"], report["load_average_after"]
     console.print(
         f"load average before {la[0]:.2f}, after {lb[0]:.2f} "

@@ -70,6 +70,11 @@ def run_batches(session: Any, input_name: str, batches: Sequence[np.ndarray]) ->
     return [np.asarray(session.run(None, {input_name: b})[0]) for b in batches]
 
 
+def child_command(request: Path) -> list[str]:
+    """The child's command line (a seam for tests that need a child to crash for real)."""
+    return [sys.executable, "-m", "fedclip_edge.exporters.ort_utils", str(request)]
+
+
 def _signal_name(code: int) -> str:
     try:
         return signal.Signals(-code).name
@@ -103,12 +108,7 @@ def run_isolated(
         env = dict(os.environ)
         try:
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedclip_edge.exporters.ort_utils",
-                    str(tmp_path / "request.json"),
-                ],
+                child_command(tmp_path / "request.json"),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,

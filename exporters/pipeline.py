@@ -243,16 +243,16 @@ def export_artifact(
             }
             del converted
         else:
-            from fedclip_edge.exporters.quantize import QUANTIZED_OPS, quantize_int8
+            from fedclip_edge.exporters.quantize import quantize_int8
 
             say("quantizing (ONNX Runtime dynamic int8, QInt8 weights)")
-            quantize_int8(fp32_path, final)
+            op_types = quantize_int8(fp32_path, final)
             check_onnx(final)
             extra = {
                 "int8": {
                     "method": "onnxruntime.quantization.quantize_dynamic",
                     "weight_type": "QInt8",
-                    "op_types": list(QUANTIZED_OPS),
+                    "op_types": op_types,
                 }
             }
 

@@ -29,7 +29,7 @@ from fedclip_edge.exporters.manifest import read_manifest, verify_artifact
 from fedclip_edge.exporters.names import CLASS_FEATURES_FILE
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
 
-from fedclip_edge.errors import ExportError
+from fedclip_edge.errors import ExportError, FedClipError
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def open_extractor(
             continue  # int8 (dynamic quantization) is for CPU providers
         try:
             ext = _construct(b, d, root, manifest, threads)
-        except ExportError as exc:
+        except FedClipError as exc:  # ExportError, or ModelError from the torch backend
             tried.append(f"{b}:{d} ({exc})")
             continue
         if check_parity:

@@ -49,7 +49,7 @@ def trt_major(trt: Any) -> int:
 
 
 def gpu_info(device: int = 0) -> dict[str, str]:
-    """Name and compute capability of the CUDA device (torch, then nvidia-smi)."""
+    """Name and compute capability of the CUDA device (torch, cuda-python, then nvidia-smi)."""
     try:
         import torch
 
@@ -59,7 +59,21 @@ def gpu_info(device: int = 0) -> dict[str, str]:
                 "name": torch.cuda.get_device_name(device),
                 "compute_capability": f"{major}.{minor}",
             }
-    except Exception:  # torch missing or CUDA broken: try nvidia-smi
+    except Exception:  # torch missing or CUDA broken: try cuda-python, then nvidia-smi
+        pass
+    try:  # cuda-python ships beside TensorRT on some Jetson images; nvidia-smi may not
+        try:
+            from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        except ImportError:
+            from cuda import cudart  # type: ignore[import-not-found,no-redef]
+        err, prop = cudart.cudaGetDeviceProperties(device)
+        if int(err) == 0:
+            name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+            return {
+                "name": name.strip("\x00 "),
+                "compute_capability": f"{prop.major}.{prop.minor}",
+            }
+    except Exception:
         pass
     try:
         out = (
@@ -223,7 +237,11 @@ def build_engine(
             keep.add(trt.LayerType.NORMALIZATION)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if layer.type in keep:
+            floats = layer.num_outputs > 0 and all(
+                layer.get_output(j).dtype in (trt.float32, trt.float16)
+                for j in range(layer.num_outputs)
+            )
+            if layer.type in keep and floats:  # not reductions over shape tensors
                 layer.precision = trt.float32
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
@@ -285,14 +303,13 @@ def build_engine(
     }
 
 
-def fp32_layer_names(
-    onnx_path: Path, ops: Sequence[str] = ("LayerNormalization", "Softmax")
-) -> list[str]:
-    """ONNX node names of the layers to pin to fp32 (TensorRT names parsed layers after them)."""
+def fp32_layer_names(onnx_path: Path) -> list[str]:
+    """ONNX node names of the fp32 islands (TensorRT names parsed layers after their nodes)."""
     import onnx
+    from fedclip_edge.exporters.fp16 import FP32_OPS
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type in ops and n.name]
+    return [n.name for n in model.graph.node if n.op_type in FP32_OPS and n.name]
 
 
 def trtexec_commands(

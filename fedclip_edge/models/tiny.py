@@ -157,7 +157,6 @@ def pretrain(
     """Contrastive pretraining of fedclip-tiny on synthetic captioned images."""
     import open_clip
 
-    from fedclip_edge.data.synth import sample_batch
     from fedclip_edge.models.load import _open_clip
 
     _open_clip()

