@@ -228,6 +228,9 @@ def _register_optional() -> None:
         pass
     else:
         bench_app.command("extractor")(bench_extractor)
+    from fedclip_edge.benchmarks.fedavg import bench_fedavg
+
+    bench_app.command("fedavg")(bench_fedavg)
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:

@@ -1,0 +1,109 @@
+"""`bench fedavg` on a small configuration: structure, byte accounting, who touched the tower."""
+
+import json
+
+import pytest
+
+from fedclip_edge.benchmarks.fedavg import run_bench
+from fedclip_edge.cli import main
+from fedclip_edge.data.synth import write_dataset
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchdata")
+    write_dataset(root, per_class=3, seed=0, domains=("photo", "sketch", "cartoon"))
+    return root
+
+
+def test_bench_structure_bytes_and_tower(data, tmp_path):
+    report = run_bench(
+        data,
+        tmp_path,
+        pretrained="none",
+        clients=2,
+        rounds=2,
+        test_domain="cartoon",
+        log=lambda s: None,
+    )
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is True and saved["schema"] == report["schema"]
+    for key in ("config", "machine", "params", "fedclip", "fedavg", "speedups", "projections"):
+        assert key in saved, key
+    assert saved["machine"]["cpu_count"] >= 1 and "torch" in saved["machine"]
+    for method in ("fedclip", "fedavg"):
+        rounds = saved[method]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert set(rounds[0]["clients"]) == set(saved["config"]["clients"])
+        assert rounds[0]["generalization_acc"] is not None
+    # bytes = parameters x 4 bytes + the frame's framing (header, names, sha256)
+    adapter = saved["params"]["adapter"]
+    assert adapter == 2 * (128 * 128 + 128)
+    up = saved["fedclip"]["rounds"][0]["bytes_up_per_client"]
+    assert 0 < up - 4 * adapter < 2048
+    from fedclip_edge.models import load_model
+
+    tower = load_model("fedclip-tiny", "none").model.visual
+    floats = sum(v.numel() for v in tower.state_dict().values() if v.is_floating_point())
+    up_fa = saved["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    assert 0 < up_fa - 4 * floats < 64 * 1024
+    # full FedAvg changed the image tower; FedCLIP left it untouched
+    assert saved["fedavg"]["tower_sha256_after"] != saved["fedavg"]["tower_sha256_before"]
+    assert saved["fedclip"]["tower_sha256_after"] == saved["fedclip"]["tower_sha256_before"]
+    assert saved["speedups"]["bytes_per_round"] > 1
+    assert all("PROJECTION" in p["label"] for p in saved["projections"])
+    assert (tmp_path / "bench.md").read_text().startswith("# FedCLIP vs full-model FedAvg")
+    assert (tmp_path / "accuracy_vs_cost.png").stat().st_size > 1000
+
+
+def test_fp16_frames_halve_the_bytes(data, tmp_path):
+    r32 = run_bench(
+        data, tmp_path / "a", pretrained="none", clients=1, rounds=1, log=lambda s: None
+    )
+    r16 = run_bench(
+        data,
+        tmp_path / "b",
+        pretrained="none",
+        clients=1,
+        rounds=1,
+        dtype="float16",
+        log=lambda s: None,
+    )
+    b32 = r32["fedclip"]["rounds"][0]["bytes_up_per_client"]
+    b16 = r16["fedclip"]["rounds"][0]["bytes_up_per_client"]
+    assert abs(b16 - b32 / 2) < 2048
+
+
+def test_cli_errors(data, tmp_path, capsys):
+    rc = main(
+        [
+            "bench",
+            "fedavg",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--pretrained",
+            "none",
+            "--clients",
+            "9",
+        ]
+    )
+    assert rc == 6 and "--clients must be 1..3" in capsys.readouterr().err
+    rc = main(
+        [
+            "bench",
+            "fedavg",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--pretrained",
+            "none",
+            "--transport",
+            "carrier-pigeon",
+        ]
+    )
+    assert rc == 6
