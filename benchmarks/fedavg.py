@@ -151,7 +151,6 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run both methods and write OUT/bench.json, bench.md and the plots (after every round)."""
     from fedclip_edge.benchmarks.extractor import machine_info
-
     from fedclip_edge.data.folder import load_image, scan_dataset
     from fedclip_edge.data.split import split_indices
     from fedclip_edge.models import encode_prompts, load_model

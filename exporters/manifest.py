@@ -19,9 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedclip_edge.exporters.names import MANIFEST_FILE, PRECISIONS, SCHEMA, SCHEMA_VERSION
-
 from fedclip_edge.errors import ExportError
+from fedclip_edge.exporters.names import MANIFEST_FILE, PRECISIONS, SCHEMA, SCHEMA_VERSION
 
 # Top-level keys every manifest must have, and their JSON types.
 REQUIRED: dict[str, type | tuple[type, ...]] = {

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters.names import (
     BATCH_AXIS,
     IMAGE_INPUT,
@@ -25,8 +27,6 @@ from fedclip_edge.exporters.names import (
     TEXT_INPUT,
     TEXT_OUTPUT,
 )
-
-from fedclip_edge.errors import ExportError
 
 MIN_OPSET = 17
 _TWO_GB = 2**31 - 1

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import staged_dir, write_manifest
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
-
-from fedclip_edge.errors import ExportError
 
 Progress = Callable[[str], None]
 
@@ -187,6 +187,8 @@ def export_artifact(
             f"--out {out_path} already exists and is not empty: pass --force to replace it"
         )
 
+    from fedclip_edge import PROMPT_TEMPLATE
+    from fedclip_edge.data import synth
     from fedclip_edge.exporters.onnx_export import (
         check_onnx,
         export_image_encoder,
@@ -195,9 +197,6 @@ def export_artifact(
         opset_of,
         save_onnx,
     )
-
-    from fedclip_edge import PROMPT_TEMPLATE
-    from fedclip_edge.data import synth
     from fedclip_edge.models import encode_prompts, load_model
 
     say(f"loading {model} ({pretrained or 'default weights'})")
@@ -229,6 +228,7 @@ def export_artifact(
             shutil.move(fp32_path, final)
         elif precision == "fp16":
             import onnx
+
             from fedclip_edge.exporters.fp16 import FP32_OPS, convert_to_fp16, fp16_summary
 
             say("converting to an fp16 body (LayerNorm/Softmax and I/O stay fp32)")
@@ -382,9 +382,9 @@ def _export_text(
 ) -> dict[str, Any]:
     """Text tower to ONNX (fp32), checked against PyTorch on the class prompts."""
     import torch
-    from fedclip_edge.exporters.ort_utils import make_session, run_batches
 
     from fedclip_edge import PROMPT_TEMPLATE
+    from fedclip_edge.exporters.ort_utils import make_session, run_batches
 
     tokens = loaded.tokenizer([PROMPT_TEMPLATE.format(n) for n in names])
     path = stage / N.TEXT_ONNX_FILE

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from fedclip_edge.errors import ExportError, FedClipError
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import read_manifest, verify_artifact
 from fedclip_edge.exporters.names import CLASS_FEATURES_FILE
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
-
-from fedclip_edge.errors import ExportError, FedClipError
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class OnnxRuntimeExtractor(BaseExtractor):
     ) -> None:
         super().__init__(root, manifest, device)
         import onnxruntime as ort
+
         from fedclip_edge.exporters.ort_utils import disabled_optimizers_for, make_session
 
         if device not in ORT_PROVIDERS:

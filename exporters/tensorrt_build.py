@@ -306,6 +306,7 @@ def build_engine(
 def fp32_layer_names(onnx_path: Path) -> list[str]:
     """ONNX node names of the fp32 islands (TensorRT names parsed layers after their nodes)."""
     import onnx
+
     from fedclip_edge.exporters.fp16 import FP32_OPS
 
     model = onnx.load(str(onnx_path), load_external_data=False)

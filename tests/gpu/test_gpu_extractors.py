@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedclip_edge.exporters import names as N
-from fedclip_edge.exporters.tensorrt_build import import_tensorrt
 
 from fedclip_edge.errors import ExportError
+from fedclip_edge.exporters import names as N
+from fedclip_edge.exporters.tensorrt_build import import_tensorrt
 
 HAS_CUDA = torch.cuda.is_available()
 TRT, TRT_WHY = import_tensorrt()

@@ -10,12 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fedclip_edge.exporters import names as N
-from fedclip_edge.exporters import parity
-from fedclip_edge.exporters.manifest import read_manifest, sha256_file, verify_artifact
 from test_export_helpers import CLASSES, MAX_BATCH, MODEL, exported
 
 from fedclip_edge.errors import ExportError
+from fedclip_edge.exporters import names as N
+from fedclip_edge.exporters import parity
+from fedclip_edge.exporters.manifest import read_manifest, sha256_file, verify_artifact
 from fedclip_edge.models import encode_prompts, load_model
 
 
@@ -228,9 +228,8 @@ def test_bad_options_fail_early(tmp_path: Path) -> None:
 
 
 def test_classes_from_a_dataset_folder(tmp_path: Path) -> None:
-    from fedclip_edge.exporters.pipeline import resolve_classes
-
     from fedclip_edge.data import synth
+    from fedclip_edge.exporters.pipeline import resolve_classes
 
     synth.write_dataset(tmp_path / "data", per_class=1, seed=0, size=16)
     assert resolve_classes(tmp_path / "data") == list(synth.CLASSES)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from fedclip_edge.exporters.manifest import file_records
 
 # The small model the export tests use; FEDCLIP_EXPORT_TEST_MODEL picks another small config

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_image, preprocess_images
 from open_clip.transform import image_transform
 from PIL import Image
 
 from fedclip_edge.data import synth
 from fedclip_edge.data.folder import load_image, scan_dataset
 from fedclip_edge.errors import ExportError
+from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_image, preprocess_images
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedclip_edge.exporters import names as N
-from fedclip_edge.exporters.preprocess import preprocess_images
-from fedclip_edge.exporters.runtimes import Extractor, open_extractor, parse_backend
 from test_export_helpers import MAX_BATCH, MODEL, copy_artifact, exported, rehash
 
 from fedclip_edge.data import synth
 from fedclip_edge.errors import ExportError
+from fedclip_edge.exporters import names as N
+from fedclip_edge.exporters.preprocess import preprocess_images
+from fedclip_edge.exporters.runtimes import Extractor, open_extractor, parse_backend
 from fedclip_edge.models import load_model
 
 
