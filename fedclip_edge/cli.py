@@ -13,6 +13,16 @@ from typing import Annotated
 import click
 import typer
 
+# Recent typer carries its own copy of click (typer._click) with its own exception classes;
+# older typer raises click's. Catch both, so a usage error is one message, not a traceback.
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _TyperClickException = click.ClickException
+_EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
+_USAGE = (click.ClickException, _TyperClickException)
+_ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+
 from fedclip_edge import __version__
 from fedclip_edge.errors import ConfigError, FedClipError
 
@@ -229,8 +239,10 @@ def _register_optional() -> None:
     else:
         bench_app.command("extractor")(bench_extractor)
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
+    from fedclip_edge.broker.cli import broker_app
 
     bench_app.command("fedavg")(bench_fedavg)
+    app.add_typer(broker_app, name="broker")
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:
@@ -255,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name="fedclip-edge", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _USAGE as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

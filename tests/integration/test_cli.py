@@ -150,3 +150,9 @@ def test_console_script_runs():
         timeout=120,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("fedclip-edge ")
+
+
+def test_usage_error_is_a_message_not_a_traceback(capsys):
+    assert main(["simulate", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option: --bogus" in err and "Traceback" not in err
