@@ -144,6 +144,7 @@ def run_bench(
     per_client: int | None = None,
     cfg: TrainConfig | None = None,
     dtype: str = "float32",
+    fedavg_dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -216,6 +217,7 @@ def run_bench(
             "local_epochs": local_epochs,
             "train": cfg.to_dict(),
             "dtype": dtype,
+            "fedavg_dtype": fedavg_dtype,
             "device": device,
             "seed": seed,
             "transport": "inproc",
@@ -341,7 +343,11 @@ def run_bench(
         per_client = {}
         for ci, c in enumerate(parts):
             down, b_down, s_down = _exchange(
-                _float_state(global_tower), job="bench", rnd=rnd, client="server", dtype=dtype
+                _float_state(global_tower),
+                job="bench",
+                rnd=rnd,
+                client="server",
+                dtype=fedavg_dtype,
             )
             local = copy.deepcopy(global_tower)
             local.load_state_dict(down, strict=False)
@@ -357,7 +363,7 @@ def run_bench(
             )
             compute = time.perf_counter() - t
             up, b_up, s_up = _exchange(
-                _float_state(local), job="bench", rnd=rnd, client=c.name, dtype=dtype
+                _float_state(local), job="bench", rnd=rnd, client=c.name, dtype=fedavg_dtype
             )
             acc_round.add(up, int(c.labels["train"].numel()))
             per_client[c.name] = {
@@ -532,7 +538,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores){gpu}; device {c['device']}; "
         f"torch {m.get('torch')}. Clients {', '.join(c['clients'])}; {c['rounds']} rounds, "
         f"{c['local_epochs']} local epoch(s), loss {c['train']['loss']}, lr {c['train']['lr']}, "
-        f"frames {c['dtype']}.",
+        f"frames: adapter {c['dtype']}, tower {c['fedavg_dtype']}.",
         "",
         "| measured | FedCLIP | full FedAvg | ratio |",
         "|---|---|---|---|",
@@ -604,7 +610,10 @@ def bench_fedavg(
     loss: Annotated[str, typer.Option(help="clip (reference) or ce.")] = "clip",
     lr: Annotated[float, typer.Option(help="Learning rate of both methods.")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(help="Coupled L2 of both methods.")] = 0.2,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Ship fp16 frames (both methods).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Ship FedCLIP's adapter in fp16.")] = False,
+    fedavg_fp16: Annotated[
+        bool, typer.Option("--fedavg-fp16", help="Ship full FedAvg's image tower in fp16 too.")
+    ] = False,
     transport: Annotated[str, typer.Option(help="inproc (mqtt: not yet).")] = "inproc",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
@@ -628,6 +637,7 @@ def bench_fedavg(
             per_client=per_client,
             cfg=cfg,
             dtype="float16" if fp16 else "float32",
+            fedavg_dtype="float16" if fedavg_fp16 else "float32",
             device=device,
             seed=seed,
         )
