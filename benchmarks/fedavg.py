@@ -270,114 +270,65 @@ def run_bench(
         "images_per_second": n_img / extract_s if extract_s else None,
     }
     log(f"fedclip: features of {n_img} images in {extract_s:.2f}s (torch {device})")
-    strategy = FedAvg("uniform")
     torch.manual_seed(seed)
     global_adapter = AttentionAdapter(loaded.embed_dim).to(device)
-    cum_wall, cum_bytes = extract_s, 0
-    for rnd in range(1, rounds + 1):
-        t_round = time.perf_counter()
-        acc_round = strategy.start_round()
-        per_client = {}
-        for ci, c in enumerate(parts):
-            down, b_down, s_down = _exchange(
-                global_adapter.state_dict(), job="bench", rnd=rnd, client="server", dtype=dtype
-            )
-            local = AttentionAdapter(loaded.embed_dim).to(device)
-            local.load_state_dict(down)
-            t = time.perf_counter()
-            res = train_local(
-                local,
-                c.features["train"],
-                c.labels["train"],
-                text,
-                cfg,
-                logit_scale=scale,
-                generator=torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci),
-            )
-            compute = time.perf_counter() - t
-            up, b_up, s_up = _exchange(
-                local.state_dict(), job="bench", rnd=rnd, client=c.name, dtype=dtype
-            )
-            acc_round.add(up, res.samples)
-            per_client[c.name] = {
-                "compute_s": compute,
-                "bytes_down": b_down,
-                "bytes_up": b_up,
-                "transfer_s": s_down + s_up,
-                "loss": res.loss,
-                "steps": res.steps,
-            }
-        global_adapter.load_state_dict(acc_round.result())
-        wall = time.perf_counter() - t_round
-        t = time.perf_counter()
+
+    def train_adapter(local: AttentionAdapter, c: Client, gen: torch.Generator) -> tuple:
+        res = train_local(
+            local,
+            c.features["train"],
+            c.labels["train"],
+            text,
+            cfg,
+            logit_scale=scale,
+            generator=gen,
+        )
+        return res.loss, res.steps, res.samples
+
+    def eval_adapter() -> tuple[dict[str, float], float | None]:
         accs = {
             c.name: accuracy(global_adapter, c.features["test"], c.labels["test"], text)
             for c in parts
         }
         gen = accuracy(global_adapter, held_feats, held[1], text) if held is not None else None
-        eval_s = time.perf_counter() - t
-        cum_wall += wall
-        cum_bytes += sum(v["bytes_down"] + v["bytes_up"] for v in per_client.values())
-        report["fedclip"]["rounds"].append(
-            _round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes)
-        )
-        log(_round_line("fedclip", rnd, rounds, per_client, wall, accs, gen))
-        save()
+        return accs, gen
+
+    _federate(
+        "fedclip",
+        report["fedclip"],
+        global_adapter,
+        parts,
+        rounds=rounds,
+        dtype=dtype,
+        seed=seed,
+        start_wall=extract_s,
+        state=lambda m: m.state_dict(),
+        make_local=lambda: AttentionAdapter(loaded.embed_dim).to(device),
+        train=train_adapter,
+        evaluate=eval_adapter,
+        log=log,
+        save=save,
+    )
     report["fedclip"]["tower_sha256_before"] = tower_hash_before
     report["fedclip"]["tower_sha256_after"] = _state_hash(visual0)
 
     # ---- full FedAvg: fine-tune and ship the whole image tower every round -----------------
     global_tower = copy.deepcopy(visual0)
     report["fedavg"]["tower_sha256_before"] = _state_hash(global_tower)
-    zero = {
+    report["zero_shot_test"] = {
         c.name: _tower_accuracy(
             global_tower, c.pixels["test"], c.labels["test"], text, cfg.batch_size
         )
         for c in parts
     }
-    report["zero_shot_test"] = zero
-    cum_wall, cum_bytes = 0.0, 0
-    for rnd in range(1, rounds + 1):
-        t_round = time.perf_counter()
-        acc_round = strategy.start_round()
-        per_client = {}
-        for ci, c in enumerate(parts):
-            down, b_down, s_down = _exchange(
-                _float_state(global_tower),
-                job="bench",
-                rnd=rnd,
-                client="server",
-                dtype=fedavg_dtype,
-            )
-            local = copy.deepcopy(global_tower)
-            local.load_state_dict(down, strict=False)
-            t = time.perf_counter()
-            loss, steps = _train_tower(
-                local,
-                c.pixels["train"],
-                c.labels["train"],
-                text,
-                cfg,
-                scale,
-                torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci),
-            )
-            compute = time.perf_counter() - t
-            up, b_up, s_up = _exchange(
-                _float_state(local), job="bench", rnd=rnd, client=c.name, dtype=fedavg_dtype
-            )
-            acc_round.add(up, int(c.labels["train"].numel()))
-            per_client[c.name] = {
-                "compute_s": compute,
-                "bytes_down": b_down,
-                "bytes_up": b_up,
-                "transfer_s": s_down + s_up,
-                "loss": loss,
-                "steps": steps,
-            }
-            del local
-        global_tower.load_state_dict(acc_round.result(), strict=False)
-        wall = time.perf_counter() - t_round
-        t = time.perf_counter()
+
+    def train_tower(local: torch.nn.Module, c: Client, gen: torch.Generator) -> tuple:
+        loss, steps = _train_tower(
+            local, c.pixels["train"], c.labels["train"], text, cfg, scale, gen
+        )
+        return loss, steps, int(c.labels["train"].numel())
+
+    def eval_tower() -> tuple[dict[str, float], float | None]:
         accs = {
             c.name: _tower_accuracy(
                 global_tower, c.pixels["test"], c.labels["test"], text, cfg.batch_size
@@ -389,14 +340,24 @@ def run_bench(
             if held is not None
             else None
         )
-        eval_s = time.perf_counter() - t
-        cum_wall += wall
-        cum_bytes += sum(v["bytes_down"] + v["bytes_up"] for v in per_client.values())
-        report["fedavg"]["rounds"].append(
-            _round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes)
-        )
-        log(_round_line("fedavg", rnd, rounds, per_client, wall, accs, gen))
-        save()
+        return accs, gen
+
+    _federate(
+        "fedavg",
+        report["fedavg"],
+        global_tower,
+        parts,
+        rounds=rounds,
+        dtype=fedavg_dtype,
+        seed=seed,
+        start_wall=0.0,
+        state=_float_state,
+        make_local=lambda: copy.deepcopy(global_tower),
+        train=train_tower,
+        evaluate=eval_tower,
+        log=log,
+        save=save,
+    )
     report["fedavg"]["tower_sha256_after"] = _state_hash(global_tower)
     report["speedups"] = _speedups(report)
     report["projections"] = [
@@ -407,6 +368,69 @@ def run_bench(
     (out / "bench.md").write_text(render_markdown(report))
     _plots(report, out)
     return report
+
+
+def _federate(
+    name: str,
+    record: dict[str, Any],
+    global_model: torch.nn.Module,
+    parts: list[Client],
+    *,
+    rounds: int,
+    dtype: str,
+    seed: int,
+    start_wall: float,
+    state,
+    make_local,
+    train,
+    evaluate,
+    log,
+    save,
+) -> None:
+    """The round loop both methods share: ship the global model down, train locally, ship the
+    update up (real wire frames), average, evaluate (timed apart), record, save."""
+    strategy = FedAvg("uniform")
+    cum_wall, cum_bytes = start_wall, 0
+    for rnd in range(1, rounds + 1):
+        t_round = time.perf_counter()
+        acc_round = strategy.start_round()
+        per_client = {}
+        for ci, c in enumerate(parts):
+            down, b_down, s_down = _exchange(
+                state(global_model), job="bench", rnd=rnd, client="server", dtype=dtype
+            )
+            local = make_local()
+            local.load_state_dict(down, strict=False)
+            t = time.perf_counter()
+            loss, steps, samples = train(
+                local, c, torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci)
+            )
+            compute = time.perf_counter() - t
+            up, b_up, s_up = _exchange(
+                state(local), job="bench", rnd=rnd, client=c.name, dtype=dtype
+            )
+            acc_round.add(up, samples)
+            per_client[c.name] = {
+                "compute_s": compute,
+                "bytes_down": b_down,
+                "bytes_up": b_up,
+                "transfer_s": s_down + s_up,
+                "loss": loss,
+                "steps": steps,
+            }
+            del local
+        global_model.load_state_dict(acc_round.result(), strict=False)
+        wall = time.perf_counter() - t_round
+        t = time.perf_counter()
+        accs, gen = evaluate()
+        eval_s = time.perf_counter() - t
+        cum_wall += wall
+        cum_bytes += sum(v["bytes_down"] + v["bytes_up"] for v in per_client.values())
+        record["rounds"].append(
+            _round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes)
+        )
+        log(_round_line(name, rnd, rounds, per_client, wall, accs, gen))
+        save()
 
 
 def _round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes) -> dict:
