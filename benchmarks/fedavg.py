@@ -521,10 +521,11 @@ def _projections(report: dict[str, Any], rounds: int, uplink_mbit: float) -> dic
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Decimal units (1 MB = 10^6 bytes), as network rates are counted."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return str(n)
 
 
