@@ -13,6 +13,9 @@ from typing import Annotated
 import click
 import typer
 
+from fedclip_edge import __version__
+from fedclip_edge.errors import ConfigError, FedClipError
+
 # Recent typer carries its own copy of click (typer._click) with its own exception classes;
 # older typer raises click's. Catch both, so a usage error is one message, not a traceback.
 try:
@@ -22,9 +25,6 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 _EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
 _USAGE = (click.ClickException, _TyperClickException)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
-
-from fedclip_edge import __version__
-from fedclip_edge.errors import ConfigError, FedClipError
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -200,49 +200,64 @@ def simulate_cmd(
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for data, features and the report.")] = Path(
+    out: Annotated[Path, typer.Option(help="Folder for data, artifact, logs and reports.")] = Path(
         "demo-out"
     ),
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 15,
     per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 100,
     test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "photo",
-    seeds: Annotated[list[int] | None, typer.Option(help="One run per seed.")] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="Use this broker (mqtt://host:port) instead of starting the embedded one."
+        ),
+    ] = None,
+    inproc: Annotated[
+        bool,
+        typer.Option(
+            "--inproc",
+            help="No MQTT: the in-process simulation, reference and "
+            "learning settings side by side over --seeds.",
+        ),
+    ] = False,
+    seeds: Annotated[list[int] | None, typer.Option(help="--inproc: one run per seed.")] = None,
     personalize_epochs: Annotated[
-        int, typer.Option(help="Local epochs on the global adapter, learning setting.")
+        int, typer.Option(help="--inproc: local epochs on the global adapter (learning).")
     ] = 5,
 ) -> None:
-    """The whole pipeline on one machine, no downloads: data, model, features, federation."""
-    from fedclip_edge.pipeline import run_demo
+    """The whole federation on this machine, no downloads: broker, agents, aggregator."""
+    if inproc:
+        from fedclip_edge.pipeline import run_demo
 
-    run_demo(
-        out,
-        rounds=rounds,
-        per_class=per_class,
-        test_domain=test_domain,
-        seeds=tuple(seeds or (0, 1, 2)),
-        personalize_epochs=personalize_epochs,
-    )
+        run_demo(
+            out,
+            rounds=rounds,
+            per_class=per_class,
+            test_domain=test_domain,
+            seeds=tuple(seeds or (0, 1, 2)),
+            personalize_epochs=personalize_epochs,
+        )
+        return
+    from fedclip_edge.demo import run_mqtt_demo
+
+    run_mqtt_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain, broker=broker)
 
 
-def _register_optional() -> None:
-    """Commands from the other parts of the toolkit, when they are installed."""
-    try:
-        from fedclip_edge.exporters.cli import export
-    except ImportError:
-        pass
-    else:
-        app.command("export")(export)
-    try:
-        from fedclip_edge.benchmarks.extractor import bench_extractor
-    except ImportError:
-        pass
-    else:
-        bench_app.command("extractor")(bench_extractor)
+def _register_parts() -> None:
+    """Commands whose options live with their part of the toolkit (imported here, at start)."""
+    from fedclip_edge.aggregator import aggregate
+    from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
     from fedclip_edge.broker.cli import broker_app
+    from fedclip_edge.device_agent.cli import agent
+    from fedclip_edge.exporters.cli import export
 
-    bench_app.command("fedavg")(bench_fedavg)
+    app.command("export")(export)
+    app.command("agent")(agent)
+    app.command("aggregate")(aggregate)
     app.add_typer(broker_app, name="broker")
+    bench_app.command("extractor")(bench_extractor)
+    bench_app.command("fedavg")(bench_fedavg)
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:
@@ -263,7 +278,7 @@ def expand_multi_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and an exit code for a user's mistake, not a traceback."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    _register_optional()
+    _register_parts()
     args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name="fedclip-edge", standalone_mode=False)

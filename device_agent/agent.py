@@ -1,0 +1,435 @@
+"""The device agent: cached features in, adapter updates out, one round at a time.
+
+Pure-ish core (`Agent`) over a `Transport` and in-memory features, so unit tests drive it with
+the in-memory broker; the I/O shell (`load_local_features`, `run_agent`) opens the exported
+artifact (its golden set is checked on load), extracts features once into the feature cache
+(a restart re-uses them) and connects to MQTT.
+
+Robustness rests on the agent, not on broker queues (amqtt drops QoS 1 messages for offline
+persistent sessions): the global adapter is retained, and an update not yet acknowledged stays
+in the agent's outbox and is sent again after a reconnect while its round is still open; it is
+dropped once a later round's global adapter arrives. A global adapter re-published for a round
+already answered, whose `have` list lacks this device, makes it resend its cached update
+(the aggregator restarted or lost it); the aggregator drops duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedclip_edge import __version__
+from fedclip_edge import protocol as P
+from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.config import TrainConfig
+from fedclip_edge.data.split import split_indices
+from fedclip_edge.errors import ConfigError, DataError, FrameError, TransportError
+from fedclip_edge.train import accuracy, train_local
+from fedclip_edge.transport import Delivery, Received, Transport
+from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame, expected_shapes
+
+
+def client_index(client_id: str) -> int:
+    """A stable integer per client id (not Python's salted hash): seeds its local training."""
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:6], "big")
+
+
+def round_generator(seed: int, rnd: int, client_id: str) -> torch.Generator:
+    """The local training generator: a function of (seed, round, client) only, so a resumed
+    run and an uninterrupted one train identically."""
+    s = 0
+    for part in (seed, rnd, client_index(client_id)):
+        s = (s * 1_000_003 + part) % (2**63)
+    return torch.Generator().manual_seed(s)
+
+
+@dataclass
+class LocalData:
+    """One device's features (raw, [N, D]), labels, the class prompts' text features."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: float
+    backend: str = "memory"
+    extract_s: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def split(self, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The reference protocol's 60/20/20 split of this device's data."""
+        parts = split_indices(int(self.labels.shape[0]), seed)
+        out = {}
+        for name, ix in zip(("train", "val", "test"), parts, strict=True):
+            idx = torch.from_numpy(ix).long()
+            out[name] = (self.features[idx], self.labels[idx])
+        return out
+
+
+@dataclass
+class AgentConfig:
+    job: str
+    client_id: str
+    update_dtype: str = "float32"
+    idle_timeout_s: float = 600.0  # no message from the aggregator for this long: give up
+    connect_timeout_s: float = 30.0
+    poll_s: float = 0.2
+    ack_timeout_s: float = 10.0  # wait this long for a PUBACK before leaving it to the outbox
+
+    def __post_init__(self) -> None:
+        P.check_id(self.job, "job")
+        P.check_id(self.client_id, "client id")
+        if self.update_dtype not in ("float32", "float16"):
+            raise ConfigError("update dtype must be float32 or float16")
+
+
+@dataclass
+class _Outbox:
+    round: int
+    payload: bytes
+    delivery: Delivery
+    started: float
+
+
+class Agent:
+    """Wait for the global adapter, train locally, publish the update, until the job ends."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        cfg: AgentConfig,
+        data: LocalData,
+        *,
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.t = transport
+        self.cfg = cfg
+        self.data = data
+        self.log = log
+        self.clock = clock
+        self.stop = threading.Event()
+        self.done = False
+        self.current_round = -1
+        self.last_trained = -1
+        self.rounds_trained = 0
+        self.last_upload_s: float | None = None
+        self.final_state: dict[str, torch.Tensor] | None = None
+        self._cached: tuple[int, bytes] | None = None  # last update sent (round, payload)
+        self._outbox: _Outbox | None = None
+        self._last_wire = 0
+        self._last_global_key: tuple[str, int, tuple[str, ...]] | None = None
+        self._epoch_seen = 0
+        self._ready_at = clock()
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._split_seed: int | None = None
+        self._extract_reported = False
+        n = int(data.labels.shape[0])
+        self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
+                                                 strict=True)}
+
+    # ------------------------------------------------------------------ messages out
+    def _status(self, state: str, *, hello: bool = False, upload_s: float | None = None) -> None:
+        st = P.Status(
+            self.cfg.client_id, state, self._sizes, self.data.backend, self.data.dim,
+            self.data.versions, round=self.last_trained, upload_s=upload_s, hello=hello,
+        )
+        self.t.publish(P.status_topic(self.cfg.job, self.cfg.client_id), st.encode(), retain=True)
+
+    def _send(self, rnd: int, payload: bytes) -> None:
+        """Publish and wait (bounded) for the PUBACK: the upload time is publish -> PUBACK.
+        Unacknowledged, the update stays in the outbox and goes again after a reconnect."""
+        start = self.clock()
+        d = self.t.publish(P.update_topic(self.cfg.job, self.cfg.client_id), payload)
+        self._outbox = _Outbox(rnd, payload, d, start)
+        self._last_wire = d.wire_bytes
+        if d.wait(self.cfg.ack_timeout_s):
+            self._outbox = None
+            self.last_upload_s = self.clock() - start
+            self._status("uploaded", upload_s=self.last_upload_s)
+
+    def _check_outbox(self) -> None:
+        ob = self._outbox
+        if ob is None:
+            return
+        if ob.round < self.current_round or self.done:
+            self.log(f"round {ob.round}: unsent update dropped, its round is over")
+            self._outbox = None
+        elif ob.delivery.wait(0):
+            upload_s = self.clock() - ob.started
+            self._outbox = None
+            self._status("uploaded", upload_s=upload_s)
+
+    # ------------------------------------------------------------------ messages in
+    def _on_message(self, msg: Received) -> None:
+        try:
+            m = P.decode_message(msg.payload)
+        except P.MessageRejected as exc:
+            self.log(f"warning: ignored a bad message on {msg.topic}: {exc.message}")
+            return
+        if isinstance(m, P.Control) and m.job == self.cfg.job:
+            if m.state == "done":
+                self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
+                self.done = True
+        elif isinstance(m, P.GlobalModel) and m.job == self.cfg.job:
+            self._on_global(m, msg)
+
+    def _on_global(self, g: P.GlobalModel, msg: Received) -> None:
+        key = (g.session, g.round, tuple(sorted(g.have)))
+        if key == self._last_global_key:
+            return  # the same publication again (retained redelivery after a reconnect)
+        self._last_global_key = key
+        adapter = AttentionAdapter(self.data.dim)
+        try:
+            frame = decode_frame(g.frame, expected=expected_shapes(adapter.state_dict()))
+        except FrameRejected as exc:
+            self.log(f"warning: global adapter for round {g.round} rejected: {exc.message}")
+            return
+        if g.round > g.rounds:
+            self.final_state = frame.tensors
+            self.log(f"final global adapter received (after round {g.rounds})")
+            return
+        self.current_round = g.round
+        self._check_outbox()
+        if g.round == self.last_trained:
+            if self.cfg.client_id not in g.have and self._cached and self._outbox is None:
+                self.log(f"round {g.round}: aggregator lacks my update, sending it again")
+                self._send(g.round, self._cached[1])
+            return
+        if g.round < self.last_trained:
+            return
+        self._train_and_send(g, frame.tensors, msg)
+
+    def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
+                        msg: Received) -> None:
+        wait_s = self.clock() - self._ready_at
+        if self._splits is None or self._split_seed != g.seed:
+            self._splits, self._split_seed = self.data.split(g.seed), g.seed
+        splits = self._splits
+        try:
+            tcfg = TrainConfig(**{**g.train, "betas": tuple(g.train.get("betas", (0.9, 0.98)))}) \
+                if g.train else TrainConfig()
+        except (TypeError, ConfigError) as exc:
+            self.log(f"warning: round {g.round}: bad training settings from the aggregator "
+                     f"({exc}); using the reference defaults")
+            tcfg = TrainConfig()
+        text = self.data.text_features
+        adapter = AttentionAdapter(self.data.dim)
+        adapter.load_state_dict(state)
+        metrics: dict[str, Any] = {
+            "global_val_acc": accuracy(adapter, *splits["val"], text),
+            "global_test_acc": accuracy(adapter, *splits["test"], text),
+        }
+        t0 = self.clock()
+        res = train_local(
+            adapter, *splits["train"], text, tcfg, logit_scale=self.data.logit_scale,
+            generator=round_generator(g.seed, g.round, self.cfg.client_id),
+        )
+        train_s = self.clock() - t0
+        metrics.update(
+            {
+                "local_val_acc": accuracy(adapter, *splits["val"], text),
+                "local_test_acc": accuracy(adapter, *splits["test"], text),
+                "loss": res.loss,
+                "steps": res.steps,
+                "train_s": train_s,
+                "global_wait_s": wait_s,
+                "global_transfer_s": msg.transfer_s,
+                "bytes_down": msg.wire_bytes,
+                "backend": self.data.backend,
+            }
+        )
+        if not self._extract_reported:
+            metrics["extract_s"] = self.data.extract_s
+            self._extract_reported = True
+        frame = encode_frame(adapter.state_dict(), job=self.cfg.job, round=g.round,
+                             client=self.cfg.client_id, dtype=self.cfg.update_dtype)
+        samples = res.samples if res.samples else int(splits["train"][1].shape[0])
+        payload = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics,
+                           frame).encode()
+        self.last_trained = g.round
+        self.rounds_trained += 1
+        self._cached = (g.round, payload)
+        self._send(g.round, payload)
+        upload = "queued" if self._outbox is not None else f"{self.last_upload_s:.3f}s"
+        self.log(
+            f"round {g.round} | samples {samples} | loss {res.loss:.4f} | compute {train_s:.3f}s"
+            f" | wait {wait_s:.3f}s | down {msg.wire_bytes} B | up {self._last_wire} B"
+            f" | upload {upload}"
+        )
+        self._ready_at = self.clock()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Returns the number of rounds trained. Ends on job done, `stop` or idle timeout."""
+        self.t.subscribe(P.global_topic(self.cfg.job), P.control_topic(self.cfg.job))
+        self.t.connect(self.cfg.connect_timeout_s)
+        last_heard = self.clock()
+        try:
+            while not self.stop.is_set() and not self.done:
+                if self.t.epoch != self._epoch_seen:
+                    self._epoch_seen = self.t.epoch
+                    self._status("online", hello=True)
+                    ob = self._outbox
+                    if ob is not None and not ob.delivery.wait(0):
+                        self.log(f"round {ob.round}: reconnected, sending the queued update again")
+                        self._send(ob.round, ob.payload)
+                msg = self.t.recv(self.cfg.poll_s)
+                if msg is not None:
+                    last_heard = self.clock()
+                    self._on_message(msg)
+                self._check_outbox()
+                if self.clock() - last_heard > self.cfg.idle_timeout_s:
+                    raise TransportError(
+                        f"nothing from the aggregator of job {self.cfg.job} for "
+                        f"{self.cfg.idle_timeout_s:g}s; giving up"
+                    )
+            if self._outbox is not None and not self.done:  # SIGTERM: give the upload a moment
+                self._outbox.delivery.wait(2.0)
+        finally:
+            if self.t.connected:
+                try:
+                    self._status("offline")
+                    time.sleep(0.05)
+                except Exception:  # shutting down: best effort
+                    pass
+            self.t.close()
+        return self.rounds_trained
+
+
+# ---------------------------------------------------------------------- I/O shell
+
+
+class ExtractorEncoder:
+    """The exporters' extractor as the feature cache's `ImageEncoder`."""
+
+    def __init__(self, extractor: Any) -> None:
+        from fedclip_edge.exporters.preprocess import preprocess_images
+
+        self.ext = extractor
+        model = extractor.manifest["model"]
+        self.identity = {
+            "model": model.get("name"),
+            "pretrained": model.get("pretrained"),
+            "weights_sha256": model.get("weights_sha256"),
+            "precision": extractor.precision,
+        }
+        self.preprocess_cfg = dict(extractor.manifest["preprocess"])
+        self._pre = preprocess_images
+
+    def preprocess(self, image: Any) -> Any:
+        return torch.from_numpy(self._pre([image], self.ext.preprocess)[0])
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.ext.extract(batch.numpy()))
+
+
+def load_local_features(
+    data: Path,
+    artifacts: Path,
+    *,
+    backend: str = "auto",
+    domain: str | None = None,
+    cache: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> LocalData:
+    """Open the artifact (hashes and golden-set parity checked), extract features once."""
+    from fedclip_edge.data.folder import scan_dataset
+    from fedclip_edge.exporters.runtimes import open_extractor
+    from fedclip_edge.features import extract_features
+
+    ext = open_extractor(artifacts, backend=backend)
+    parity = ext.parity or {}
+    log(f"extractor {ext.name}: golden set min cosine {parity.get('min_cosine', float('nan')):.6f}"
+        f" ({parity.get('status', 'unchecked')})")
+    ds = scan_dataset(Path(data), [domain] if domain else None)
+    if len(ds.domains) != 1:
+        raise DataError(f"{data} holds domains {', '.join(ds.domains)}: pick one with --domain")
+    cf = ext.class_features()
+    if cf is None:
+        raise DataError(f"artifact {artifacts} carries no class prompts' features: re-export "
+                        "it with --classes")
+    names, text = cf
+    if list(names) != list(ds.classes):
+        raise DataError(f"the artifact's classes {names} differ from the data's {ds.classes}")
+    identity = ExtractorEncoder(ext)
+    cache = Path(cache) if cache else (
+        Path.home() / ".cache" / "fedclip-edge" / "agent-features"
+        / f"{identity.identity['weights_sha256'][:12]}-{ext.precision}"
+    )
+    t0 = time.monotonic()
+    fs, report = extract_features(
+        ds, identity, torch.from_numpy(text), float(ext.manifest["model"]["logit_scale"]), cache,
+        progress=False, log=log,
+    )
+    extract_s = time.monotonic() - t0
+    d = fs.domains[ds.domains[0]]
+    log(f"features of {ds.domains[0]}: {report.encoded} encoded, {report.reused} reused from "
+        f"{cache} in {extract_s:.2f}s")
+    if len(d) < 3:
+        raise DataError(f"{data} has {len(d)} usable images: too few to split 60/20/20")
+    import onnxruntime
+
+    versions = {"fedclip_edge": __version__, "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "artifact": str(ext.manifest.get("created", ""))}
+    return LocalData(d.features, d.labels, fs.text_features, fs.logit_scale, ext.name,
+                     extract_s, versions)
+
+
+def run_agent(
+    *,
+    broker: str,
+    job: str,
+    client_id: str,
+    data: Path,
+    artifacts: Path,
+    backend: str = "auto",
+    domain: str | None = None,
+    cache: Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    tls: Any = None,
+    update_dtype: str = "float32",
+    max_payload: int = P.DEFAULT_MAX_PAYLOAD,
+    idle_timeout_s: float = 600.0,
+    connect_timeout_s: float = 30.0,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Features, then the MQTT loop. SIGTERM/SIGINT end it cleanly (offline status, close)."""
+    from fedclip_edge.transport import MqttTransport
+
+    cfg = AgentConfig(job, client_id, update_dtype, idle_timeout_s, connect_timeout_s)
+    local = load_local_features(data, artifacts, backend=backend, domain=domain, cache=cache,
+                                log=log)
+    transport = MqttTransport(
+        broker, client_id, username=username if username is not None else client_id,
+        password=password, tls=tls, max_payload=max_payload,
+        will=(P.status_topic(job, client_id), P.offline_status(client_id), True),
+    )
+    agent = Agent(transport, cfg, local, log=log)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log(f"signal {signum}: finishing cleanly")
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        n = agent.run()
+    except FrameError as exc:
+        raise TransportError(f"protocol error: {exc}") from None
+    log(f"agent {client_id}: {n} round(s) trained; "
+        f"{transport.counters.bytes_down} B down, {transport.counters.bytes_up} B up")
+    return n

@@ -1,0 +1,188 @@
+"""`fedclip-edge demo`: the whole federation on one machine over real MQTT, no downloads.
+
+An embedded broker (or --broker URL), the offline default model exported to ONNX, the synthetic
+data, one device agent per training domain as a separate process, and the aggregator in this
+process. Everything lands in one folder: data, artifact, agents' logs and caches, the
+aggregator's state, metrics.jsonl, summary.json and the latency/bytes plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedclip_edge.errors import ConfigError, TransportError
+
+
+def _export(data: Path, out: Path, log) -> Path:
+    """The artifact the agents run; re-used when it is already there and verifies."""
+    from fedclip_edge.exporters.manifest import verify_artifact
+    from fedclip_edge.exporters.pipeline import export_artifact
+
+    if (out / "manifest.json").is_file():
+        try:
+            verify_artifact(out)
+            log(f"    artifact {out} (re-used)")
+            return out
+        except Exception as exc:  # a stale or damaged artifact is rebuilt, never used
+            log(f"    artifact {out} does not verify ({exc}); exporting again")
+    export_artifact(
+        out,
+        model="fedclip-tiny",
+        pretrained=None,
+        precision="fp32",
+        classes=str(data),
+        overwrite=True,
+    )
+    log(f"    exported fedclip-tiny to ONNX at {out}")
+    return out
+
+
+def _spawn_agent(
+    url: str, job: str, client: str, domain: str, data: Path, artifact: Path, folder: Path
+) -> tuple[subprocess.Popen, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    logf = open(folder / f"{client}.log", "w")  # noqa: SIM115 - closed by the caller
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedclip_edge.device_agent.cli",
+        "--broker",
+        url,
+        "--job",
+        job,
+        "--client-id",
+        client,
+        "--data",
+        str(data),
+        "--artifacts",
+        str(artifact),
+        "--domain",
+        domain,
+        "--cache",
+        str(folder / f"{client}-cache"),
+        "--backend",
+        "onnxruntime",
+        "--idle-timeout",
+        "120",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    return proc, logf
+
+
+def run_mqtt_demo(
+    out: Path,
+    *,
+    rounds: int = 10,
+    per_class: int = 100,
+    test_domain: str = "photo",
+    broker: str | None = None,
+    preset: str = "learning",
+    round_timeout: float = 60.0,
+    seed: int = 0,
+    log=print,
+) -> dict[str, Any]:
+    """Run the federation end to end and return the aggregator's summary."""
+    from fedclip_edge.aggregator import Aggregator, AggregatorConfig
+    from fedclip_edge.data.synth import DOMAINS, write_dataset
+    from fedclip_edge.models.tiny import ensure_pretrained
+    from fedclip_edge.pipeline import build_features, train_config
+    from fedclip_edge.transport import MqttTransport
+
+    if test_domain not in DOMAINS:
+        raise ConfigError(f"--test-domain must be one of {', '.join(DOMAINS)}")
+    out = Path(out)
+    t0 = time.perf_counter()
+    log("1/5 offline default model (fedclip-tiny, pretrained here on synthetic data)")
+    _, meta = ensure_pretrained()
+    log(
+        "    zero-shot accuracy recorded at pretraining: "
+        + ", ".join(f"{d} {a:.0%}" for d, a in meta["zero_shot"].items())
+    )
+    log(f"2/5 synthetic data: {per_class} images per domain and class")
+    data = out / "data"
+    write_dataset(data, per_class=per_class, seed=0)
+    log("3/5 export for the devices, and the held-out domain's features for the aggregator")
+    artifact = _export(data, out / "artifact", log)
+    eval_dir = out / "eval-features"
+    build_features(data, eval_dir, domains=[test_domain], progress=False)
+    clients = [d for d in DOMAINS if d != test_domain]
+    job = f"demo-{int(time.time())}"
+    with contextlib.ExitStack() as stack:
+        if broker is None:
+            from fedclip_edge.broker.embedded import EmbeddedBroker
+
+            url = stack.enter_context(EmbeddedBroker()).url
+            log(f"4/5 embedded MQTT broker at {url}")
+        else:
+            url = broker
+            log(f"4/5 MQTT broker at {url}")
+        agents = []
+        for d in clients:
+            proc, logf = _spawn_agent(url, job, f"dev-{d}", d, data, artifact, out / "agents")
+            stack.callback(logf.close)
+            stack.callback(_stop, proc)
+            agents.append(proc)
+        log(
+            f"    {len(agents)} device agents started (one per domain: {', '.join(clients)}); "
+            f"logs in {out / 'agents'}"
+        )
+        log(f"5/5 aggregator: {rounds} rounds, {preset} setting, held-out domain {test_domain}")
+        cfg = AggregatorConfig(
+            job=job,
+            rounds=rounds,
+            out=out / "aggregator",
+            min_clients=len(clients),
+            round_timeout_s=round_timeout,
+            seed=seed,
+            train=train_config(preset).to_dict(),
+            wait_clients_s=300.0,
+            eval_features=eval_dir,
+            eval_domain=test_domain,
+        )
+        transport = MqttTransport(url, f"aggregator-{job}", username="aggregator")
+        stack.callback(transport.close)
+        agg = Aggregator(transport, cfg, log=log)
+        try:
+            agg.run()
+        except KeyboardInterrupt:
+            log(f"interrupted: the last completed round is kept in {cfg.out}")
+            raise
+        deadline = time.monotonic() + 30
+        for proc in agents:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        failed = [
+            p.args[p.args.index("--client-id") + 1] for p in agents if p.returncode not in (0, None)
+        ]
+        if failed:
+            raise TransportError(
+                f"device agent(s) {', '.join(failed)} failed; see their logs in {out / 'agents'}"
+            )
+    log(f"done in {time.perf_counter() - t0:.0f}s; report, metrics and plot in {cfg.out}")
+    return {"out": str(cfg.out), "job": job}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (agents finish cleanly), then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)

@@ -1,0 +1,393 @@
+"""The aggregator and the agent driven through the in-memory transport.
+
+Tiny adapters (d = 2 or 8), means worked out by hand, every rejection reason, and the resume
+guarantee: a crashed-and-resumed run ends with the adapter of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedclip_edge import protocol as P
+from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.device_agent.agent import Agent, AgentConfig, LocalData, round_generator
+from fedclip_edge.errors import FedClipError
+from fedclip_edge.transport import MemoryBroker, MemoryTransport
+from fedclip_edge.wire import encode_frame
+
+JOB = "j1"
+NAMES = {k: tuple(v.shape) for k, v in AttentionAdapter(2).state_dict().items()}
+
+
+def const_state(value: float, dim: int = 2) -> dict[str, torch.Tensor]:
+    return {k: torch.full(v.shape, value) for k, v in AttentionAdapter(dim).state_dict().items()}
+
+
+def hello(broker: MemoryBroker, client: str, dim: int = 2) -> MemoryTransport:
+    t = MemoryTransport(broker, client, will=(P.status_topic(JOB, client),
+                                             P.offline_status(client), True))
+    t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
+    t.connect()
+    st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True)
+    t.publish(P.status_topic(JOB, client), st.encode(), retain=True)
+    return t
+
+
+def update_payload(client: str, rnd: int, value: float, samples: int = 1,
+                   job: str = JOB, frame_client: str | None = None) -> bytes:
+    frame = encode_frame(const_state(value), job=job, round=rnd, client=frame_client or client)
+    return P.Update(job, rnd, client, samples, {"loss": value}, frame).encode()
+
+
+class FakeDevice(threading.Thread):
+    """Answers each global with a constant adapter value(round, client)."""
+
+    def __init__(self, broker: MemoryBroker, client: str, value, samples: int = 1,
+                 extra=None) -> None:
+        super().__init__(daemon=True)
+        self.t = hello(broker, client)
+        self.client, self.value, self.samples, self.extra = client, value, samples, extra
+        self.seen: set[int] = set()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            msg = self.t.recv(0.05)
+            if msg is None:
+                continue
+            m = P.decode_message(msg.payload)
+            if isinstance(m, P.Control) and m.state == "done":
+                return
+            if isinstance(m, P.GlobalModel) and m.round <= m.rounds and m.round not in self.seen:
+                self.seen.add(m.round)
+                topic = P.update_topic(JOB, self.client)
+                payload = update_payload(self.client, m.round, self.value(m.round, self.client),
+                                         self.samples)
+                self.t.publish(topic, payload)
+                if self.extra:
+                    self.extra(self, m.round, payload)
+
+
+def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
+    cfg = AggregatorConfig(
+        job=JOB, rounds=kw.pop("rounds", 2), out=out, min_clients=kw.pop("min_clients", 2),
+        round_timeout_s=kw.pop("round_timeout_s", 5.0), dim=kw.pop("dim", 2),
+        wait_clients_s=kw.pop("wait_clients_s", 2.0), upload_grace_s=0.0, **kw,
+    )
+    lines: list[str] = []
+    agg = Aggregator(MemoryTransport(broker, "aggregator"), cfg, log=lines.append)
+    agg.lines = lines  # type: ignore[attr-defined]
+    return agg
+
+
+def test_uniform_and_sample_weighted_means_by_hand(tmp_path: Path) -> None:
+    for weighting, samples, want in (("uniform", (1, 1), 2.0), ("samples", (1, 3), 2.5)):
+        broker = MemoryBroker()
+        devs = [FakeDevice(broker, "a", lambda r, c: 1.0, samples[0]),
+                FakeDevice(broker, "b", lambda r, c: 3.0, samples[1])]
+        for d in devs:
+            d.start()
+        agg = make_agg(broker, tmp_path / weighting, rounds=1, weighting=weighting)
+        final = agg.run()
+        for v in final.values():  # (1*1 + 3*3) / 4 = 2.5 by samples; (1 + 3) / 2 uniform
+            assert torch.allclose(v, torch.full(v.shape, want))
+        rows = [json.loads(x) for x in (tmp_path / weighting / "metrics.jsonl").read_text()
+                .splitlines()]
+        assert {r["client"] for r in rows if r["kind"] == "client"} == {"a", "b"}
+        assert all(r["bytes_up"] > 0 and r["update_latency_s"] >= 0 for r in rows
+                   if r["kind"] == "client")
+        summary = json.loads((tmp_path / weighting / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["totals"]["bytes_up"] > 0
+        assert (tmp_path / weighting / "latency.png").stat().st_size > 1000
+
+
+def _nan_frame(client: str, rnd: int) -> bytes:
+    """A frame whose hash is valid but which carries a NaN (only a hostile sender makes one)."""
+    good = encode_frame(const_state(1.0), job=JOB, round=rnd, client=client)
+    body = bytearray(good[:-32])
+    one = torch.tensor([1.0]).numpy().tobytes()
+    pos = bytes(body).rfind(one)
+    body[pos : pos + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    return bytes(body) + hashlib.sha256(bytes(body)).digest()
+
+
+def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    evil = MemoryTransport(broker, "evil")
+    evil.connect()
+
+    def attack(dev: FakeDevice, rnd: int, payload: bytes) -> None:
+        if dev.client != "a" or rnd != 2:
+            return
+        up = P.update_topic(JOB, "a")
+        evil.publish(up, payload)  # QoS 1 redelivery of the same update
+        evil.publish(up, update_payload("a", 1, 9.0))  # stale round
+        evil.publish(up, b"\x00garbage")  # malformed
+        evil.publish(up, update_payload("b", 2, 9.0))  # b's update on a's topic
+        evil.publish(P.update_topic(JOB, "zed"), update_payload("zed", 2, 9.0))  # unknown
+        evil.publish(up, update_payload("a", 5, 9.0))  # future round
+        evil.publish(up, update_payload("a", 2, 9.0, job="other"))  # other job
+        nan = P.Update(JOB, 2, "b", 1, {}, _nan_frame("b", 2)).encode()
+        evil.publish(P.update_topic(JOB, "b"), nan)  # non-finite
+        wrong = encode_frame({"x": torch.ones(3)}, job=JOB, round=2, client="b")
+        evil.publish(P.update_topic(JOB, "b"), P.Update(JOB, 2, "b", 1, {}, wrong).encode())
+
+    a = FakeDevice(broker, "a", lambda r, c: 1.0, extra=attack)
+    a.start()
+    # b answers round 2 only after the attack is in, so the round stays open for it
+    b = FakeDevice(broker, "b", lambda r, c: 3.0)
+    orig = b.t._on_raw
+
+    def slow(topic: str, payload: bytes, retained: bool) -> None:
+        if topic.endswith("/global"):
+            time.sleep(0.2)
+        orig(topic, payload, retained)
+
+    b.t._on_raw = slow  # type: ignore[method-assign]
+    b.start()
+    agg = make_agg(broker, tmp_path, rounds=2)
+    final = agg.run()
+    for v in final.values():
+        assert torch.allclose(v, torch.full(v.shape, 2.0))  # the attacks changed nothing
+    c = agg.counters
+    assert c["accepted"] == 4
+    assert c["rejected_duplicate"] == 1
+    assert c["rejected_stale"] == 1
+    assert c["rejected_envelope"] == 1
+    assert c["rejected_client_mismatch"] == 1
+    assert c["rejected_unknown_client"] == 1
+    assert c["rejected_future"] == 1
+    assert c["rejected_job"] == 1
+    assert c["rejected_frame_nonfinite"] == 1
+    assert c["rejected_frame_names"] == 1
+    assert any("rejected (duplicate)" in line for line in agg.lines)  # type: ignore[attr-defined]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["completed_round"] == 2 and state["counters"]["rejected_stale"] == 1
+
+
+def test_a_dropped_device_leaves_the_round_without_waiting_for_the_deadline(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    a = FakeDevice(broker, "a", lambda r, c: 1.0)
+    b = FakeDevice(broker, "b", lambda r, c: 5.0)
+    c = FakeDevice(broker, "c", lambda r, c: 3.0)
+
+    orig = b.t._on_raw
+
+    def drop_at_round_2(topic: str, payload: bytes, retained: bool) -> None:
+        if topic.endswith("/global") and P.decode_message(payload).round == 2:  # type: ignore
+            b.halt.set()
+            threading.Thread(target=broker.drop, args=("b",)).start()  # the will goes out
+            return
+        orig(topic, payload, retained)
+
+    b.t._on_raw = drop_at_round_2  # type: ignore[method-assign]
+    for d in (a, b, c):
+        d.start()
+    agg = make_agg(broker, tmp_path, rounds=2, round_timeout_s=20.0)
+    t0 = time.monotonic()
+    final = agg.run()
+    assert time.monotonic() - t0 < 10  # did not wait for the 20 s deadline
+    for v in final.values():
+        assert torch.allclose(v, torch.full(v.shape, 2.0))  # round 2: mean of a and c
+
+
+def test_too_few_updates_retries_then_stops_keeping_state(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    a = FakeDevice(broker, "a", lambda r, c: 1.0)
+    a.start()
+    agg = make_agg(broker, tmp_path, rounds=1, min_clients=2, round_timeout_s=0.3,
+                   max_retries=1, wait_clients_s=0.2)
+    with pytest.raises(FedClipError, match="fewer than 2"):
+        agg.run()
+    assert any("retry 1/1" in line for line in agg.lines)  # type: ignore[attr-defined]
+    ctl = P.decode_message(broker.retained[P.control_topic(JOB)])
+    assert isinstance(ctl, P.Control) and ctl.state == "done"
+
+
+# ----------------------------------------------------------------------------- real agents
+
+
+def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
+    g = torch.Generator().manual_seed(int(hashlib.sha256(client.encode()).hexdigest()[:6], 16))
+    text = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % 3
+    feats = text[labels] + 0.8 * torch.randn(n, dim, generator=g)
+    return LocalData(feats, labels, text, 10.0, backend="memory")
+
+
+def start_agents(broker: MemoryBroker, clients: list[str],
+                 max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> list[tuple[Agent, threading.Thread]]:
+    out = []
+    for c in clients:
+        t = MemoryTransport(broker, c, will=(P.status_topic(JOB, c), P.offline_status(c), True),
+                            max_payload=max_payload)
+        a = Agent(t, AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02), local_data(c),
+                  log=lambda line: None)
+        th = threading.Thread(target=a.run, daemon=True)
+        th.start()
+        out.append((a, th))
+    return out
+
+
+TRAIN = {"lr": 1e-2, "weight_decay": 0.0, "loss": "ce", "batch_size": 8, "epochs": 1,
+         "betas": [0.9, 0.98], "eps": 1e-6, "logit_scale": None}
+
+
+def _run(tmp: Path, crash_at: int | None = None, dtype: str = "float32",
+         max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> dict:
+    broker = MemoryBroker()
+    agents = start_agents(broker, ["dev-a", "dev-b", "dev-c"], max_payload)
+    for a, _ in agents:
+        a.cfg.update_dtype = dtype
+    agg = make_agg(broker, tmp, rounds=4, min_clients=3, dim=8, train=TRAIN, seed=3)
+    agg.t.max_payload = max_payload
+    if crash_at is not None:
+        real_commit = agg._commit
+
+        def crash(rnd, *args, **kw):
+            if rnd == crash_at:
+                raise RuntimeError("simulated crash after collecting, before committing")
+            return real_commit(rnd, *args, **kw)
+
+        agg._commit = crash  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            agg.run()
+        agg.t.close()
+        assert json.loads((tmp / "state.json").read_text())["completed_round"] == crash_at - 1
+        agg = make_agg(broker, tmp, rounds=4, min_clients=3, dim=8, train=TRAIN, seed=3,
+                       resume=True)
+    final = agg.run()
+    for _, th in agents:
+        th.join(10)
+    assert all(not th.is_alive() for _, th in agents)  # agents end when the job is done
+    assert all(a.final_state is not None for a, _ in agents)
+    return final
+
+
+def test_agents_learn_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    full = _run(tmp_path / "full")
+    resumed = _run(tmp_path / "crashed", crash_at=3)
+    start = const_state(0.0, 8)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+        assert full[k].shape == start[k].shape
+    torch.manual_seed(3)
+    init = AttentionAdapter(8).state_dict()
+    assert any(not torch.allclose(full[k], init[k]) for k in full)  # it did train
+    rows = [json.loads(x) for x in (tmp_path / "crashed" / "metrics.jsonl").read_text()
+            .splitlines()]
+    client_rows = [(r["round"], r["client"]) for r in rows if r["kind"] == "client"]
+    assert sorted(client_rows) == sorted(set(client_rows))  # nothing counted twice
+    assert len(client_rows) == 12
+    assert {r["round"] for r in rows if r["kind"] == "round"} == {1, 2, 3, 4}
+    first = [r for r in rows if r["kind"] == "client" and r["round"] == 1]
+    assert all("extract_s" in r and r["local_test_acc"] is not None for r in first)
+
+
+def test_fp16_updates_aggregate_close_to_fp32(tmp_path: Path) -> None:
+    a = _run(tmp_path / "a")
+    b = _run(tmp_path / "b", dtype="float16")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=5e-3), k
+
+
+def test_chunked_globals_and_updates_give_the_same_result(tmp_path: Path) -> None:
+    whole = _run(tmp_path / "whole")
+    chunked = _run(tmp_path / "chunked", max_payload=1024)  # every message in 2+ chunks
+    for k in whole:
+        assert torch.equal(whole[k], chunked[k]), k
+    rows = [json.loads(x) for x in (tmp_path / "chunked" / "metrics.jsonl").read_text()
+            .splitlines() if '"client"' in x]
+    assert all(r["bytes_up"] > 1024 for r in rows if r["kind"] == "client")  # >1 chunk
+
+
+def test_round_generator_is_stable() -> None:
+    x = torch.randperm(10, generator=round_generator(0, 1, "dev-a"))
+    y = torch.randperm(10, generator=round_generator(0, 1, "dev-a"))
+    z = torch.randperm(10, generator=round_generator(0, 2, "dev-a"))
+    assert torch.equal(x, y) and not torch.equal(x, z)
+
+
+def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> None:
+    broker = MemoryBroker()
+    agg_t = MemoryTransport(broker, "aggregator")
+    agg_t.subscribe(P.update_filter(JOB), P.status_filter(JOB))
+    agg_t.connect()
+    [(agent, th)] = start_agents(broker, ["dev-a"])
+    lines: list[str] = []
+    agent.log = lines.append
+    time.sleep(0.1)
+    torch.manual_seed(0)
+    state = AttentionAdapter(8).state_dict()
+
+    def publish_global(rnd: int) -> None:
+        frame = encode_frame(state, job=JOB, round=rnd, client="aggregator")
+        g = P.GlobalModel(JOB, rnd, frame, seed=0, train=TRAIN, session="s", rounds=3)
+        agg_t.publish(P.global_topic(JOB), g.encode(), retain=True)
+
+    def wait_outbox(rnd: int) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (agent._outbox and agent._outbox.round == rnd):
+            time.sleep(0.02)
+        assert agent._outbox is not None and agent._outbox.round == rnd
+
+    real_send = agent.t._send
+    agent.t._send = lambda *a, **k: (lambda timeout: False)  # type: ignore  # network is down
+    publish_global(1)
+    wait_outbox(1)
+    agent.t._send = real_send  # type: ignore[method-assign]
+    agent.t.connect()  # reconnect: hello again, and the queued update goes out
+    got: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(t.endswith("/update/dev-a") for t in got):
+        m = agg_t.recv(0.1)
+        if m is not None:
+            got.append(m.topic)
+    assert any(t.endswith("/update/dev-a") for t in got)
+    # an update lost in round 2 is dropped once round 3's global adapter arrives
+    agent.t._send = lambda *a, **k: (lambda timeout: False)  # type: ignore
+    publish_global(2)
+    wait_outbox(2)
+    publish_global(3)
+    wait_outbox(3)
+    assert any("round 2: unsent update dropped" in line for line in lines)
+    agent.t._send = real_send  # type: ignore[method-assign]
+    agent.stop.set()
+    th.join(5)
+    assert not th.is_alive()
+    assert P.decode_message(broker.retained[P.status_topic(JOB, "dev-a")]).state == "offline"
+
+
+def test_a_chunked_global_is_sent_again_to_a_device_that_joins_late(tmp_path: Path) -> None:
+    """A chunked global cannot be retained, so a hello with an older round triggers a resend."""
+    broker = MemoryBroker()
+    agg = make_agg(broker, tmp_path, rounds=2, min_clients=1, dim=16)
+    agg.t.max_payload = 1024
+    agg.t.connect()
+    agg.global_state = const_state(1.0, 16)  # about 2.5 KB: 3+ chunks
+    agg._round = 1
+    agg._publish_global(have=())
+    assert P.global_topic(JOB) not in broker.retained  # chunked: nothing retained
+    sent = sum(1 for _, topic, _, _ in broker.log if topic == P.global_topic(JOB))
+    late = hello(broker, "late")
+    agg._pump(agg.clock() + 0.5, lambda: "late" in agg.devices)
+    again = sum(1 for _, topic, _, _ in broker.log if topic == P.global_topic(JOB))
+    assert again > sent
+    got = None
+    deadline = time.monotonic() + 2
+    while got is None and time.monotonic() < deadline:
+        m = late.recv(0.1)
+        if m is not None and m.topic == P.global_topic(JOB):
+            got = P.decode_message(m.payload)
+    assert isinstance(got, P.GlobalModel) and got.round == 1
