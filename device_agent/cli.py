@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-from fedclip_edge.errors import FedClipError
 from fedclip_edge.protocol import DEFAULT_MAX_PAYLOAD
 
 
@@ -20,25 +19,36 @@ def agent(
     job: Annotated[str, typer.Option(help="Job id (as given to the aggregator).")],
     client_id: Annotated[str, typer.Option(help="This device's id; also its MQTT username.")],
     data: Annotated[Path, typer.Option(help="Dataset folder (domain/class/image).")],
-    artifacts: Annotated[Path, typer.Option(help="Exported artifact folder (fedclip-edge "
-                                            "export).")],
-    backend: Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch "
-                                         "(optionally :cpu/:cuda).")] = "auto",
-    domain: Annotated[str | None, typer.Option(help="Domain of --data this device holds "
-                                               "(needed when it has several).")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Feature cache folder (re-used on "
-                                               "restart).")] = None,
-    update_dtype: Annotated[str, typer.Option(help="Update payload dtype: float32 | "
-                                              "float16.")] = "float32",
-    max_payload: Annotated[int, typer.Option(help="MQTT payload bytes above which messages "
-                                             "are chunked.")] = DEFAULT_MAX_PAYLOAD,
-    idle_timeout: Annotated[float, typer.Option(help="Give up after this many seconds "
-                                                "without a message from the aggregator.")] = 600.0,
+    artifacts: Annotated[
+        Path, typer.Option(help="Exported artifact folder (fedclip-edge export).")
+    ],
+    backend: Annotated[
+        str, typer.Option(help="auto | onnxruntime | tensorrt | torch (optionally :cpu/:cuda).")
+    ] = "auto",
+    domain: Annotated[
+        str | None,
+        typer.Option(help="Domain of --data this device holds (needed when it has several)."),
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Feature cache folder (re-used on restart).")
+    ] = None,
+    update_dtype: Annotated[
+        str, typer.Option(help="Update payload dtype: float32 | float16.")
+    ] = "float32",
+    max_payload: Annotated[
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+    ] = DEFAULT_MAX_PAYLOAD,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(help="Give up after this many seconds without a message from the aggregator."),
+    ] = 600.0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker.")] = 30.0,
-    username: Annotated[str | None, typer.Option(help="MQTT username (default: the client "
-                                                 "id).")] = None,
-    password: Annotated[str | None, typer.Option(help="MQTT password.",
-                                                 envvar="FEDCLIP_MQTT_PASSWORD")] = None,
+    username: Annotated[
+        str | None, typer.Option(help="MQTT username (default: the client id).")
+    ] = None,
+    password: Annotated[
+        str | None, typer.Option(help="MQTT password.", envvar="FEDCLIP_MQTT_PASSWORD")
+    ] = None,
     ca_certs: Annotated[Path | None, typer.Option(help="TLS: CA bundle.")] = None,
     certfile: Annotated[Path | None, typer.Option(help="TLS: client certificate.")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS: client key.")] = None,
@@ -51,37 +61,40 @@ def agent(
     tls = None
     if ca_certs or certfile or keyfile or tls_insecure:
         tls = TlsOptions(
-            str(ca_certs) if ca_certs else None, str(certfile) if certfile else None,
-            str(keyfile) if keyfile else None, tls_insecure,
+            str(ca_certs) if ca_certs else None,
+            str(certfile) if certfile else None,
+            str(keyfile) if keyfile else None,
+            tls_insecure,
         )
 
     def log(line: str) -> None:
         print(f"[{client_id}] {line}", flush=True)
 
     run_agent(
-        broker=broker, job=job, client_id=client_id, data=data, artifacts=artifacts,
-        backend=backend, domain=domain, cache=cache, username=username, password=password,
-        tls=tls, update_dtype=update_dtype, max_payload=max_payload,
-        idle_timeout_s=idle_timeout, connect_timeout_s=connect_timeout, log=log,
+        broker=broker,
+        job=job,
+        client_id=client_id,
+        data=data,
+        artifacts=artifacts,
+        backend=backend,
+        domain=domain,
+        cache=cache,
+        username=username,
+        password=password,
+        tls=tls,
+        update_dtype=update_dtype,
+        max_payload=max_payload,
+        idle_timeout_s=idle_timeout,
+        connect_timeout_s=connect_timeout,
+        log=log,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Errors as one `error:` line and the error's exit code."""
-    import click
+    """`python -m fedclip_edge.device_agent.cli ...`: errors as one `error:` line."""
+    from fedclip_edge.cli import run_command
 
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(agent)
-    try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False,
-            prog_name="fedclip-edge agent")
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except FedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_command(agent, argv, "fedclip-edge agent")
 
 
 if __name__ == "__main__":

@@ -164,8 +164,10 @@ class Aggregator:
             if st.get("schema") != STATE_SCHEMA or st.get("job") != self.cfg.job:
                 raise ConfigError(f"{state_path} belongs to another job or format; cannot resume")
             if st.get("seed") != self.cfg.seed:
-                raise ConfigError(f"{state_path} was made with seed {st.get('seed')}, not "
-                                  f"{self.cfg.seed}: resuming would not reproduce the run")
+                raise ConfigError(
+                    f"{state_path} was made with seed {st.get('seed')}, not "
+                    f"{self.cfg.seed}: resuming would not reproduce the run"
+                )
             gfile = self.out / st["global_file"]
             data = gfile.read_bytes()
             if hashlib.sha256(data).hexdigest() != st["global_sha256"]:
@@ -177,14 +179,18 @@ class Aggregator:
             self.history = list(st.get("history", []))
             self.cfg.dim = int(st["dim"])
             M.truncate_metrics(self.out / "metrics.jsonl", self.completed)
-            self.log(f"resuming job {self.cfg.job} after round {self.completed} "
-                     f"(global adapter {gfile.name})")
+            self.log(
+                f"resuming job {self.cfg.job} after round {self.completed} "
+                f"(global adapter {gfile.name})"
+            )
             return
         if self.cfg.resume:
             self.log(f"no {state_path} yet: starting job {self.cfg.job} from round 1")
         elif state_path.exists():
-            raise ConfigError(f"{self.out} already holds a run (state.json): pass --resume "
-                              "to continue it or choose another --out")
+            raise ConfigError(
+                f"{self.out} already holds a run (state.json): pass --resume "
+                "to continue it or choose another --out"
+            )
         (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     def _make_initial(self) -> None:
@@ -237,8 +243,10 @@ class Aggregator:
             return
         if dev is None or dev.state == "offline" or st.hello:
             if dev is None or dev.state == "offline":
-                self.log(f"device {client} online: {sum(st.samples.values())} samples "
-                         f"{st.samples}, {st.backend}")
+                self.log(
+                    f"device {client} online: {sum(st.samples.values())} samples "
+                    f"{st.samples}, {st.backend}"
+                )
             self.devices[client] = dev = Device(
                 client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions)
             )
@@ -272,7 +280,8 @@ class Aggregator:
         assert self.global_state is not None
         try:
             frame = decode_frame(
-                up.frame, expected=frame_shapes(self.global_state),
+                up.frame,
+                expected=frame_shapes(self.global_state),
                 max_bytes=self.cfg.max_update_bytes,
             )
         except FrameRejected as exc:
@@ -303,9 +312,14 @@ class Aggregator:
         rnd = self._round
         frame = encode_frame(self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
         msg = P.GlobalModel(
-            self.cfg.job, rnd, frame, seed=self.cfg.seed, train=self.cfg.train,
+            self.cfg.job,
+            rnd,
+            frame,
+            seed=self.cfg.seed,
+            train=self.cfg.train,
             have=tuple(sorted(self._answered)) if have is None else have,
-            session=self.session, rounds=self.cfg.rounds,
+            session=self.session,
+            rounds=self.cfg.rounds,
         )
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
@@ -348,8 +362,10 @@ class Aggregator:
             if len(self._answered) >= self.cfg.min_clients:
                 break
             attempts += 1
-            self.log(f"round {rnd}: {len(self._answered)} of the {self.cfg.min_clients} updates "
-                     f"needed arrived within {self.cfg.round_timeout_s:g}s")
+            self.log(
+                f"round {rnd}: {len(self._answered)} of the {self.cfg.min_clients} updates "
+                f"needed arrived within {self.cfg.round_timeout_s:g}s"
+            )
             if self.cfg.on_short == "stop" or attempts > self.cfg.max_retries:
                 return False
             self.log(f"round {rnd}: retry {attempts}/{self.cfg.max_retries}, same global adapter")
@@ -408,8 +424,12 @@ class Aggregator:
         M.append_metrics(self.out / "metrics.jsonl", [*rows, summary_row])
         self.global_state = state
         self.completed = rnd
-        self.history.append({k: summary_row[k] for k in ("round", "clients", "mean_loss",
-                                                         "heldout_acc", "round_wall_s")})
+        self.history.append(
+            {
+                k: summary_row[k]
+                for k in ("round", "clients", "mean_loss", "heldout_acc", "round_wall_s")
+            }
+        )
         _atomic_json(
             self.out / "state.json",
             {
@@ -436,8 +456,12 @@ class Aggregator:
         records = M.read_metrics(self.out / "metrics.jsonl")
         summary = M.summarize(records)
         summary.update(
-            {"job": self.cfg.job, "completed_round": self.completed, "rounds": self.cfg.rounds,
-             "counters": dict(self.counters)}
+            {
+                "job": self.cfg.job,
+                "completed_round": self.completed,
+                "rounds": self.cfg.rounds,
+                "counters": dict(self.counters),
+            }
         )
         _atomic_json(self.out / "summary.json", summary)
         try:
@@ -483,9 +507,11 @@ class Aggregator:
             lambda: len(self.active) >= self.cfg.min_clients,
         )
         self._make_initial()
-        self.log(f"job {self.cfg.job}: {len(self.active)} device(s) online "
-                 f"({', '.join(sorted(self.active)) or 'none'}), rounds "
-                 f"{self.completed + 1}..{self.cfg.rounds}, min clients {self.cfg.min_clients}")
+        self.log(
+            f"job {self.cfg.job}: {len(self.active)} device(s) online "
+            f"({', '.join(sorted(self.active)) or 'none'}), rounds "
+            f"{self.completed + 1}..{self.cfg.rounds}, min clients {self.cfg.min_clients}"
+        )
         for rnd in range(self.completed + 1, self.cfg.rounds + 1):
             if not self._run_round(rnd):
                 self._round = 0
@@ -501,10 +527,12 @@ class Aggregator:
         self._publish_control("done")
         self._round = 0
         assert self.global_state is not None
-        self.log(f"job {self.cfg.job} done: {self.completed} rounds; accepted "
-                 f"{self.counters['accepted']} updates, rejected "
-                 f"{sum(v for k, v in self.counters.items() if k.startswith('rejected_'))}; "
-                 f"global adapter {self.out / 'global.safetensors'}")
+        self.log(
+            f"job {self.cfg.job} done: {self.completed} rounds; accepted "
+            f"{self.counters['accepted']} updates, rejected "
+            f"{sum(v for k, v in self.counters.items() if k.startswith('rejected_'))}; "
+            f"global adapter {self.out / 'global.safetensors'}"
+        )
         return self.global_state
 
 
@@ -541,14 +569,18 @@ def aggregate(
     max_retries: Annotated[int, typer.Option(help="Retries of a short round.")] = 2,
     wait_clients: Annotated[float, typer.Option(help="Seconds to wait for devices first.")] = 60.0,
     dim: Annotated[int | None, typer.Option(help="Feature width (default: from devices).")] = None,
-    eval_features: Annotated[Path | None, typer.Option(help="Feature cache for held-out "
-                                                       "accuracy of each global adapter.")] = None,
+    eval_features: Annotated[
+        Path | None,
+        typer.Option(help="Feature cache for held-out accuracy of each global adapter."),
+    ] = None,
     eval_domain: Annotated[str | None, typer.Option(help="Domain of --eval-features.")] = None,
-    max_payload: Annotated[int, typer.Option(help="MQTT payload bytes above which messages "
-                                             "are chunked.")] = P.DEFAULT_MAX_PAYLOAD,
+    max_payload: Annotated[
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+    ] = P.DEFAULT_MAX_PAYLOAD,
     username: Annotated[str | None, typer.Option(help="MQTT username.")] = P.AGGREGATOR_ID,
-    password: Annotated[str | None, typer.Option(help="MQTT password.",
-                                                 envvar="FEDCLIP_MQTT_PASSWORD")] = None,
+    password: Annotated[
+        str | None, typer.Option(help="MQTT password.", envvar="FEDCLIP_MQTT_PASSWORD")
+    ] = None,
     ca_certs: Annotated[Path | None, typer.Option(help="TLS: CA bundle.")] = None,
     certfile: Annotated[Path | None, typer.Option(help="TLS: client certificate.")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS: client key.")] = None,
@@ -566,19 +598,37 @@ def aggregate(
 
     train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
     cfg = AggregatorConfig(
-        job=job, rounds=rounds, out=out, min_clients=min_clients, round_timeout_s=round_timeout,
-        seed=seed, weighting=weighting, train=train, dim=dim, on_short=on_short,
-        max_retries=max_retries, wait_clients_s=wait_clients, eval_features=eval_features,
-        eval_domain=eval_domain, resume=resume, connect_timeout_s=connect_timeout,
+        job=job,
+        rounds=rounds,
+        out=out,
+        min_clients=min_clients,
+        round_timeout_s=round_timeout,
+        seed=seed,
+        weighting=weighting,
+        train=train,
+        dim=dim,
+        on_short=on_short,
+        max_retries=max_retries,
+        wait_clients_s=wait_clients,
+        eval_features=eval_features,
+        eval_domain=eval_domain,
+        resume=resume,
+        connect_timeout_s=connect_timeout,
     )
     tls = None
     if ca_certs or certfile or keyfile or tls_insecure:
         tls = TlsOptions(
-            str(ca_certs) if ca_certs else None, str(certfile) if certfile else None,
-            str(keyfile) if keyfile else None, tls_insecure,
+            str(ca_certs) if ca_certs else None,
+            str(certfile) if certfile else None,
+            str(keyfile) if keyfile else None,
+            tls_insecure,
         )
     transport = MqttTransport(
-        broker, f"{P.AGGREGATOR_ID}-{job}", username=username, password=password, tls=tls,
+        broker,
+        f"{P.AGGREGATOR_ID}-{job}",
+        username=username,
+        password=password,
+        tls=tls,
         max_payload=max_payload,
     )
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -600,26 +650,14 @@ def aggregate(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fedclip_edge.aggregator ...` (subprocess tests), errors as one line."""
-    import sys
+    from fedclip_edge.cli import run_command
 
-    import click
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(aggregate)
-    try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False,
-            prog_name="fedclip-edge aggregate")
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except FedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: state of the last completed round is kept; re-run with --resume",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_command(
+        aggregate,
+        argv,
+        "fedclip-edge aggregate",
+        interrupted="interrupted: state of the last completed round is kept; re-run with --resume",
+    )
 
 
 if __name__ == "__main__":

@@ -275,13 +275,19 @@ def expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: one clear line and an exit code for a user's mistake, not a traceback."""
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    _register_parts()
+INTERRUPTED = (
+    "interrupted: what was finished is kept (caches and checkpoints are written atomically); "
+    "re-run to continue"
+)
+
+
+def _run_app(
+    application: typer.Typer, argv: list[str] | None, prog_name: str, interrupted: str = INTERRUPTED
+) -> int:
+    """Run a typer app; a user's mistake becomes one clear line and an exit code."""
     args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="fedclip-edge", standalone_mode=False)
+        application(args=args, prog_name=prog_name, standalone_mode=False)
     except _EXIT as exc:
         return exc.exit_code
     except _USAGE as exc:
@@ -291,16 +297,33 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(
-            "interrupted: what was finished is kept (caches and checkpoints are written "
-            "atomically); re-run to continue",
-            file=sys.stderr,
-        )
+        print(interrupted, file=sys.stderr)
         return 130
     except FedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def run_command(
+    command,
+    argv: list[str] | None = None,
+    prog_name: str = "fedclip-edge",
+    interrupted: str = INTERRUPTED,
+) -> int:
+    """`python -m` entry of one command (agents and aggregator run as their own processes),
+    with the same error handling as the main CLI."""
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(command)
+    return _run_app(single, argv, prog_name, interrupted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line and an exit code for a user's mistake, not a traceback."""
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    _register_parts()
+    return _run_app(app, argv, "fedclip-edge")
 
 
 if __name__ == "__main__":
