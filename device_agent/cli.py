@@ -58,14 +58,7 @@ def agent(
     from fedclip_edge.device_agent.agent import run_agent
     from fedclip_edge.transport import TlsOptions
 
-    tls = None
-    if ca_certs or certfile or keyfile or tls_insecure:
-        tls = TlsOptions(
-            str(ca_certs) if ca_certs else None,
-            str(certfile) if certfile else None,
-            str(keyfile) if keyfile else None,
-            tls_insecure,
-        )
+    tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
 
     def log(line: str) -> None:
         print(f"[{client_id}] {line}", flush=True)

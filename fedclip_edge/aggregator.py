@@ -615,14 +615,7 @@ def aggregate(
         resume=resume,
         connect_timeout_s=connect_timeout,
     )
-    tls = None
-    if ca_certs or certfile or keyfile or tls_insecure:
-        tls = TlsOptions(
-            str(ca_certs) if ca_certs else None,
-            str(certfile) if certfile else None,
-            str(keyfile) if keyfile else None,
-            tls_insecure,
-        )
+    tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
     transport = MqttTransport(
         broker,
         f"{P.AGGREGATOR_ID}-{job}",

@@ -267,8 +267,11 @@ class MemoryTransport(Transport):
 
     def _subscribe_raw(self, pattern: str) -> None:
         with self.broker.lock:
-            hits = [(t, p) for t, p in self.broker.retained.items() if protocol.topic_matches(
-                pattern, t)]
+            hits = [
+                (t, p)
+                for t, p in self.broker.retained.items()
+                if protocol.topic_matches(pattern, t)
+            ]
         for t, p in hits:
             self._on_raw(t, p, True)
 
@@ -289,6 +292,19 @@ class TlsOptions:
     certfile: str | None = None
     keyfile: str | None = None
     insecure: bool = False  # skip hostname verification (self-signed test setups only)
+
+    @classmethod
+    def from_options(
+        cls,
+        ca_certs: Any = None,
+        certfile: Any = None,
+        keyfile: Any = None,
+        insecure: bool = False,
+    ) -> TlsOptions | None:
+        """From CLI options (paths or None); None when no TLS option was given."""
+        if not (ca_certs or certfile or keyfile or insecure):
+            return None
+        return cls(*(str(p) if p else None for p in (ca_certs, certfile, keyfile)), insecure)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:

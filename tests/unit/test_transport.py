@@ -174,3 +174,14 @@ def test_mqtt_reconnects_after_broker_restart_and_sends_queued(tmp_path: Path) -
     finally:
         a.close()
         b.close()
+
+
+def test_tls_options_from_cli_options():
+    from pathlib import Path
+
+    from fedclip_edge.transport import TlsOptions
+
+    assert TlsOptions.from_options() is None
+    tls = TlsOptions.from_options(Path("/ca.pem"), None, None, False)
+    assert tls == TlsOptions("/ca.pem", None, None, False)
+    assert TlsOptions.from_options(insecure=True) == TlsOptions(None, None, None, True)
