@@ -9,15 +9,22 @@ runs, and the bytes are those of real wire frames (`fedclip_edge.wire`).
 Fairness notes, also written into bench.json: images are decoded and preprocessed once for both
 methods (FedAvg keeps the tensors in memory, which favours it); evaluation (accuracy after each
 round) is timed separately and left out of the wall times that the speedups use; with the
-in-process transport "transfer" is frame encoding plus decoding, not a network.
+in-process transport "transfer" is frame encoding plus decoding, not a network. With
+`--transport mqtt` every down and up exchange goes through a real broker (`MqttLink`): frame
+encoding, QoS 1 publish, chunking above `--max-payload`, reassembly and decoding are timed, and
+the bytes are the MQTT payload bytes the sender's transport counted (chunk envelopes included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import re
 import statistics
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,6 +74,128 @@ def _exchange(
         frame, expected={k: tuple(v.shape) for k, v in state.items()}, max_bytes=len(frame)
     )
     return out.tensors, len(frame), time.perf_counter() - t0
+
+
+class MqttLink:
+    """Both ends of every exchange over a real broker: a server transport and one transport per
+    client (MqttTransport: QoS 1, chunking above `max_payload`, reassembly). Down goes on
+    `fedclip/<job>/down/<client>`, up on `fedclip/<job>/update/<client>`; raw wire frames, so
+    the byte counts compare one to one with the in-process frames."""
+
+    def __init__(
+        self, url: str, clients: list[str], *, max_payload: int, timeout_s: float = 600.0
+    ) -> None:
+        from fedclip_edge import protocol as P
+        from fedclip_edge.transport import MqttTransport
+
+        self.timeout_s = timeout_s
+        self.job = f"benchfedavg-{uuid.uuid4().hex[:8]}"
+        self.topic_id = {c: re.sub(r"[^A-Za-z0-9_.\-]", "_", c)[:64] for c in clients}
+        big = max(P.MAX_MESSAGE_BYTES, 2 * max_payload)
+        kw = {"max_payload": max_payload, "max_message_bytes": big, "clean_session": True}
+        self.server = MqttTransport(url, f"{self.job}-server", **kw)
+        self.server.subscribe(P.update_filter(self.job))
+        self.ends = {}
+        for c in clients:
+            t = MqttTransport(url, f"{self.job}-{self.topic_id[c]}"[:64], **kw)
+            t.subscribe(self._down(c))
+            self.ends[c] = t
+        try:
+            for t in (self.server, *self.ends.values()):
+                t.connect(10.0)
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
+
+    def _down(self, client: str) -> str:
+        return f"fedclip/{self.job}/down/{self.topic_id[client]}"
+
+    def _up(self, client: str) -> str:
+        from fedclip_edge import protocol as P
+
+        return P.update_topic(self.job, self.topic_id[client])
+
+    def _probe(self) -> None:
+        """Subscriptions are asynchronous: send probes on every route until they arrive."""
+        routes = [(self.server, self.ends[c], self._down(c)) for c in self.ends]
+        routes += [(self.ends[c], self.server, self._up(c)) for c in self.ends]
+        deadline = time.monotonic() + 15.0
+        for sender, receiver, topic in routes:
+            while True:
+                if time.monotonic() > deadline:
+                    from fedclip_edge.errors import TransportError
+
+                    raise TransportError(f"no probe came through on {topic} within 15 s")
+                sender.publish(topic, b"probe").wait(2.0)
+                msg = receiver.recv(0.5)
+                if msg is not None and msg.topic == topic and msg.payload == b"probe":
+                    break
+        for t in (self.server, *self.ends.values()):  # drop duplicate probes
+            while t.recv(0.05) is not None:
+                pass
+
+    def exchange(
+        self, state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
+        down: bool,
+    ) -> tuple[dict[str, torch.Tensor], int, float, int]:
+        """Encode, publish (chunked), receive, reassemble, decode: (tensors, payload bytes on
+        the wire incl. chunk envelopes, seconds, MQTT messages)."""
+        from fedclip_edge.errors import TransportError
+
+        sender, receiver = (
+            (self.server, self.ends[client]) if down else (self.ends[client], self.server)
+        )
+        topic = self._down(client) if down else self._up(client)
+        t0 = time.perf_counter()
+        frame = encode_frame(state, job=job, round=rnd, client=client if not down else "server")
+        before = sender.counters.snapshot()
+        delivery = sender.publish(topic, frame)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            msg = receiver.recv(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                raise TransportError(
+                    f"{'down' if down else 'up'} frame of {len(frame)} B for {client} did not "
+                    f"arrive within {self.timeout_s:g} s (rejected: {dict(receiver.rejected)})"
+                )
+            if msg.topic == topic and msg.payload != b"probe":
+                break
+        out = decode_frame(
+            msg.payload, expected={k: tuple(v.shape) for k, v in state.items()},
+            max_bytes=len(msg.payload),
+        )
+        seconds = time.perf_counter() - t0
+        if not delivery.wait(max(1.0, deadline - time.monotonic())):
+            raise TransportError(f"publish on {topic} not acknowledged")
+        after = sender.counters.snapshot()
+        sent = after["bytes_up"] - before["bytes_up"]
+        if sent != msg.wire_bytes:
+            raise TransportError(f"sent {sent} B but the receiver counted {msg.wire_bytes} B")
+        return out.tensors, sent, seconds, after["messages_up"] - before["messages_up"]
+
+    def close(self) -> None:
+        for t in (self.server, *self.ends.values()):
+            with contextlib.suppress(Exception):
+                t.close()
+
+
+@contextlib.contextmanager
+def _link(
+    transport: str, broker: str | None, clients: list[str], max_payload: int, workdir: Path
+) -> Iterator[tuple[MqttLink | None, dict[str, Any]]]:
+    """None for inproc; else an MqttLink over `broker` or a private broker on loopback."""
+    if transport == "inproc":
+        yield None, {}
+        return
+    from fedclip_edge.benchmarks.aggregator import broker_for_bench
+
+    with broker_for_bench(broker, workdir) as b:
+        link = MqttLink(b["url"], clients, max_payload=max_payload)
+        try:
+            yield link, {k: v for k, v in b.items() if k != "pid"}
+        finally:
+            link.close()
 
 
 def _float_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -148,17 +277,29 @@ def run_bench(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    transport: str = "inproc",
+    broker: str | None = None,
+    max_payload: int | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Run both methods and write OUT/bench.json, bench.md and the plots (after every round)."""
+    """Run both methods and write OUT/bench.json, bench.md and the plots (after every round).
+
+    transport "mqtt": every exchange goes through `broker` (default: a private mosquitto, or the
+    embedded broker, on a free loopback port), chunked above `max_payload` bytes."""
     from fedclip_edge.benchmarks.extractor import machine_info
     from fedclip_edge.data.folder import load_image, scan_dataset
     from fedclip_edge.data.split import split_indices
     from fedclip_edge.models import encode_prompts, load_model
+    from fedclip_edge.protocol import DEFAULT_MAX_PAYLOAD
     from fedclip_edge.simulate import write_json
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is visible to torch here")
+    if transport not in ("inproc", "mqtt"):
+        raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
+    max_payload = max_payload or DEFAULT_MAX_PAYLOAD
+    if transport == "mqtt" and not 4096 <= max_payload <= 268_435_455:
+        raise ConfigError("--max-payload must be 4096..268435455 bytes (MQTT's limit)")
     cfg = (cfg or TrainConfig()).with_overrides(epochs=local_epochs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +361,7 @@ def run_bench(
             "fedavg_dtype": fedavg_dtype,
             "device": device,
             "seed": seed,
-            "transport": "inproc",
+            "transport": transport,
             "samples": {c.name: {s: int(v.numel()) for s, v in c.labels.items()} for c in parts},
         },
         "machine": {**machine_info(), "torch": torch.__version__},
@@ -239,7 +380,11 @@ def run_bench(
             "images are decoded and preprocessed once for both methods; FedAvg keeps them as "
             "tensors in memory (favours FedAvg)",
             "wall times exclude evaluation, which is timed separately",
-            "inproc transport: transfer seconds are wire-frame encoding plus decoding",
+            "inproc transport: transfer seconds are wire-frame encoding plus decoding"
+            if transport == "inproc"
+            else "mqtt transport: transfer seconds are frame encoding, QoS 1 publish through "
+            "the broker on loopback (chunked above max_payload), reassembly and decoding; bytes "
+            "are MQTT payload bytes incl. chunk envelopes",
         ],
         "fedclip": {"rounds": []},
         "fedavg": {"rounds": []},
@@ -247,6 +392,37 @@ def run_bench(
 
     def save() -> None:
         write_json(out / "bench.json", report)
+
+    with contextlib.ExitStack() as stack:
+        link, binfo = stack.enter_context(
+            _link(transport, broker, names, max_payload, out / "broker")
+        )
+        if link is not None:
+            report["config"]["broker"] = binfo
+            report["config"]["max_payload"] = max_payload
+            log(f"transport: mqtt via {binfo['kind']} at {binfo['url']}, chunks <= {max_payload} B")
+        _run_methods(
+            report, parts, loaded, text, scale, held, cfg, rounds=rounds, dtype=dtype,
+            fedavg_dtype=fedavg_dtype, device=device, seed=seed, link=link, log=log, save=save,
+        )
+    report["speedups"] = _speedups(report)
+    report["projections"] = [
+        _projections(report, rounds=r, uplink_mbit=mbit) for r, mbit in ((50, 0.0), (200, 10.0))
+    ]
+    report["complete"] = True
+    save()
+    (out / "bench.md").write_text(render_markdown(report))
+    _plots(report, out)
+    return report
+
+
+def _run_methods(
+    report: dict[str, Any], parts: list[Client], loaded: Any, text: torch.Tensor, scale: float,
+    held: Any, cfg: TrainConfig, *, rounds: int, dtype: str, fedavg_dtype: str, device: str,
+    seed: int, link: MqttLink | None, log: Any, save: Any,
+) -> None:
+    """FedCLIP then full FedAvg, over the same clients and exchange (in-process or MQTT)."""
+    visual0 = loaded.model.visual
 
     # ---- FedCLIP: features once, then adapter rounds --------------------------------------
     tower_hash_before = _state_hash(visual0)
@@ -308,6 +484,7 @@ def run_bench(
         evaluate=eval_adapter,
         log=log,
         save=save,
+        link=link,
     )
     report["fedclip"]["tower_sha256_before"] = tower_hash_before
     report["fedclip"]["tower_sha256_after"] = _state_hash(visual0)
@@ -357,17 +534,9 @@ def run_bench(
         evaluate=eval_tower,
         log=log,
         save=save,
+        link=link,
     )
     report["fedavg"]["tower_sha256_after"] = _state_hash(global_tower)
-    report["speedups"] = _speedups(report)
-    report["projections"] = [
-        _projections(report, rounds=r, uplink_mbit=mbit) for r, mbit in ((50, 0.0), (200, 10.0))
-    ]
-    report["complete"] = True
-    save()
-    (out / "bench.md").write_text(render_markdown(report))
-    _plots(report, out)
-    return report
 
 
 def _federate(
@@ -386,6 +555,7 @@ def _federate(
     evaluate,
     log,
     save,
+    link: MqttLink | None = None,
 ) -> None:
     """The round loop both methods share: ship the global model down, train locally, ship the
     update up (real wire frames), average, evaluate (timed apart), record, save."""
@@ -396,8 +566,8 @@ def _federate(
         acc_round = strategy.start_round()
         per_client = {}
         for ci, c in enumerate(parts):
-            down, b_down, s_down = _exchange(
-                state(global_model), job="bench", rnd=rnd, client="server", dtype=dtype
+            down, b_down, s_down, m_down = _xfer(
+                link, state(global_model), rnd=rnd, client=c.name, dtype=dtype, down=True
             )
             local = make_local()
             local.load_state_dict(down, strict=False)
@@ -406,8 +576,8 @@ def _federate(
                 local, c, torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci)
             )
             compute = time.perf_counter() - t
-            up, b_up, s_up = _exchange(
-                state(local), job="bench", rnd=rnd, client=c.name, dtype=dtype
+            up, b_up, s_up, m_up = _xfer(
+                link, state(local), rnd=rnd, client=c.name, dtype=dtype, down=False
             )
             acc_round.add(up, samples)
             per_client[c.name] = {
@@ -415,6 +585,8 @@ def _federate(
                 "bytes_down": b_down,
                 "bytes_up": b_up,
                 "transfer_s": s_down + s_up,
+                "messages_down": m_down,
+                "messages_up": m_up,
                 "loss": loss,
                 "steps": steps,
             }
@@ -431,6 +603,19 @@ def _federate(
         )
         log(_round_line(name, rnd, rounds, per_client, wall, accs, gen))
         save()
+
+
+def _xfer(
+    link: MqttLink | None, state: dict[str, torch.Tensor], *, rnd: int, client: str, dtype: str,
+    down: bool,
+) -> tuple[dict[str, torch.Tensor], int, float, int]:
+    """One exchange: (tensors as received, bytes, seconds, messages), in-process or via MQTT."""
+    if link is None:
+        tensors, nbytes, secs = _exchange(
+            state, job="bench", rnd=rnd, client="server" if down else client, dtype=dtype
+        )
+        return tensors, nbytes, secs, 1
+    return link.exchange(state, job="bench", rnd=rnd, client=client, dtype=dtype, down=down)
 
 
 def _round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes) -> dict:
@@ -639,15 +824,24 @@ def bench_fedavg(
     fedavg_fp16: Annotated[
         bool, typer.Option("--fedavg-fp16", help="Ship full FedAvg's image tower in fp16 too.")
     ] = False,
-    transport: Annotated[str, typer.Option(help="inproc (mqtt: not yet).")] = "inproc",
+    transport: Annotated[
+        str, typer.Option(help="inproc, or mqtt: every exchange through a real broker.")
+    ] = "inproc",
+    broker: Annotated[
+        str | None,
+        typer.Option(help="mqtt: broker URL (default: a private mosquitto on loopback)."),
+    ] = None,
+    max_payload: Annotated[
+        int, typer.Option(help="mqtt: payload bytes above which frames are chunked.")
+    ] = 64 * 1024 * 1024,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
 ) -> None:
     """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
-    if transport == "mqtt":
-        raise ConfigError("--transport mqtt is not implemented yet in bench fedavg; use inproc")
-    if transport != "inproc":
-        raise ConfigError(f"unknown --transport {transport!r}; choose inproc")
+    if transport not in ("inproc", "mqtt"):
+        raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
+    if broker is not None and transport != "mqtt":
+        raise ConfigError("--broker needs --transport mqtt")
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, loss=loss)
     try:
         report = run_bench(
@@ -665,6 +859,9 @@ def bench_fedavg(
             fedavg_dtype="float16" if fedavg_fp16 else "float32",
             device=device,
             seed=seed,
+            transport=transport,
+            broker=broker,
+            max_payload=max_payload,
         )
     except KeyboardInterrupt:
         print(f"interrupted: what was measured so far is in {Path(out) / 'bench.json'}")

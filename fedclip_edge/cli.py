@@ -246,6 +246,7 @@ def demo(
 def _register_parts() -> None:
     """Commands whose options live with their part of the toolkit (imported here, at start)."""
     from fedclip_edge.aggregator import aggregate
+    from fedclip_edge.benchmarks.aggregator import bench_aggregator
     from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
     from fedclip_edge.broker.cli import broker_app
@@ -258,6 +259,7 @@ def _register_parts() -> None:
     app.add_typer(broker_app, name="broker")
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
+    bench_app.command("aggregator")(bench_aggregator)
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:
