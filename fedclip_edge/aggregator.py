@@ -449,10 +449,11 @@ class Aggregator:
             },
         )
         _save_adapter(self.out / "global.safetensors", state, rnd)
-        self._write_reports()
+        # the plot redraws every client's history: every 5 rounds and at the end, not each round
+        self._write_reports(plot=rnd % 5 == 0 or rnd >= self.cfg.rounds)
         self._print_round(summary_row, rows)
 
-    def _write_reports(self) -> None:
+    def _write_reports(self, plot: bool = True) -> None:
         records = M.read_metrics(self.out / "metrics.jsonl")
         summary = M.summarize(records)
         summary.update(
@@ -464,6 +465,8 @@ class Aggregator:
             }
         )
         _atomic_json(self.out / "summary.json", summary)
+        if not plot:
+            return
         try:
             M.plot(records, self.out / "latency.png")
         except Exception as exc:  # a plot must never stop a federated run

@@ -132,6 +132,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+MAX_PLOTTED_CLIENTS = 12
+
+
 def plot(records: list[dict[str, Any]], out: Path) -> Path | None:
     """PNG: per-round update latency and bytes (down/up) for each client."""
     clients = [r for r in records if r.get("kind") == "client"]
@@ -143,13 +146,39 @@ def plot(records: list[dict[str, Any]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name in sorted({c["client"] for c in clients}):
-        rows = sorted((c for c in clients if c["client"] == name), key=lambda c: c["round"])
-        xs = [c["round"] for c in rows]
-        ax1.plot(xs, [_num(c.get("update_latency_s")) for c in rows], marker="o", label=name)
-        ax2.plot(xs, [_num(c.get("bytes_down")) for c in rows], marker="v", label=f"{name} down")
-        ax2.plot(xs, [_num(c.get("bytes_up")) for c in rows], marker="^", ls="--",
-                 label=f"{name} up")
+    names = sorted({c["client"] for c in clients})
+    if len(names) <= MAX_PLOTTED_CLIENTS:
+        for name in names:
+            rows = sorted((c for c in clients if c["client"] == name), key=lambda c: c["round"])
+            xs = [c["round"] for c in rows]
+            ax1.plot(xs, [_num(c.get("update_latency_s")) for c in rows], marker="o", label=name)
+            ax2.plot(
+                xs, [_num(c.get("bytes_down")) for c in rows], marker="v", label=f"{name} down"
+            )
+            ax2.plot(
+                xs, [_num(c.get("bytes_up")) for c in rows], marker="^", ls="--", label=f"{name} up"
+            )
+    else:  # hundreds of devices: per-round spread, not one line each
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for c in clients:
+            by_round.setdefault(c["round"], []).append(c)
+        xs = sorted(by_round)
+
+        def stat(key: str, q: float) -> list[float]:
+            out = []
+            for r in xs:
+                vals = sorted(v for v in (_num(c.get(key)) for c in by_round[r]) if v == v)
+                out.append(vals[min(len(vals) - 1, int(q * len(vals)))] if vals else float("nan"))
+            return out
+
+        for q, style in ((0.5, "o-"), (0.9, "s--"), (1.0, "^:")):
+            ax1.plot(
+                xs,
+                stat("update_latency_s", q),
+                style,
+                label=f"p{int(q * 100)} of {len(names)} clients",
+            )
+            ax2.plot(xs, stat("bytes_up", q), style, label=f"up p{int(q * 100)}")
     ax1.set_ylabel("update latency (s)\nglobal publish -> update")
     ax2.set_ylabel("MQTT payload bytes")
     ax2.set_xlabel("round")
@@ -184,8 +213,19 @@ def round_table(rnd: int, rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     t = Table(title=f"round {rnd}", title_justify="left", pad_edge=False)
-    for col in ("client", "samples", "loss", "acc glob", "acc local", "down", "up",
-                "extract s", "train s", "upload s", "latency s"):
+    for col in (
+        "client",
+        "samples",
+        "loss",
+        "acc glob",
+        "acc local",
+        "down",
+        "up",
+        "extract s",
+        "train s",
+        "upload s",
+        "latency s",
+    ):
         t.add_column(col, justify="right")
     for r in sorted(rows, key=lambda r: r["client"]):
         t.add_row(

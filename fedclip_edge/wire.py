@@ -270,7 +270,9 @@ def decode_frame(
                 )
 
     for name, tensor in result.items():
-        if not bool(torch.isfinite(tensor).all()):
+        # numpy, not torch: on a busy aggregator torch's thread pool made this check ~100x
+        # slower (127 ms vs 0.04 ms per adapter, measured by `bench aggregator`)
+        if not np.isfinite(tensor.numpy()).all():
             raise FrameRejected("nonfinite", f"tensor {name!r} has NaN or Inf values")
 
     return Frame(

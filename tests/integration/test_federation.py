@@ -221,7 +221,7 @@ def test_agent_killed_and_agent_stopped_the_run_goes_on(fed, tmp_path: Path) -> 
             procs.start(c, agent_cmd(fed, url, job, c))
         wait_log(procs, list(DOMAINS), "features of")  # all three online before round 1
         time.sleep(0.5)
-        procs.start("aggregator", agg_cmd(fed, url, job, out, rounds=3, min_clients=1,
+        procs.start("aggregator", agg_cmd(fed, url, job, out, rounds=6, min_clients=1,
                                           timeout=15))
         wait_round(out, 1, procs)
         procs.procs["dev-c"].kill()  # kill -9: no goodbye, the broker sends its will
@@ -231,9 +231,12 @@ def test_agent_killed_and_agent_stopped_the_run_goes_on(fed, tmp_path: Path) -> 
         assert procs.wait("aggregator", 90) == 0, procs.logs()
         assert procs.wait("dev-a", 30) == 0, procs.logs()
     rr = [r for r in rows(out) if r["kind"] == "round"]
+    assert len(rr) == 6
     assert [sorted(r["clients"]) for r in rr][0] == ["dev-a", "dev-b", "dev-c"]
-    assert "dev-c" not in rr[1]["clients"] and "dev-a" in rr[1]["clients"]
-    assert rr[2]["clients"] == ["dev-a"] or "dev-c" not in rr[2]["clients"]
+    # rounds take tens of milliseconds, so dev-c may still answer the round that was open when
+    # the test saw round 1 committed; the later rounds go on without it (its will marks it
+    # offline); dev-b's clean stop ends the test's run without an error
+    assert all("dev-c" not in r["clients"] and "dev-a" in r["clients"] for r in rr[-2:])
     assert "finishing cleanly" in (tmp_path / "run" / "dev-b.log").read_text()
 
 
