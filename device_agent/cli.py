@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import options as opt
 from fedclip_edge.protocol import DEFAULT_MAX_PAYLOAD
 
 
@@ -42,17 +43,15 @@ def agent(
         float,
         typer.Option(help="Give up after this many seconds without a message from the aggregator."),
     ] = 600.0,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker.")] = 30.0,
+    connect_timeout: opt.ConnectTimeout = 30.0,
     username: Annotated[
         str | None, typer.Option(help="MQTT username (default: the client id).")
     ] = None,
-    password: Annotated[
-        str | None, typer.Option(help="MQTT password.", envvar="FEDCLIP_MQTT_PASSWORD")
-    ] = None,
-    ca_certs: Annotated[Path | None, typer.Option(help="TLS: CA bundle.")] = None,
-    certfile: Annotated[Path | None, typer.Option(help="TLS: client certificate.")] = None,
-    keyfile: Annotated[Path | None, typer.Option(help="TLS: client key.")] = None,
-    tls_insecure: Annotated[bool, typer.Option(help="TLS: skip hostname check.")] = False,
+    password: opt.Password = None,
+    ca_certs: opt.CaCerts = None,
+    certfile: opt.Certfile = None,
+    keyfile: opt.Keyfile = None,
+    tls_insecure: opt.TlsInsecure = False,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
     from fedclip_edge.device_agent.agent import run_agent

@@ -549,6 +549,8 @@ def state_sha(out: Path) -> str:
 
 import typer  # noqa: E402  (kept after the library code: the module works without the CLI)
 
+from fedclip_edge import options as opt  # noqa: E402
+
 
 def aggregate(
     broker: Annotated[str, typer.Option(help="Broker URL: mqtt://host:port or mqtts://host:port")],
@@ -581,14 +583,12 @@ def aggregate(
         int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
     ] = P.DEFAULT_MAX_PAYLOAD,
     username: Annotated[str | None, typer.Option(help="MQTT username.")] = P.AGGREGATOR_ID,
-    password: Annotated[
-        str | None, typer.Option(help="MQTT password.", envvar="FEDCLIP_MQTT_PASSWORD")
-    ] = None,
-    ca_certs: Annotated[Path | None, typer.Option(help="TLS: CA bundle.")] = None,
-    certfile: Annotated[Path | None, typer.Option(help="TLS: client certificate.")] = None,
-    keyfile: Annotated[Path | None, typer.Option(help="TLS: client key.")] = None,
-    tls_insecure: Annotated[bool, typer.Option(help="TLS: skip hostname check.")] = False,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the broker.")] = 30.0,
+    password: opt.Password = None,
+    ca_certs: opt.CaCerts = None,
+    certfile: opt.Certfile = None,
+    keyfile: opt.Keyfile = None,
+    tls_insecure: opt.TlsInsecure = False,
+    connect_timeout: opt.ConnectTimeout = 30.0,
 ) -> None:
     """Run the aggregator of a federated job over MQTT."""
     import signal
