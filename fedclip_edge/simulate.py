@@ -42,11 +42,13 @@ def _std(xs: list[float]) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
 
-def _client_splits(fs: FeatureSet, clients: list[str], seed: int) -> dict[str, dict[str, Any]]:
+def _client_splits(
+    fs: FeatureSet, clients: list[str], seed: int, fractions: tuple[float, float, float]
+) -> dict[str, dict[str, Any]]:
     splits = {}
     for c in clients:
         d = fs.domains[c]
-        tr, va, te = (torch.from_numpy(ix).long() for ix in split_indices(len(d), seed))
+        tr, va, te = (torch.from_numpy(ix).long() for ix in split_indices(len(d), seed, fractions))
         splits[c] = {
             name: (d.features[ix], d.labels[ix])
             for name, ix in (("train", tr), ("val", va), ("test", te))
@@ -66,7 +68,7 @@ def run_seed(
     if not clients:
         raise ConfigError("need at least one training domain besides the held-out one")
     text = fs.text_features
-    splits = _client_splits(fs, clients, seed)
+    splits = _client_splits(fs, clients, seed, cfg.split)
     held = fs.domains[cfg.test_domain]
     torch.manual_seed(seed)
     global_adapter = AttentionAdapter(fs.dim)
