@@ -39,7 +39,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.losses import get_loss
 from fedclip_edge.strategy import FedAvg
 from fedclip_edge.train import accuracy, train_local
-from fedclip_edge.wire import FIXED_OVERHEAD, decode_frame, encode_frame
+from fedclip_edge.wire import decode_frame, encode_frame
 
 SCHEMA = "fedclip-edge/bench-fedavg/v1"
 # Parameter counts of CLIP ViT-B-32 (FEDCLIP.md), printed next to the measured ratios.
@@ -136,7 +136,13 @@ class MqttLink:
                 pass
 
     def exchange(
-        self, state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        job: str,
+        rnd: int,
+        client: str,
+        dtype: str,
         down: bool,
     ) -> tuple[dict[str, torch.Tensor], int, float, int]:
         """Encode, publish (chunked), receive, reassemble, decode: (tensors, payload bytes on
@@ -162,7 +168,8 @@ class MqttLink:
             if msg.topic == topic and msg.payload != b"probe":
                 break
         out = decode_frame(
-            msg.payload, expected={k: tuple(v.shape) for k, v in state.items()},
+            msg.payload,
+            expected={k: tuple(v.shape) for k, v in state.items()},
             max_bytes=len(msg.payload),
         )
         seconds = time.perf_counter() - t0
@@ -253,11 +260,6 @@ def _train_tower(
             steps += 1
     visual.eval()
     return (total / steps if steps else float("nan")), steps
-
-
-def _summaries(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
-    vals = [r[key] for r in rounds]
-    return {"mean": statistics.mean(vals), "median": statistics.median(vals), "max": max(vals)}
 
 
 def run_bench(
@@ -402,8 +404,21 @@ def run_bench(
             report["config"]["max_payload"] = max_payload
             log(f"transport: mqtt via {binfo['kind']} at {binfo['url']}, chunks <= {max_payload} B")
         _run_methods(
-            report, parts, loaded, text, scale, held, cfg, rounds=rounds, dtype=dtype,
-            fedavg_dtype=fedavg_dtype, device=device, seed=seed, link=link, log=log, save=save,
+            report,
+            parts,
+            loaded,
+            text,
+            scale,
+            held,
+            cfg,
+            rounds=rounds,
+            dtype=dtype,
+            fedavg_dtype=fedavg_dtype,
+            device=device,
+            seed=seed,
+            link=link,
+            log=log,
+            save=save,
         )
     report["speedups"] = _speedups(report)
     report["projections"] = [
@@ -417,9 +432,22 @@ def run_bench(
 
 
 def _run_methods(
-    report: dict[str, Any], parts: list[Client], loaded: Any, text: torch.Tensor, scale: float,
-    held: Any, cfg: TrainConfig, *, rounds: int, dtype: str, fedavg_dtype: str, device: str,
-    seed: int, link: MqttLink | None, log: Any, save: Any,
+    report: dict[str, Any],
+    parts: list[Client],
+    loaded: Any,
+    text: torch.Tensor,
+    scale: float,
+    held: Any,
+    cfg: TrainConfig,
+    *,
+    rounds: int,
+    dtype: str,
+    fedavg_dtype: str,
+    device: str,
+    seed: int,
+    link: MqttLink | None,
+    log: Any,
+    save: Any,
 ) -> None:
     """FedCLIP then full FedAvg, over the same clients and exchange (in-process or MQTT)."""
     visual0 = loaded.model.visual
@@ -606,7 +634,12 @@ def _federate(
 
 
 def _xfer(
-    link: MqttLink | None, state: dict[str, torch.Tensor], *, rnd: int, client: str, dtype: str,
+    link: MqttLink | None,
+    state: dict[str, torch.Tensor],
+    *,
+    rnd: int,
+    client: str,
+    dtype: str,
     down: bool,
 ) -> tuple[dict[str, torch.Tensor], int, float, int]:
     """One exchange: (tensors as received, bytes, seconds, messages), in-process or via MQTT."""
@@ -794,11 +827,6 @@ def _plots(report: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_cost.png", dpi=110)
     plt.close(fig)
-
-
-def frame_bytes(num_params: int, dtype: str, num_tensors_overhead: int) -> int:
-    """Expected frame size: parameters times element size plus the frame's framing."""
-    return num_params * (4 if dtype == "float32" else 2) + FIXED_OVERHEAD + num_tensors_overhead
 
 
 def bench_fedavg(
