@@ -187,9 +187,21 @@ class Agent:
 
     def _on_global(self, g: P.GlobalModel, msg: Received) -> None:
         key = (g.session, g.round, tuple(sorted(g.have)))
-        if key == self._last_global_key:
-            return  # the same publication again (retained redelivery after a reconnect)
+        repeated = key == self._last_global_key
         self._last_global_key = key
+        if g.round <= g.rounds and g.round == self.last_trained:
+            # Already trained this round. Every publication that does not list us means the
+            # aggregator lacks our update (lost while the broker restarted, say): send it again,
+            # also when the publication repeats an earlier one (the aggregator's retry of a
+            # short round is the same publication). The aggregator counts duplicates once.
+            self.current_round = g.round
+            self._check_outbox()
+            if self.cfg.client_id not in g.have and self._cached and self._outbox is None:
+                self.log(f"round {g.round}: aggregator lacks my update, sending it again")
+                self._send(g.round, self._cached[1])
+            return
+        if repeated:
+            return  # the same publication again (retained redelivery after a reconnect)
         adapter = AttentionAdapter(self.data.dim)
         try:
             frame = decode_frame(g.frame, expected=expected_shapes(adapter.state_dict()))
@@ -202,11 +214,6 @@ class Agent:
             return
         self.current_round = g.round
         self._check_outbox()
-        if g.round == self.last_trained:
-            if self.cfg.client_id not in g.have and self._cached and self._outbox is None:
-                self.log(f"round {g.round}: aggregator lacks my update, sending it again")
-                self._send(g.round, self._cached[1])
-            return
         if g.round < self.last_trained:
             return
         self._train_and_send(g, frame.tensors, msg)

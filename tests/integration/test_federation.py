@@ -275,16 +275,22 @@ def test_broker_restarted_mid_run(fed, tmp_path: Path) -> None:
     out = tmp_path / "run" / "out"
     with processes(tmp_path / "run") as procs:
         with mh.start_mosquitto(tmp_path / "b1", port=port):
-            procs.start("aggregator", agg_cmd(fed, url, job, out, rounds=3, timeout=40))
+            procs.start("aggregator", agg_cmd(fed, url, job, out, rounds=6, timeout=40))
             for c in DOMAINS:
                 procs.start(c, agent_cmd(fed, url, job, c))
             wait_round(out, 1, procs)
+            # rounds take tens of milliseconds: freeze the devices so the job is still running
+            # (the aggregator waits for their updates) when the broker goes down
+            for c in DOMAINS:
+                procs.procs[c].send_signal(signal.SIGSTOP)
         time.sleep(1.0)  # broker down: retained messages and sessions are gone
         with mh.start_mosquitto(tmp_path / "b2", port=port):
+            for c in DOMAINS:
+                procs.procs[c].send_signal(signal.SIGCONT)
             assert procs.wait("aggregator", 120) == 0, procs.logs()
             for c in DOMAINS:
                 assert procs.wait(c, 30) == 0, procs.logs()
-    check_complete_run(out, 3)
+    check_complete_run(out, 6)
     assert "connection 2" in procs.log("aggregator")
 
 
