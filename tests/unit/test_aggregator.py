@@ -32,8 +32,9 @@ def const_state(value: float, dim: int = 2) -> dict[str, torch.Tensor]:
 
 
 def hello(broker: MemoryBroker, client: str, dim: int = 2) -> MemoryTransport:
-    t = MemoryTransport(broker, client, will=(P.status_topic(JOB, client),
-                                             P.offline_status(client), True))
+    t = MemoryTransport(
+        broker, client, will=(P.status_topic(JOB, client), P.offline_status(client), True)
+    )
     t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
     t.connect()
     st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True)
@@ -41,8 +42,14 @@ def hello(broker: MemoryBroker, client: str, dim: int = 2) -> MemoryTransport:
     return t
 
 
-def update_payload(client: str, rnd: int, value: float, samples: int = 1,
-                   job: str = JOB, frame_client: str | None = None) -> bytes:
+def update_payload(
+    client: str,
+    rnd: int,
+    value: float,
+    samples: int = 1,
+    job: str = JOB,
+    frame_client: str | None = None,
+) -> bytes:
     frame = encode_frame(const_state(value), job=job, round=rnd, client=frame_client or client)
     return P.Update(job, rnd, client, samples, {"loss": value}, frame).encode()
 
@@ -50,8 +57,9 @@ def update_payload(client: str, rnd: int, value: float, samples: int = 1,
 class FakeDevice(threading.Thread):
     """Answers each global with a constant adapter value(round, client)."""
 
-    def __init__(self, broker: MemoryBroker, client: str, value, samples: int = 1,
-                 extra=None) -> None:
+    def __init__(
+        self, broker: MemoryBroker, client: str, value, samples: int = 1, extra=None
+    ) -> None:
         super().__init__(daemon=True)
         self.t = hello(broker, client)
         self.client, self.value, self.samples, self.extra = client, value, samples, extra
@@ -70,8 +78,9 @@ class FakeDevice(threading.Thread):
             if isinstance(m, P.GlobalModel) and m.round <= m.rounds and m.round not in self.seen:
                 self.seen.add(m.round)
                 topic = P.update_topic(JOB, self.client)
-                payload = update_payload(self.client, m.round, self.value(m.round, self.client),
-                                         self.samples)
+                payload = update_payload(
+                    self.client, m.round, self.value(m.round, self.client), self.samples
+                )
                 self.t.publish(topic, payload)
                 if self.extra:
                     self.extra(self, m.round, payload)
@@ -79,9 +88,15 @@ class FakeDevice(threading.Thread):
 
 def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
     cfg = AggregatorConfig(
-        job=JOB, rounds=kw.pop("rounds", 2), out=out, min_clients=kw.pop("min_clients", 2),
-        round_timeout_s=kw.pop("round_timeout_s", 5.0), dim=kw.pop("dim", 2),
-        wait_clients_s=kw.pop("wait_clients_s", 2.0), upload_grace_s=0.0, **kw,
+        job=JOB,
+        rounds=kw.pop("rounds", 2),
+        out=out,
+        min_clients=kw.pop("min_clients", 2),
+        round_timeout_s=kw.pop("round_timeout_s", 5.0),
+        dim=kw.pop("dim", 2),
+        wait_clients_s=kw.pop("wait_clients_s", 2.0),
+        upload_grace_s=0.0,
+        **kw,
     )
     lines: list[str] = []
     agg = Aggregator(MemoryTransport(broker, "aggregator"), cfg, log=lines.append)
@@ -92,19 +107,23 @@ def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
 def test_uniform_and_sample_weighted_means_by_hand(tmp_path: Path) -> None:
     for weighting, samples, want in (("uniform", (1, 1), 2.0), ("samples", (1, 3), 2.5)):
         broker = MemoryBroker()
-        devs = [FakeDevice(broker, "a", lambda r, c: 1.0, samples[0]),
-                FakeDevice(broker, "b", lambda r, c: 3.0, samples[1])]
+        devs = [
+            FakeDevice(broker, "a", lambda r, c: 1.0, samples[0]),
+            FakeDevice(broker, "b", lambda r, c: 3.0, samples[1]),
+        ]
         for d in devs:
             d.start()
         agg = make_agg(broker, tmp_path / weighting, rounds=1, weighting=weighting)
         final = agg.run()
         for v in final.values():  # (1*1 + 3*3) / 4 = 2.5 by samples; (1 + 3) / 2 uniform
             assert torch.allclose(v, torch.full(v.shape, want))
-        rows = [json.loads(x) for x in (tmp_path / weighting / "metrics.jsonl").read_text()
-                .splitlines()]
+        rows = [
+            json.loads(x) for x in (tmp_path / weighting / "metrics.jsonl").read_text().splitlines()
+        ]
         assert {r["client"] for r in rows if r["kind"] == "client"} == {"a", "b"}
-        assert all(r["bytes_up"] > 0 and r["update_latency_s"] >= 0 for r in rows
-                   if r["kind"] == "client")
+        assert all(
+            r["bytes_up"] > 0 and r["update_latency_s"] >= 0 for r in rows if r["kind"] == "client"
+        )
         summary = json.loads((tmp_path / weighting / "summary.json").read_text())
         assert summary["rounds"] == 1 and summary["totals"]["bytes_up"] > 0
         assert (tmp_path / weighting / "latency.png").stat().st_size > 1000
@@ -206,8 +225,15 @@ def test_too_few_updates_retries_then_stops_keeping_state(tmp_path: Path) -> Non
     broker = MemoryBroker()
     a = FakeDevice(broker, "a", lambda r, c: 1.0)
     a.start()
-    agg = make_agg(broker, tmp_path, rounds=1, min_clients=2, round_timeout_s=0.3,
-                   max_retries=1, wait_clients_s=0.2)
+    agg = make_agg(
+        broker,
+        tmp_path,
+        rounds=1,
+        min_clients=2,
+        round_timeout_s=0.3,
+        max_retries=1,
+        wait_clients_s=0.2,
+    )
     with pytest.raises(FedClipError, match="fewer than 2"):
         agg.run()
     assert any("retry 1/1" in line for line in agg.lines)  # type: ignore[attr-defined]
@@ -226,26 +252,47 @@ def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
     return LocalData(feats, labels, text, 10.0, backend="memory")
 
 
-def start_agents(broker: MemoryBroker, clients: list[str],
-                 max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> list[tuple[Agent, threading.Thread]]:
+def start_agents(
+    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD
+) -> list[tuple[Agent, threading.Thread]]:
     out = []
     for c in clients:
-        t = MemoryTransport(broker, c, will=(P.status_topic(JOB, c), P.offline_status(c), True),
-                            max_payload=max_payload)
-        a = Agent(t, AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02), local_data(c),
-                  log=lambda line: None)
+        t = MemoryTransport(
+            broker,
+            c,
+            will=(P.status_topic(JOB, c), P.offline_status(c), True),
+            max_payload=max_payload,
+        )
+        a = Agent(
+            t,
+            AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02),
+            local_data(c),
+            log=lambda line: None,
+        )
         th = threading.Thread(target=a.run, daemon=True)
         th.start()
         out.append((a, th))
     return out
 
 
-TRAIN = {"lr": 1e-2, "weight_decay": 0.0, "loss": "ce", "batch_size": 8, "epochs": 1,
-         "betas": [0.9, 0.98], "eps": 1e-6, "logit_scale": None}
+TRAIN = {
+    "lr": 1e-2,
+    "weight_decay": 0.0,
+    "loss": "ce",
+    "batch_size": 8,
+    "epochs": 1,
+    "betas": [0.9, 0.98],
+    "eps": 1e-6,
+    "logit_scale": None,
+}
 
 
-def _run(tmp: Path, crash_at: int | None = None, dtype: str = "float32",
-         max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> dict:
+def _run(
+    tmp: Path,
+    crash_at: int | None = None,
+    dtype: str = "float32",
+    max_payload: int = P.DEFAULT_MAX_PAYLOAD,
+) -> dict:
     broker = MemoryBroker()
     agents = start_agents(broker, ["dev-a", "dev-b", "dev-c"], max_payload)
     for a, _ in agents:
@@ -265,8 +312,9 @@ def _run(tmp: Path, crash_at: int | None = None, dtype: str = "float32",
             agg.run()
         agg.t.close()
         assert json.loads((tmp / "state.json").read_text())["completed_round"] == crash_at - 1
-        agg = make_agg(broker, tmp, rounds=4, min_clients=3, dim=8, train=TRAIN, seed=3,
-                       resume=True)
+        agg = make_agg(
+            broker, tmp, rounds=4, min_clients=3, dim=8, train=TRAIN, seed=3, resume=True
+        )
     final = agg.run()
     for _, th in agents:
         th.join(10)
@@ -285,8 +333,9 @@ def test_agents_learn_and_resume_matches_an_uninterrupted_run(tmp_path: Path) ->
     torch.manual_seed(3)
     init = AttentionAdapter(8).state_dict()
     assert any(not torch.allclose(full[k], init[k]) for k in full)  # it did train
-    rows = [json.loads(x) for x in (tmp_path / "crashed" / "metrics.jsonl").read_text()
-            .splitlines()]
+    rows = [
+        json.loads(x) for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    ]
     client_rows = [(r["round"], r["client"]) for r in rows if r["kind"] == "client"]
     assert sorted(client_rows) == sorted(set(client_rows))  # nothing counted twice
     assert len(client_rows) == 12
@@ -307,8 +356,11 @@ def test_chunked_globals_and_updates_give_the_same_result(tmp_path: Path) -> Non
     chunked = _run(tmp_path / "chunked", max_payload=1024)  # every message in 2+ chunks
     for k in whole:
         assert torch.equal(whole[k], chunked[k]), k
-    rows = [json.loads(x) for x in (tmp_path / "chunked" / "metrics.jsonl").read_text()
-            .splitlines() if '"client"' in x]
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "chunked" / "metrics.jsonl").read_text().splitlines()
+        if '"client"' in x
+    ]
     assert all(r["bytes_up"] > 1024 for r in rows if r["kind"] == "client")  # >1 chunk
 
 
@@ -343,7 +395,7 @@ def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> 
         assert agent._outbox is not None and agent._outbox.round == rnd
 
     real_send = agent.t._send
-    agent.t._send = lambda *a, **k: (lambda timeout: False)  # type: ignore  # network is down
+    agent.t._send = lambda *a, **k: lambda timeout: False  # type: ignore  # network is down
     publish_global(1)
     wait_outbox(1)
     agent.t._send = real_send  # type: ignore[method-assign]
@@ -356,7 +408,7 @@ def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> 
             got.append(m.topic)
     assert any(t.endswith("/update/dev-a") for t in got)
     # an update lost in round 2 is dropped once round 3's global adapter arrives
-    agent.t._send = lambda *a, **k: (lambda timeout: False)  # type: ignore
+    agent.t._send = lambda *a, **k: lambda timeout: False  # type: ignore
     publish_global(2)
     wait_outbox(2)
     publish_global(3)
@@ -391,3 +443,38 @@ def test_a_chunked_global_is_sent_again_to_a_device_that_joins_late(tmp_path: Pa
         if m is not None and m.topic == P.global_topic(JOB):
             got = P.decode_message(m.payload)
     assert isinstance(got, P.GlobalModel) and got.round == 1
+
+
+def test_agent_resends_when_a_repeated_global_does_not_list_it():
+    """An update lost in transit (a broker restart, say) is re-sent when the aggregator repeats
+    the same publication for its retry; a publication that lists the device gets nothing."""
+    broker = MemoryBroker()
+    ((agent, thread),) = start_agents(broker, ["dev-a"])
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=1, client="server")
+
+    def publish(have: tuple[str, ...]) -> None:
+        g = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, have=have, session="s", rounds=3)
+        agg.publish(P.global_topic(JOB), g.encode(), retain=True)
+
+    def updates(timeout: float) -> int:
+        n, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = agg.recv(0.05)
+            if msg is not None and "/update/" in msg.topic:
+                n += 1
+        return n
+
+    try:
+        publish(())
+        assert updates(3.0) == 1  # trained and sent
+        publish(())  # the very same publication again: the aggregator still lacks it
+        assert updates(2.0) == 1
+        publish(("dev-a",))  # listed: nothing to send
+        assert updates(1.0) == 0
+    finally:
+        agg.publish(P.control_topic(JOB), P.Control(JOB, "done", 1, 3).encode(), retain=True)
+        thread.join(10)
+        agg.close()
