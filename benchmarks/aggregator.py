@@ -36,6 +36,7 @@ from typing import Annotated, Any
 import typer
 
 from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.procs import stop_process
 
 SCHEMA = "fedclip-edge/bench-aggregator/v1"
 DEFAULT_DEVICES = (10, 100, 1000)
@@ -174,12 +175,7 @@ def broker_for_bench(
             "pid": proc.pid,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
 
 
 # ----------------------------------------------------------------------------- the aggregator

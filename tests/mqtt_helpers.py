@@ -29,6 +29,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedclip_edge.broker.embedded import EmbeddedBroker
+from fedclip_edge.procs import stop_process
 
 HOST = "127.0.0.1"
 REQUIRE_ENV = "FEDCLIP_REQUIRE_MOSQUITTO"
@@ -178,13 +179,7 @@ def start_mosquitto(
         yield proc, port
     finally:
         _RUNNING.pop(proc.pid, None)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
 
 _RUNNING: dict[int, MosquittoProcess] = {}
