@@ -35,8 +35,8 @@ from typing import Annotated, Any
 
 import typer
 
+from fedclip_edge.broker.procs import stop_process
 from fedclip_edge.errors import ConfigError, FedClipError
-from fedclip_edge.procs import stop_process
 
 SCHEMA = "fedclip-edge/bench-aggregator/v1"
 DEFAULT_DEVICES = (10, 100, 1000)
@@ -185,8 +185,8 @@ def _serve(spec_path: Path) -> int:
     """Child process: the real Aggregator for one round, instrumented; writes spec['result']."""
     import tracemalloc
 
-    from fedclip_edge.aggregator import Aggregator, AggregatorConfig
-    from fedclip_edge.transport import MqttTransport
+    from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+    from fedclip_edge.broker.transport import MqttTransport
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("torch_threads"):
@@ -341,7 +341,7 @@ def make_updates(
     float32 rounding; the exact mean of what was sent is returned too."""
     import torch
 
-    from fedclip_edge import protocol as P
+    from fedclip_edge.broker import protocol as P
     from fedclip_edge.wire import encode_frame
 
     g = _initial_global(dim, seed)
@@ -381,7 +381,7 @@ class _Publisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from fedclip_edge.transport import parse_broker_url
+        from fedclip_edge.broker.transport import parse_broker_url
 
         host, port, _, user, password = parse_broker_url(url)
         self.client = mqtt.Client(
@@ -435,8 +435,8 @@ def _global_listener(url: str, topic: str, got: dict[str, Any], event: threading
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from fedclip_edge import protocol as P
-    from fedclip_edge.transport import parse_broker_url
+    from fedclip_edge.broker import protocol as P
+    from fedclip_edge.broker.transport import parse_broker_url
 
     host, port, _, user, password = parse_broker_url(url)
     c = mqtt.Client(
@@ -483,8 +483,8 @@ def bench_round(
     import torch
     from safetensors.torch import load_file
 
-    from fedclip_edge import protocol as P
     from fedclip_edge.benchmarks.extractor import _cpu_snapshot, others_cpu_share
+    from fedclip_edge.broker import protocol as P
     from fedclip_edge.wire import decode_frame
 
     job = f"bench{n}-{uuid.uuid4().hex[:6]}"

@@ -146,8 +146,8 @@ def run_extractor_bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Open every (artifact, backend), time each batch size, return the JSON-ready report."""
+    from fedclip_edge.exporters.export import tool_versions
     from fedclip_edge.exporters.manifest import read_manifest
-    from fedclip_edge.exporters.pipeline import tool_versions
     from fedclip_edge.exporters.runtimes import open_extractor, parse_backend
 
     say = progress or (lambda _m: None)

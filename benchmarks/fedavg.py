@@ -85,8 +85,8 @@ class MqttLink:
     def __init__(
         self, url: str, clients: list[str], *, max_payload: int, timeout_s: float = 600.0
     ) -> None:
-        from fedclip_edge import protocol as P
-        from fedclip_edge.transport import MqttTransport
+        from fedclip_edge.broker import protocol as P
+        from fedclip_edge.broker.transport import MqttTransport
 
         self.timeout_s = timeout_s
         self.job = f"benchfedavg-{uuid.uuid4().hex[:8]}"
@@ -112,7 +112,7 @@ class MqttLink:
         return f"fedclip/{self.job}/down/{self.topic_id[client]}"
 
     def _up(self, client: str) -> str:
-        from fedclip_edge import protocol as P
+        from fedclip_edge.broker import protocol as P
 
         return P.update_topic(self.job, self.topic_id[client])
 
@@ -289,10 +289,10 @@ def run_bench(
     transport "mqtt": every exchange goes through `broker` (default: a private mosquitto, or the
     embedded broker, on a free loopback port), chunked above `max_payload` bytes."""
     from fedclip_edge.benchmarks.extractor import machine_info
+    from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
     from fedclip_edge.data.folder import load_image, scan_dataset
     from fedclip_edge.data.split import split_indices
     from fedclip_edge.models import encode_prompts, load_model
-    from fedclip_edge.protocol import DEFAULT_MAX_PAYLOAD
     from fedclip_edge.simulate import write_json
 
     if device == "cuda" and not torch.cuda.is_available():

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from fedclip_edge import __version__
-from fedclip_edge import protocol as P
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.transport import Delivery, Received, Transport
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError, DataError, FrameError, TransportError
 from fedclip_edge.train import accuracy, train_local
-from fedclip_edge.transport import Delivery, Received, Transport
 from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame, expected_shapes
 
 
@@ -415,7 +415,7 @@ def run_agent(
     log: Callable[[str], None] = print,
 ) -> int:
     """Features, then the MQTT loop. SIGTERM/SIGINT end it cleanly (offline status, close)."""
-    from fedclip_edge.transport import MqttTransport
+    from fedclip_edge.broker.transport import MqttTransport
 
     cfg = AgentConfig(job, client_id, update_dtype, idle_timeout_s, connect_timeout_s)
     local = load_local_features(data, artifacts, backend=backend, domain=domain, cache=cache,

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from fedclip_edge import options as opt
-from fedclip_edge.protocol import DEFAULT_MAX_PAYLOAD
+from fedclip_edge.broker import cli_options as opt
+from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
 
 
 def agent(
@@ -54,8 +54,8 @@ def agent(
     tls_insecure: opt.TlsInsecure = False,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
+    from fedclip_edge.broker.transport import TlsOptions
     from fedclip_edge.device_agent.agent import run_agent
-    from fedclip_edge.transport import TlsOptions
 
     tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
 
@@ -84,7 +84,7 @@ def agent(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fedclip_edge.device_agent.cli ...`: errors as one `error:` line."""
-    from fedclip_edge.cli import run_command
+    from fedclip_edge.cli_runner import run_command
 
     return run_command(agent, argv, "fedclip-edge agent")
 

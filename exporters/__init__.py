@@ -15,8 +15,8 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "export_artifact": "fedclip_edge.exporters.pipeline",
-    "ExportResult": "fedclip_edge.exporters.pipeline",
+    "export_artifact": "fedclip_edge.exporters.export",
+    "ExportResult": "fedclip_edge.exporters.export",
     "open_extractor": "fedclip_edge.exporters.runtimes",
     "Extractor": "fedclip_edge.exporters.runtimes",
     "PreprocessConfig": "fedclip_edge.exporters.preprocess",

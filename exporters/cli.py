@@ -97,7 +97,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Export CLIP's image encoder (and class prompt features) as a verified artifact."""
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     console = Console(stderr=True)
     start = time.monotonic()

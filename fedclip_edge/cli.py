@@ -10,21 +10,16 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from fedclip_edge import __version__
-from fedclip_edge.errors import ConfigError, FedClipError
-
-# Recent typer carries its own copy of click (typer._click) with its own exception classes;
-# older typer raises click's. Catch both, so a usage error is one message, not a traceback.
-try:
-    from typer._click.exceptions import ClickException as _TyperClickException
-except ImportError:  # pragma: no cover - depends on the installed typer
-    _TyperClickException = click.ClickException
-_EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
-_USAGE = (click.ClickException, _TyperClickException)
-_ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
+    INTERRUPTED,
+    expand_multi_values,
+    run_app,
+    run_command,
+)
+from fedclip_edge.errors import ConfigError
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -43,9 +38,6 @@ bench_app = typer.Typer(help="Benchmarks that measure both sides in one run.", n
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-
-# Options that take several values after one flag (`--seeds 0 1 2`), as users type them.
-MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends"}
 
 ModelOpt = Annotated[
     str,
@@ -129,7 +121,7 @@ def features(
     batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = 32,
 ) -> None:
     """Encode every image once with the frozen image tower and cache the features."""
-    from fedclip_edge.pipeline import build_features
+    from fedclip_edge.runs import build_features
 
     build_features(
         data, out, model=model, pretrained=pretrained, domains=domains, batch_size=batch_size
@@ -172,7 +164,7 @@ def simulate_cmd(
     ] = 0,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
-    from fedclip_edge.pipeline import run_simulation
+    from fedclip_edge.runs import run_simulation
 
     if (data is None) == (features_dir is None):
         raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
@@ -227,7 +219,7 @@ def demo(
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
     if inproc:
-        from fedclip_edge.pipeline import run_demo
+        from fedclip_edge.runs import run_demo
 
         run_demo(
             out,
@@ -238,17 +230,17 @@ def demo(
             personalize_epochs=personalize_epochs,
         )
         return
-    from fedclip_edge.demo import run_mqtt_demo
+    from fedclip_edge.broker.demo import run_mqtt_demo
 
     run_mqtt_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain, broker=broker)
 
 
 def _register_parts() -> None:
     """Commands whose options live with their part of the toolkit (imported here, at start)."""
-    from fedclip_edge.aggregator import aggregate
     from fedclip_edge.benchmarks.aggregator import bench_aggregator
     from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
+    from fedclip_edge.broker.aggregator import aggregate
     from fedclip_edge.broker.cli import broker_app
     from fedclip_edge.device_agent.cli import agent
     from fedclip_edge.exporters.cli import export
@@ -262,70 +254,11 @@ def _register_parts() -> None:
     bench_app.command("aggregator")(bench_aggregator)
 
 
-def expand_multi_values(argv: list[str]) -> list[str]:
-    """`--seeds 0 1 2` -> `--seeds 0 --seeds 1 --seeds 2` (click wants one value per flag)."""
-    out: list[str] = []
-    current: str | None = None
-    for arg in argv:
-        if arg.startswith("-"):
-            current = arg if arg in MULTI_VALUE_OPTIONS else None
-            out.append(arg)
-        elif current is not None and out and out[-1] != current and not out[-1].startswith("-"):
-            out.extend([current, arg])
-        else:
-            out.append(arg)
-    return out
-
-
-INTERRUPTED = (
-    "interrupted: what was finished is kept (caches and checkpoints are written atomically); "
-    "re-run to continue"
-)
-
-
-def _run_app(
-    application: typer.Typer, argv: list[str] | None, prog_name: str, interrupted: str = INTERRUPTED
-) -> int:
-    """Run a typer app; a user's mistake becomes one clear line and an exit code."""
-    args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
-    try:
-        application(args=args, prog_name=prog_name, standalone_mode=False)
-    except _EXIT as exc:
-        return exc.exit_code
-    except _USAGE as exc:
-        exc.show()
-        return exc.exit_code
-    except _ABORT:
-        print("aborted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-    except FedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-def run_command(
-    command,
-    argv: list[str] | None = None,
-    prog_name: str = "fedclip-edge",
-    interrupted: str = INTERRUPTED,
-) -> int:
-    """`python -m` entry of one command (agents and aggregator run as their own processes),
-    with the same error handling as the main CLI."""
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command()(command)
-    return _run_app(single, argv, prog_name, interrupted)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line and an exit code for a user's mistake, not a traceback."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     _register_parts()
-    return _run_app(app, argv, "fedclip-edge")
+    return run_app(app, argv, "fedclip-edge")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Child processes (brokers, agents) are stopped the same way everywhere."""
+"""Deprecated alias of `fedclip_edge.broker.procs`.
 
-from __future__ import annotations
+Moved in 0.2 by the layout redesign; removed in 0.3.
 
-import subprocess
+Imported by name at run time rather than by an import statement, so the alias adds no edge to
+the package's import graph (the core does not depend on the server side).
+"""
 
+import importlib
+import sys
+import warnings
 
-def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGTERM so it can finish cleanly, SIGKILL if it lingers; never leaves a zombie."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
+warnings.warn(
+    "fedclip_edge.procs moved to fedclip_edge.broker.procs; "
+    "the old name is removed in 0.3",
+    DeprecationWarning,
+    stacklevel=2,
+)
+sys.modules[__name__] = importlib.import_module("fedclip_edge.broker.procs")

@@ -22,8 +22,8 @@ from fedclip_edge.errors import ConfigError, TransportError
 
 def _export(data: Path, out: Path, log) -> Path:
     """The artifact the agents run; re-used when it is already there and verifies."""
+    from fedclip_edge.exporters.export import export_artifact
     from fedclip_edge.exporters.manifest import verify_artifact
-    from fedclip_edge.exporters.pipeline import export_artifact
 
     if (out / "manifest.json").is_file():
         try:
@@ -92,11 +92,11 @@ def run_mqtt_demo(
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary."""
-    from fedclip_edge.aggregator import Aggregator, AggregatorConfig
+    from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+    from fedclip_edge.broker.transport import MqttTransport
     from fedclip_edge.data.synth import DOMAINS, write_dataset
     from fedclip_edge.models.tiny import ensure_pretrained
-    from fedclip_edge.pipeline import build_features, train_config
-    from fedclip_edge.transport import MqttTransport
+    from fedclip_edge.runs import build_features, train_config
 
     if test_domain not in DOMAINS:
         raise ConfigError(f"--test-domain must be one of {', '.join(DOMAINS)}")

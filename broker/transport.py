@@ -1,0 +1,460 @@
+"""Transports own messages: publish, subscribe, chunking, byte counting. Nothing else.
+
+The aggregator and the agent only see whole payloads through `Transport.recv(timeout)` (a
+queue filled by the transport's own thread, so their logic stays single-threaded) and
+`Transport.publish(topic, payload, retain=...)`. Two implementations:
+
+- `MemoryBroker` + `MemoryTransport`: in-process, for unit tests; can drop a client (its will
+  is published), lose messages while it is offline (as amqtt does), and reconnect it.
+- `MqttTransport`: paho-mqtt 2.x, MQTT 3.1.1 persistent session (clean_session False), automatic
+  reconnect with backoff, resubscription on every connect, TLS and username/password.
+
+Chunking lives here: a publish above `max_payload` becomes chunk envelopes
+(`protocol.split_payload`) and the receiving transport reassembles them. A retained publish that
+needs chunks cannot be retained as a whole (a broker keeps one message per topic): the topic's
+retained message is cleared instead and the chunks go out unretained; the aggregator resends
+such a global on request (see docs/protocol.md). Byte counters count the actual MQTT payload
+bytes per direction, chunk envelopes included.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from fedclip_edge.broker import protocol
+from fedclip_edge.broker.protocol import MessageRejected, Reassembler
+from fedclip_edge.errors import TransportError
+
+
+@dataclass(frozen=True)
+class Received:
+    """A whole message: its topic, payload, whether the broker sent it as retained, the wire
+    bytes it took (all chunks) and the seconds from its first chunk to the last."""
+
+    topic: str
+    payload: bytes
+    retained: bool = False
+    wire_bytes: int = 0
+    transfer_s: float = 0.0
+
+
+@dataclass
+class Counters:
+    """Actual MQTT payload bytes and message counts per direction (chunks counted each)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def up(self, n: int) -> None:
+        with self.lock:
+            self.bytes_up += n
+            self.messages_up += 1
+
+    def down(self, n: int) -> None:
+        with self.lock:
+            self.bytes_down += n
+            self.messages_down += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "messages_up": self.messages_up,
+                "messages_down": self.messages_down,
+            }
+
+
+class Delivery:
+    """The outcome of one publish (all its chunks): `wait(timeout)` is True once every part
+    was acknowledged (PUBACK for QoS 1)."""
+
+    def __init__(self, parts: list[Callable[[float], bool]], wire_bytes: int) -> None:
+        self._parts = parts
+        self.wire_bytes = wire_bytes
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout)
+        return all(part(max(0.0, deadline - time.monotonic())) for part in self._parts)
+
+
+def _acked(_: float) -> bool:
+    return True
+
+
+def _lost(_: float) -> bool:
+    return False
+
+
+class Transport:
+    """Common part: chunking on the way out, reassembly and the inbox on the way in."""
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        max_payload: int = protocol.DEFAULT_MAX_PAYLOAD,
+        max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
+        chunk_timeout_s: float = 120.0,
+        inbox_size: int = 10_000,
+    ) -> None:
+        self.client_id = client_id
+        self.max_payload = max_payload
+        self.counters = Counters()
+        self.rejected: Counter[str] = Counter()  # chunk-level rejections, by reason
+        self.epoch = 0  # number of successful connects: a change means "reconnected"
+        self._filters: list[str] = []
+        self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_size)
+        self._reassembler = Reassembler(
+            max_bytes=max_message_bytes,
+            max_pending_bytes=2 * max_message_bytes,
+            timeout_s=chunk_timeout_s,
+        )
+        self._rlock = threading.Lock()
+
+    # --- what subclasses provide
+    @property
+    def connected(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def connect(self, timeout: float = 10.0) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> Callable[[float], bool]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _subscribe_raw(self, pattern: str) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- the interface
+    def subscribe(self, *patterns: str) -> None:
+        """Subscribe now and again after every reconnect."""
+        for p in patterns:
+            if p not in self._filters:
+                self._filters.append(p)
+            if self.connected:
+                self._subscribe_raw(p)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Delivery:
+        """QoS 1 publish of a whole message, chunked when above `max_payload`."""
+        parts = protocol.split_payload(bytes(payload), self.max_payload)
+        waits: list[Callable[[float], bool]] = []
+        if retain and len(parts) > 1:
+            waits.append(self._send(topic, b"", True))  # clear the stale retained message
+            retain = False
+        for part in parts:
+            waits.append(self._send(topic, part, retain))
+        return Delivery(waits, sum(len(p) for p in parts))
+
+    def recv(self, timeout: float) -> Received | None:
+        """The next whole message, or None after `timeout` seconds."""
+        try:
+            return self._inbox.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    # --- called from the transport's receiving thread
+    def _on_raw(self, topic: str, payload: bytes, retained: bool) -> None:
+        self.counters.down(len(payload))
+        if not payload:
+            return  # a cleared retained message
+        if protocol.peek_type(payload) == "chunk":
+            with self._rlock:
+                try:
+                    done = self._reassembler.feed(topic, payload)
+                except MessageRejected as exc:
+                    self.rejected[exc.reason] += 1
+                    return
+            if done is None:
+                return
+            whole, wire, seconds = done
+            msg = Received(topic, whole, retained, wire, seconds)
+        else:
+            msg = Received(topic, bytes(payload), retained, len(payload), 0.0)
+        try:
+            self._inbox.put_nowait(msg)
+        except queue.Full:
+            self.rejected["inbox_full"] += 1
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+class MemoryBroker:
+    """A tiny in-process broker: retained messages, '+'/'#' filters, wills, and no queueing
+    for offline clients (what amqtt does; correctness must not rely on broker queues)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.retained: dict[str, bytes] = {}
+        self.clients: dict[str, MemoryTransport] = {}
+        self.log: list[tuple[str, str, bytes, bool]] = []  # (sender, topic, payload, retain)
+
+    def publish(self, sender: str, topic: str, payload: bytes, retain: bool) -> None:
+        with self.lock:
+            self.log.append((sender, topic, payload, retain))
+            if retain:
+                if payload:
+                    self.retained[topic] = payload
+                else:
+                    self.retained.pop(topic, None)
+            targets = [
+                c
+                for c in self.clients.values()
+                if c.connected and any(protocol.topic_matches(f, topic) for f in c._filters)
+            ]
+        for c in targets:
+            c._on_raw(topic, payload, False)
+
+    def drop(self, client_id: str) -> None:
+        """An ungraceful disconnect (network drop, kill -9): the client's will goes out."""
+        with self.lock:
+            c = self.clients.get(client_id)
+            if c is None or not c._connected:
+                return
+            c._connected = False
+        if c.will is not None:
+            self.publish(client_id, *c.will)
+
+
+class MemoryTransport(Transport):
+    """A client of `MemoryBroker`; synchronous delivery into the receiver's inbox."""
+
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        client_id: str,
+        *,
+        will: tuple[str, bytes, bool] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(client_id, **kwargs)
+        self.broker = broker
+        self.will = will
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self, timeout: float = 10.0) -> None:
+        with self.broker.lock:
+            old = self.broker.clients.get(self.client_id)
+            if old is not None and old is not self:
+                old._connected = False  # MQTT: a second connect with the same id takes over
+            self.broker.clients[self.client_id] = self
+            self._connected = True
+            self.epoch += 1
+        for f in self._filters:
+            self._subscribe_raw(f)
+
+    def close(self) -> None:
+        with self.broker.lock:
+            self._connected = False
+
+    def _subscribe_raw(self, pattern: str) -> None:
+        with self.broker.lock:
+            hits = [
+                (t, p)
+                for t, p in self.broker.retained.items()
+                if protocol.topic_matches(pattern, t)
+            ]
+        for t, p in hits:
+            self._on_raw(t, p, True)
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> Callable[[float], bool]:
+        if not self._connected:
+            return _lost  # published while offline: lost, and the caller learns it
+        self.counters.up(len(payload))
+        self.broker.publish(self.client_id, topic, payload, retain)
+        return _acked
+
+
+# ----------------------------------------------------------------------------- MQTT
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False  # skip hostname verification (self-signed test setups only)
+
+    @classmethod
+    def from_options(
+        cls,
+        ca_certs: Any = None,
+        certfile: Any = None,
+        keyfile: Any = None,
+        insecure: bool = False,
+    ) -> TlsOptions | None:
+        """From CLI options (paths or None); None when no TLS option was given."""
+        if not (ca_certs or certfile or keyfile or insecure):
+            return None
+        return cls(*(str(p) if p else None for p in (ca_certs, certfile, keyfile)), insecure)
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
+    """'mqtt://[user:pass@]host[:port]' or 'mqtts://...' -> (host, port, tls, user, password)."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    tls = parsed.scheme in ("mqtts", "ssl")
+    if not parsed.hostname:
+        raise TransportError(f"broker URL {url!r} has no host")
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise TransportError(f"broker URL {url!r} has an invalid port") from None
+    user = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    return parsed.hostname, port, tls, user, password
+
+
+class MqttTransport(Transport):
+    """paho-mqtt 2.x with a persistent session, reconnect with backoff and byte counters."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        will: tuple[str, bytes, bool] | None = None,
+        keepalive: int = 15,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        clean_session: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        super().__init__(client_id, **kwargs)
+        host, port, url_tls, url_user, url_password = parse_broker_url(url)
+        self.host, self.port = host, port
+        self.url = url
+        self._mqtt = mqtt
+        self._connected = False
+        self._connected_event = threading.Event()
+        self._refused: str | None = None
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+        )
+        client.max_queued_messages_set(0)  # unlimited: queue while disconnected
+        client.max_inflight_messages_set(100)
+        user = username or url_user
+        if user is not None:
+            client.username_pw_set(user, password if password is not None else url_password)
+        if tls is not None or url_tls:
+            import ssl
+
+            t = tls or TlsOptions()
+            client.tls_set(
+                ca_certs=t.ca_certs,
+                certfile=t.certfile,
+                keyfile=t.keyfile,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(t.insecure)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=protocol.QOS, retain=will[2])
+        client.reconnect_delay_set(
+            min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s))
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.keepalive = keepalive
+        self.client = client
+        self._started = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect (bounded by `timeout`); afterwards paho's thread reconnects on its own."""
+        if not self._started:
+            try:
+                self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+            except (OSError, ValueError) as exc:
+                raise TransportError(f"cannot reach broker {self.url}: {exc}") from None
+            self.client.loop_start()
+            self._started = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._connected_event.wait(0.1):
+                return
+            if self._refused:
+                self.close()
+                raise TransportError(f"broker {self.url} refused {self.client_id}: {self._refused}")
+        self.close()
+        raise TransportError(f"broker {self.url} not reachable within {timeout:.0f}s")
+
+    def close(self) -> None:
+        """Clean disconnect: the will is NOT sent (publish an offline status before this)."""
+        if self._started:
+            try:
+                self.client.disconnect()
+            finally:
+                self.client.loop_stop()
+                self._started = False
+        self._connected = False
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._refused = str(rc)
+            if "not authorized" in str(rc).lower() or "bad user" in str(rc).lower():
+                client.disconnect()  # do not hammer the broker with refused credentials
+            return
+        self._refused = None
+        for f in self._filters:
+            client.subscribe(f, qos=protocol.QOS)
+        self._connected = True
+        self.epoch += 1
+        self._connected_event.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self._connected = False
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self._on_raw(msg.topic, msg.payload, bool(msg.retain))
+
+    def _subscribe_raw(self, pattern: str) -> None:
+        self.client.subscribe(pattern, qos=protocol.QOS)
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> Callable[[float], bool]:
+        info = self.client.publish(topic, payload, qos=protocol.QOS, retain=retain)
+        if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(f"publish to {topic} refused: paho's queue is full")
+        self.counters.up(len(payload))
+
+        def wait(timeout: float) -> bool:
+            # Not wait_for_publish(): it raises when the message was queued while offline,
+            # although paho sends it after reconnecting; PUBACK sets _published either way.
+            deadline = time.monotonic() + timeout
+            with info._condition:
+                while not info._published and time.monotonic() < deadline:
+                    info._condition.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                return bool(info._published)
+
+        return wait
