@@ -33,7 +33,7 @@ def _ort_has(provider: str) -> bool:
 
 
 def _export(root: Path, precision: str, trt: bool) -> Path:
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     out = root / f"art-{precision}"
     export_artifact(

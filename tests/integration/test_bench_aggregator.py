@@ -7,23 +7,20 @@ the global adapter itself).
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import mqtt as mqtt_helpers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mqtt_helpers  # noqa: E402
-
-from fedclip_edge.benchmarks.aggregator import (  # noqa: E402
+from fedclip_edge.benchmarks.aggregator import (
     SCHEMA,
     _initial_global,
     make_updates,
     run_bench,
 )
-from fedclip_edge.wire import decode_frame  # noqa: E402
+from fedclip_edge.wire import decode_frame
 
 pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 
@@ -32,7 +29,7 @@ N, DIM = 20, 64
 
 def test_updates_are_valid_and_their_mean_is_the_global():
     ids, payloads, g, mean = make_updates(5, 8, seed=3, job="j")
-    from fedclip_edge import protocol as P
+    from fedclip_edge.broker import protocol as P
 
     frames = []
     for cid, payload in zip(ids, payloads, strict=True):

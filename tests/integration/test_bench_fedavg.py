@@ -113,13 +113,9 @@ def test_cli_errors(data, tmp_path, capsys):
 def test_mqtt_transport_bytes_are_frames_plus_chunk_envelopes(data, tmp_path):
     """Every exchange through a private mosquitto, chunked at 64 KiB: each direction's bytes are
     the in-process frame size plus exactly the chunk envelopes that frame splits into."""
-    import sys
-    from pathlib import Path
+    from support import mqtt as mqtt_helpers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import mqtt_helpers
-
-    from fedclip_edge.protocol import split_payload
+    from fedclip_edge.broker.protocol import split_payload
 
     mqtt_helpers.require_mosquitto()
     kw = {"pretrained": "none", "clients": 1, "rounds": 1, "log": lambda s: None}

@@ -20,12 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import mqtt as mh
 
 from fedclip_edge.broker.embedded import EmbeddedBroker
 from fedclip_edge.errors import TransportError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-import mqtt_helpers as mh  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

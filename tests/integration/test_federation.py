@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import mqtt as mh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-import mqtt_helpers as mh  # noqa: E402
-
-from fedclip_edge import protocol as P  # noqa: E402
+from fedclip_edge.broker import protocol as P
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +59,7 @@ def agent_cmd(fed: dict[str, Path], url: str, job: str, client: str) -> list[str
 
 def agg_cmd(fed: dict[str, Path], url: str, job: str, out: Path, rounds: int = 3,
             min_clients: int = 3, timeout: float = 30, extra: tuple[str, ...] = ()) -> list[str]:
-    return [PY, "-m", "fedclip_edge.aggregator", "--broker", url, "--job", job, "--rounds",
+    return [PY, "-m", "fedclip_edge.cli", "aggregate", "--broker", url, "--job", job, "--rounds",
             str(rounds), "--min-clients", str(min_clients), "--round-timeout", str(timeout),
             "--out", str(out), "--preset", "learning", "--seed", "1", "--wait-clients", "60",
             "--eval-features", str(fed["cache"] / "sketch"), "--eval-domain", "sketch",

@@ -12,7 +12,7 @@ import pytest
 from fedclip_edge.config import SimulationConfig
 from fedclip_edge.data.synth import write_dataset
 from fedclip_edge.models.tiny import ensure_pretrained
-from fedclip_edge.pipeline import build_features, train_config
+from fedclip_edge.runs import build_features, train_config
 from fedclip_edge.simulate import simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -26,7 +26,7 @@ _CACHE: dict[str, Path] = {}
 def exported(factory: pytest.TempPathFactory, precision: str) -> Path:
     """Path of a fedclip-tiny artifact in `precision` (exported on first use this session)."""
     if precision not in _CACHE:
-        from fedclip_edge.exporters.pipeline import export_artifact
+        from fedclip_edge.exporters.export import export_artifact
 
         root = factory.mktemp(f"artifact-{precision}")
         classes = root / "classes.txt"

@@ -29,7 +29,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedclip_edge.broker.embedded import EmbeddedBroker
-from fedclip_edge.procs import stop_process
+from fedclip_edge.broker.procs import stop_process
 
 HOST = "127.0.0.1"
 REQUIRE_ENV = "FEDCLIP_REQUIRE_MOSQUITTO"

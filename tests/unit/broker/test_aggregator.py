@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedclip_edge import protocol as P
 from fedclip_edge.adapter import AttentionAdapter
-from fedclip_edge.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.device_agent.agent import Agent, AgentConfig, LocalData, round_generator
 from fedclip_edge.errors import FedClipError
-from fedclip_edge.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.wire import encode_frame
 
 JOB = "j1"

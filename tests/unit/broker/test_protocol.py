@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from fedclip_edge import protocol as p
-from fedclip_edge.protocol import MessageRejected, Reassembler
+from fedclip_edge.broker import protocol as p
+from fedclip_edge.broker.protocol import MessageRejected, Reassembler
 
 
 def test_topics_are_the_fixed_ones() -> None:

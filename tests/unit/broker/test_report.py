@@ -1,6 +1,6 @@
 """The latency/bytes plot stays readable (and cheap) with hundreds of devices."""
 
-from fedclip_edge import metrics as M
+from fedclip_edge.broker import report as M
 
 
 def _records(clients: int, rounds: int) -> list[dict]:

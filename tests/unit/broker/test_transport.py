@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support import mqtt as mh
 
-from fedclip_edge import protocol as p
+from fedclip_edge.broker import protocol as p
+from fedclip_edge.broker.transport import (
+    MemoryBroker,
+    MemoryTransport,
+    MqttTransport,
+    parse_broker_url,
+)
 from fedclip_edge.errors import TransportError
-from fedclip_edge.transport import MemoryBroker, MemoryTransport, MqttTransport, parse_broker_url
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-import mqtt_helpers as mh  # noqa: E402
 
 
 def test_memory_retained_wills_and_offline_loss() -> None:
@@ -179,7 +181,7 @@ def test_mqtt_reconnects_after_broker_restart_and_sends_queued(tmp_path: Path) -
 def test_tls_options_from_cli_options():
     from pathlib import Path
 
-    from fedclip_edge.transport import TlsOptions
+    from fedclip_edge.broker.transport import TlsOptions
 
     assert TlsOptions.from_options() is None
     tls = TlsOptions.from_options(Path("/ca.pem"), None, None, False)

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_helpers import CLASSES, MAX_BATCH, MODEL, exported
+from support.export import CLASSES, MAX_BATCH, MODEL, exported
 
 from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
@@ -186,7 +186,7 @@ def test_trt_without_tensorrt_gives_trtexec_commands(tmp_path_factory) -> None:
 
 
 def test_failed_parity_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     monkeypatch.setitem(
         parity.BOUNDS, "fp32", parity.Bound(min_cosine=1.5, min_top1_agreement=0.99)
@@ -202,7 +202,7 @@ def test_failed_parity_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_existing_out_needs_force(tmp_path: Path) -> None:
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "keep.txt").write_text("mine")
@@ -212,7 +212,7 @@ def test_existing_out_needs_force(tmp_path: Path) -> None:
 
 
 def test_bad_options_fail_early(tmp_path: Path) -> None:
-    from fedclip_edge.exporters.pipeline import export_artifact, resolve_classes
+    from fedclip_edge.exporters.export import export_artifact, resolve_classes
 
     with pytest.raises(ExportError, match="int8"):
         export_artifact(tmp_path / "a", pretrained="none", precision="int8", trt=True)
@@ -229,7 +229,7 @@ def test_bad_options_fail_early(tmp_path: Path) -> None:
 
 def test_classes_from_a_dataset_folder(tmp_path: Path) -> None:
     from fedclip_edge.data import synth
-    from fedclip_edge.exporters.pipeline import resolve_classes
+    from fedclip_edge.exporters.export import resolve_classes
 
     synth.write_dataset(tmp_path / "data", per_class=1, seed=0, size=16)
     assert resolve_classes(tmp_path / "data") == list(synth.CLASSES)
@@ -273,7 +273,7 @@ def test_a_provider_crash_is_an_export_error(tmp_path: Path, monkeypatch) -> Non
     import sys
 
     from fedclip_edge.exporters import ort_utils
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
     monkeypatch.setattr(ort_utils, "child_command", lambda req: [sys.executable, "-c", crash])

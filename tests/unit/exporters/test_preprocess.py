@@ -29,7 +29,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
 
 
 def test_matches_the_models_own_transform(images: list[Image.Image]) -> None:
-    from test_export_helpers import MODEL
+    from support.export import MODEL
 
     from fedclip_edge.models import load_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_helpers import MAX_BATCH, MODEL, copy_artifact, exported, rehash
+from support.export import MAX_BATCH, MODEL, copy_artifact, exported, rehash
 
 from fedclip_edge.data import synth
 from fedclip_edge.errors import ExportError
