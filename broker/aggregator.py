@@ -5,41 +5,38 @@ this module owns the round: publish the global adapter (retained), collect updat
 active device answered or the deadline passed, validate each one, aggregate when at least
 `min_clients` arrived, and commit the round to disk before starting the next.
 
-Commit order, so a crash at any point loses nothing and counts nothing twice:
-1. `OUT/rounds/global_rNNNN.safetensors` (atomic), 2. the round's lines appended to
-`OUT/metrics.jsonl` (fsync), 3. `OUT/state.json` (atomic; the commit point), then the
-convenience copies `OUT/global.safetensors`, `OUT/summary.json` and `OUT/latency.png`.
-`--resume` reads state.json, drops metric lines of rounds after it, and redoes the next round:
-devices train deterministically from the same global adapter and seeds, so the result is the
-one an uninterrupted run gets.
+Who takes part lives in `roster.py`, the run folder (commit order, resume) in `store.py`, the
+reports in `report.py`, the command in `cli.py`. `--resume` redoes the round after the last
+committed one: devices train deterministically from the same global adapter and seeds, so the
+result is the one an uninterrupted run gets. Instrumentation (benchmarks, tests) subclasses
+`AggregatorHooks` instead of overriding private methods.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
+from fedclip_edge.broker.roster import Device, Roster
+from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
+from fedclip_edge.features import load_feature_cache
 from fedclip_edge.strategy import FedAvg
+from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_frame, encode_frame
 from fedclip_edge.wire import expected_shapes as frame_shapes
 
-STATE_SCHEMA = "fedclip-edge/aggregator-state/v1"
 POLICIES = ("retry", "stop")
 
 
@@ -74,40 +71,26 @@ class AggregatorConfig:
             raise ConfigError("give --eval-features and --eval-domain together")
 
 
-@dataclass
-class Device:
-    client: str
-    state: str = "online"
-    samples: dict[str, int] = field(default_factory=dict)
-    backend: str = ""
-    dim: int = 0
-    versions: dict[str, str] = field(default_factory=dict)
+class AggregatorHooks:
+    """Points where a benchmark or a test observes a run; every method is a no-op here.
 
+    Called on the aggregator's own thread, so a hook must be quick.
+    """
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    def round_started(self, agg: Aggregator, rnd: int) -> None:
+        """Before the round's global is published."""
 
+    def round_closed(self, agg: Aggregator, rnd: int) -> None:
+        """Every active device answered (or enough did by the deadline)."""
 
-def _atomic_json(path: Path, data: Any) -> None:
-    _atomic_bytes(path, (json.dumps(M._clean(data), indent=2, allow_nan=False) + "\n").encode())
+    def update_handled(self, agg: Aggregator, seconds: float, accepted: bool) -> None:
+        """One update message validated (and added when accepted)."""
 
+    def before_commit(self, agg: Aggregator, rnd: int, wall_s: float) -> None:
+        """The round's aggregate is computed; nothing of it is on disk yet."""
 
-def _save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> str:
-    """Atomic safetensors write; returns the file's sha256 (recorded in state.json)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"round": str(rnd)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    os.replace(tmp, path)
-    return digest
+    def after_commit(self, agg: Aggregator, rnd: int, commit_s: float, reports_s: float) -> None:
+        """state.json names this round; reports are written."""
 
 
 class Aggregator:
@@ -121,15 +104,18 @@ class Aggregator:
         log: Callable[[str], None] = print,
         console: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        hooks: AggregatorHooks | None = None,
     ) -> None:
         self.t = transport
         self.cfg = cfg
         self.log = log
         self.console = console
         self.clock = clock
-        self.out = Path(cfg.out)
+        self.hooks = hooks or AggregatorHooks()
+        self.store = RunStore(cfg.out)
+        self.out = self.store.out
         self.strategy = FedAvg(cfg.weighting)
-        self.devices: dict[str, Device] = {}
+        self.roster = Roster()
         self.counters: Counter[str] = Counter()
         self.completed = 0
         self.global_state: dict[str, torch.Tensor] | None = None
@@ -145,12 +131,18 @@ class Aggregator:
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
 
+    @property
+    def devices(self) -> dict[str, Device]:
+        return self.roster.devices
+
+    @property
+    def active(self) -> frozenset[str]:
+        return self.roster.active
+
     # ------------------------------------------------------------------ setup
     def _load_eval(self) -> None:
         if self.cfg.eval_features is None:
             return
-        from fedclip_edge.features import load_feature_cache
-
         fs = load_feature_cache(Path(self.cfg.eval_features), [str(self.cfg.eval_domain)])
         d = fs.domains[str(self.cfg.eval_domain)]
         self._eval = (d.features, d.labels, fs.text_features)
@@ -158,40 +150,21 @@ class Aggregator:
             self.cfg.dim = fs.dim
 
     def _init_state(self) -> None:
-        state_path = self.out / "state.json"
-        if self.cfg.resume and state_path.is_file():
-            st = json.loads(state_path.read_text())
-            if st.get("schema") != STATE_SCHEMA or st.get("job") != self.cfg.job:
-                raise ConfigError(f"{state_path} belongs to another job or format; cannot resume")
-            if st.get("seed") != self.cfg.seed:
-                raise ConfigError(
-                    f"{state_path} was made with seed {st.get('seed')}, not "
-                    f"{self.cfg.seed}: resuming would not reproduce the run"
-                )
-            gfile = self.out / st["global_file"]
-            data = gfile.read_bytes()
-            if hashlib.sha256(data).hexdigest() != st["global_sha256"]:
-                raise ConfigError(f"{gfile} does not match its hash in state.json")
-            self.global_state = load_file(str(gfile))
-            self.completed = int(st["completed_round"])
-            self.counters.update(st.get("counters", {}))
-            self.devices = {c: Device(**d) for c, d in st.get("devices", {}).items()}
-            self.history = list(st.get("history", []))
-            self.cfg.dim = int(st["dim"])
-            M.truncate_metrics(self.out / "metrics.jsonl", self.completed)
-            self.log(
-                f"resuming job {self.cfg.job} after round {self.completed} "
-                f"(global adapter {gfile.name})"
-            )
+        resumed = self.store.open(job=self.cfg.job, seed=self.cfg.seed, resume=self.cfg.resume)
+        if resumed is None:
+            if self.cfg.resume:
+                self.log(f"no {self.store.state_path} yet: job {self.cfg.job} starts at round 1")
             return
-        if self.cfg.resume:
-            self.log(f"no {state_path} yet: starting job {self.cfg.job} from round 1")
-        elif state_path.exists():
-            raise ConfigError(
-                f"{self.out} already holds a run (state.json): pass --resume "
-                "to continue it or choose another --out"
-            )
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.global_state = resumed.global_state
+        self.completed = resumed.completed
+        self.counters.update(resumed.counters)
+        self.roster = Roster.from_dict(resumed.devices)
+        self.history = resumed.history
+        self.cfg.dim = resumed.dim
+        self.log(
+            f"resuming job {self.cfg.job} after round {self.completed} "
+            f"(global adapter {Path(resumed.global_file).name})"
+        )
 
     def _make_initial(self) -> None:
         if self.global_state is not None:
@@ -213,11 +186,10 @@ class Aggregator:
         self.counters[f"rejected_{reason}"] += 1
         self.log(f"rejected ({reason}) on {topic}: {message}")
 
-    @property
-    def active(self) -> set[str]:
-        return {c for c, d in self.devices.items() if d.state != "offline"}
-
     def _handle(self, msg: Received) -> None:
+        is_update = False
+        t0 = time.perf_counter()
+        accepted = False
         try:
             job, kind, client = P.parse_topic(msg.topic)
             if job != self.cfg.job:
@@ -225,9 +197,13 @@ class Aggregator:
             if kind == "status":
                 self._on_status(client or "", msg)
             elif kind == "update":
+                is_update = True
                 self._on_update(client or "", msg)
+                accepted = True
         except P.MessageRejected as exc:
             self._reject(exc.reason, msg.topic, exc.message)
+        if is_update:
+            self.hooks.update_handled(self, time.perf_counter() - t0, accepted)
 
     def _on_status(self, client: str, msg: Received) -> None:
         st = P.decode_message(msg.payload)
@@ -235,21 +211,20 @@ class Aggregator:
             raise P.MessageRejected("type", "a status topic carries only hello/status")
         if st.client != client:
             raise P.MessageRejected("client_mismatch", f"status of {st.client!r} on {client!r}")
-        dev = self.devices.get(client)
+        dev = self.roster.get(client)
         if st.state == "offline":
-            if dev is not None and dev.state != "offline":
-                dev.state = "offline"
+            if dev is not None and dev.active:
+                self.roster.set_state(client, "offline")
                 self.log(f"device {client} is offline")
             return
-        if dev is None or dev.state == "offline" or st.hello:
-            if dev is None or dev.state == "offline":
+        if dev is None or not dev.active or st.hello:
+            if dev is None or not dev.active:
                 self.log(
                     f"device {client} online: {sum(st.samples.values())} samples "
                     f"{st.samples}, {st.backend}"
                 )
-            self.devices[client] = dev = Device(
-                client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions)
-            )
+            dev = Device(client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions))
+            self.roster.put(dev)
             # a chunked global cannot be retained: send it again to a (re)joining device
             if (
                 self._round
@@ -257,7 +232,7 @@ class Aggregator:
                 and st.round < self._round
             ):
                 self._publish_global()
-        dev.state = st.state
+        self.roster.set_state(client, st.state)
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s
 
@@ -269,7 +244,7 @@ class Aggregator:
             raise P.MessageRejected("job", f"update for job {up.job!r}")
         if up.client != client:
             raise P.MessageRejected("client_mismatch", f"update of {up.client!r} on {client!r}")
-        if client not in self.devices:
+        if client not in self.roster:
             raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
         if up.round < self._round:
             raise P.MessageRejected("stale", f"update for round {up.round}, now {self._round}")
@@ -305,6 +280,7 @@ class Aggregator:
         )
         rec.setdefault("bytes_down", len(self._global_payload))
         self._answered[client] = rec
+        self.roster.answered(client)
 
     # ------------------------------------------------------------------ publishing
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None:
@@ -346,14 +322,15 @@ class Aggregator:
 
     # ------------------------------------------------------------------ rounds
     def _round_done(self) -> bool:
-        n = len(self._answered)
-        return n >= self.cfg.min_clients and self.active <= set(self._answered)
+        return len(self._answered) >= self.cfg.min_clients and self.roster.all_active_answered
 
     def _run_round(self, rnd: int) -> bool:
         self._round = rnd
         self._acc = self.strategy.start_round()
         self._answered = {}
+        self.roster.start_round()
         self._uploads = {}
+        self.hooks.round_started(self, rnd)
         t0 = self._published_at = self.clock()
         self._publish_global(have=())
         attempts = 0
@@ -370,6 +347,7 @@ class Aggregator:
                 return False
             self.log(f"round {rnd}: retry {attempts}/{self.cfg.max_retries}, same global adapter")
             self._publish_global()
+        self.hooks.round_closed(self, rnd)
         answered = set(self._answered)
         self._pump(
             self.clock() + self.cfg.upload_grace_s,
@@ -378,124 +356,82 @@ class Aggregator:
         wall = self.clock() - t0
         assert self._acc is not None
         new_state = self._acc.result()
+        self.hooks.before_commit(self, rnd, wall)
+        t1 = time.perf_counter()
         self._commit(rnd, new_state, wall, attempts)
+        commit_s = time.perf_counter() - t1
+        # the plot redraws every client's history: every 5 rounds and at the end, not each round
+        self._write_reports(plot=rnd % 5 == 0 or rnd >= self.cfg.rounds)
+        self.hooks.after_commit(self, rnd, commit_s, time.perf_counter() - t1 - commit_s)
         return True
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> float | None:
         if self._eval is None:
             return None
-        from fedclip_edge.train import accuracy
-
         adapter = AttentionAdapter(int(self.cfg.dim or 0))
         adapter.load_state_dict(state)
         return accuracy(adapter, *self._eval)
 
     def _commit(self, rnd: int, state: dict[str, torch.Tensor], wall: float, retries: int) -> None:
-        heldout = self._evaluate(state)
         rows = []
         for c, rec in sorted(self._answered.items()):
             rec = dict(rec)
             rec["upload_s"] = self._uploads.get((c, rnd), rec.get("upload_s"))
             rec["round_wall_s"] = wall
             rows.append(rec)
-        losses = [r["loss"] for r in rows if M._num(r.get("loss")) is not None]
-        lat = [r["update_latency_s"] for r in rows]
-        pers = [r["local_test_acc"] for r in rows if M._num(r.get("local_test_acc")) is not None]
-        glob = [r["global_test_acc"] for r in rows if M._num(r.get("global_test_acc")) is not None]
-        summary_row = {
-            "kind": "round",
-            "round": rnd,
-            "clients": sorted(self._answered),
-            "active": sorted(self.active),
-            "round_wall_s": wall,
-            "retries": retries,
-            "mean_loss": sum(losses) / len(losses) if losses else None,
-            "personalization_acc": sum(pers) / len(pers) if pers else None,
-            "global_test_acc": sum(glob) / len(glob) if glob else None,
-            "heldout_acc": heldout,
-            "latency_p50_s": M.percentile(lat, 50),
-            "latency_max_s": max(lat) if lat else None,
-            "bytes_down": sum(int(r.get("bytes_down") or 0) for r in rows),
-            "bytes_up": sum(int(r.get("bytes_up") or 0) for r in rows),
-            "rejected": {k: v for k, v in self.counters.items() if k.startswith("rejected_")},
-        }
-        rel = f"rounds/global_r{rnd:04d}.safetensors"
-        digest = _save_adapter(self.out / rel, state, rnd)
-        M.append_metrics(self.out / "metrics.jsonl", [*rows, summary_row])
-        self.global_state = state
-        self.completed = rnd
+        summary_row = M.round_record(
+            rnd,
+            rows,
+            active=sorted(self.active),
+            wall=wall,
+            retries=retries,
+            heldout=self._evaluate(state),
+            counters=self.counters,
+        )
         self.history.append(
             {
                 k: summary_row[k]
                 for k in ("round", "clients", "mean_loss", "heldout_acc", "round_wall_s")
             }
         )
-        _atomic_json(
-            self.out / "state.json",
+        self.store.commit(
+            rnd,
+            state,
+            [*rows, summary_row],
             {
-                "schema": STATE_SCHEMA,
                 "job": self.cfg.job,
                 "seed": self.cfg.seed,
                 "dim": self.cfg.dim,
                 "rounds": self.cfg.rounds,
-                "completed_round": rnd,
-                "global_file": rel,
-                "global_sha256": digest,
                 "train": self.cfg.train,
                 "weighting": self.cfg.weighting,
-                "devices": {c: d.__dict__ for c, d in self.devices.items()},
+                "devices": self.roster.to_dict(),
                 "counters": dict(self.counters),
                 "history": self.history,
             },
         )
-        _save_adapter(self.out / "global.safetensors", state, rnd)
-        # the plot redraws every client's history: every 5 rounds and at the end, not each round
-        self._write_reports(plot=rnd % 5 == 0 or rnd >= self.cfg.rounds)
-        self._print_round(summary_row, rows)
+        self.global_state = state
+        self.completed = rnd
+        self.log(M.round_line(summary_row, self.cfg.rounds))
+        if self.console is not None:
+            self.console.print(M.round_table(rnd, rows))
 
     def _write_reports(self, plot: bool = True) -> None:
-        records = M.read_metrics(self.out / "metrics.jsonl")
-        summary = M.summarize(records)
-        summary.update(
+        M.write_reports(
+            self.out,
             {
                 "job": self.cfg.job,
                 "completed_round": self.completed,
                 "rounds": self.cfg.rounds,
                 "counters": dict(self.counters),
-            }
+            },
+            draw=plot,
+            log=self.log,
         )
-        _atomic_json(self.out / "summary.json", summary)
-        if not plot:
-            return
-        try:
-            M.plot(records, self.out / "latency.png")
-        except Exception as exc:  # a plot must never stop a federated run
-            self.log(f"warning: could not draw latency.png: {exc}")
-
-    def _print_round(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        def pct(v: Any) -> str:
-            return "-" if M._num(v) is None else f"{v:.1%}"
-
-        def num(v: Any, spec: str) -> str:
-            return "-" if M._num(v) is None else format(v, spec)
-
-        rej = sum(row["rejected"].values())
-        self.log(
-            f"round {row['round']}/{self.cfg.rounds} | clients {len(row['clients'])}/"
-            f"{len(row['active']) or len(row['clients'])} | loss {num(row['mean_loss'], '.4f')}"
-            f" | pers {pct(row['personalization_acc'])} | global {pct(row['global_test_acc'])}"
-            f" | held-out {pct(row['heldout_acc'])} | latency p50 "
-            f"{num(row['latency_p50_s'], '.3f')}s max {num(row['latency_max_s'], '.3f')}s"
-            f" | down {M._fmt_bytes(row['bytes_down'])} up {M._fmt_bytes(row['bytes_up'])}"
-            f" | wall {row['round_wall_s']:.2f}s | rejected {rej}"
-        )
-        if self.console is not None:
-            self.console.print(M.round_table(row["round"], rows))
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, torch.Tensor]:
         """The whole job; raises FedClipError when it stops short (policy `stop` or retries)."""
-        self.out.mkdir(parents=True, exist_ok=True)
         self._load_eval()
         self._init_state()
         self.t.subscribe(P.update_filter(self.cfg.job), P.status_filter(self.cfg.job))
@@ -507,11 +443,11 @@ class Aggregator:
         self._pump(self.clock() + 0.3, lambda: False)
         self._pump(
             self.clock() + self.cfg.wait_clients_s,
-            lambda: len(self.active) >= self.cfg.min_clients,
+            lambda: self.roster.active_count >= self.cfg.min_clients,
         )
         self._make_initial()
         self.log(
-            f"job {self.cfg.job}: {len(self.active)} device(s) online "
+            f"job {self.cfg.job}: {self.roster.active_count} device(s) online "
             f"({', '.join(sorted(self.active)) or 'none'}), rounds "
             f"{self.completed + 1}..{self.cfg.rounds}, min clients {self.cfg.min_clients}"
         )
@@ -537,126 +473,3 @@ class Aggregator:
             f"global adapter {self.out / 'global.safetensors'}"
         )
         return self.global_state
-
-
-def state_sha(out: Path) -> str:
-    """sha256 of the final global adapter file named in OUT/state.json (for tests/tools)."""
-    st = json.loads((Path(out) / "state.json").read_text())
-    return str(st["global_sha256"])
-
-
-# ---------------------------------------------------------------------- CLI
-
-import typer  # noqa: E402  (kept after the library code: the module works without the CLI)
-
-from fedclip_edge.broker import cli_options as opt  # noqa: E402
-
-
-def aggregate(
-    broker: Annotated[str, typer.Option(help="Broker URL: mqtt://host:port or mqtts://host:port")],
-    job: Annotated[str, typer.Option(help="Job id (a topic level: A-Z a-z 0-9 _ . -).")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds to run.")],
-    out: Annotated[Path, typer.Option(help="Output folder: state, adapters, metrics, plot.")],
-    min_clients: Annotated[int, typer.Option(help="Updates needed to aggregate a round.")] = 1,
-    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/state.json.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed: initial adapter and devices' training.")] = 0,
-    preset: Annotated[str, typer.Option(help="Local training preset: reference | learning.")] = (
-        "reference"
-    ),
-    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
-    weighting: Annotated[str, typer.Option(help="FedAvg weights: uniform | samples.")] = (
-        "uniform"
-    ),
-    on_short: Annotated[str, typer.Option(help="Too few updates: retry | stop.")] = "retry",
-    max_retries: Annotated[int, typer.Option(help="Retries of a short round.")] = 2,
-    wait_clients: Annotated[float, typer.Option(help="Seconds to wait for devices first.")] = 60.0,
-    dim: Annotated[int | None, typer.Option(help="Feature width (default: from devices).")] = None,
-    eval_features: Annotated[
-        Path | None,
-        typer.Option(help="Feature cache for held-out accuracy of each global adapter."),
-    ] = None,
-    eval_domain: Annotated[str | None, typer.Option(help="Domain of --eval-features.")] = None,
-    max_payload: Annotated[
-        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
-    ] = P.DEFAULT_MAX_PAYLOAD,
-    username: Annotated[str | None, typer.Option(help="MQTT username.")] = P.AGGREGATOR_ID,
-    password: opt.Password = None,
-    ca_certs: opt.CaCerts = None,
-    certfile: opt.Certfile = None,
-    keyfile: opt.Keyfile = None,
-    tls_insecure: opt.TlsInsecure = False,
-    connect_timeout: opt.ConnectTimeout = 30.0,
-) -> None:
-    """Run the aggregator of a federated job over MQTT."""
-    import signal
-    import sys
-
-    from rich.console import Console
-
-    from fedclip_edge.broker.transport import MqttTransport, TlsOptions
-    from fedclip_edge.runs import train_config
-
-    train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
-    cfg = AggregatorConfig(
-        job=job,
-        rounds=rounds,
-        out=out,
-        min_clients=min_clients,
-        round_timeout_s=round_timeout,
-        seed=seed,
-        weighting=weighting,
-        train=train,
-        dim=dim,
-        on_short=on_short,
-        max_retries=max_retries,
-        wait_clients_s=wait_clients,
-        eval_features=eval_features,
-        eval_domain=eval_domain,
-        resume=resume,
-        connect_timeout_s=connect_timeout,
-    )
-    tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
-    transport = MqttTransport(
-        broker,
-        f"{P.AGGREGATOR_ID}-{job}",
-        username=username,
-        password=password,
-        tls=tls,
-        max_payload=max_payload,
-    )
-    console = Console(width=None if sys.stdout.isatty() else 160)
-
-    def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
-
-    agg = Aggregator(transport, cfg, log=log, console=console)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # state.json holds the last committed round: --resume goes on
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        agg.run()
-    finally:
-        transport.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fedclip_edge.broker.aggregator ...` (subprocess tests), errors as one line."""
-    from fedclip_edge.cli_runner import run_command
-
-    return run_command(
-        aggregate,
-        argv,
-        "fedclip-edge aggregate",
-        interrupted="interrupted: state of the last completed round is kept; re-run with --resume",
-    )
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -17,13 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.embedded import EmbeddedBroker
+from fedclip_edge.broker.transport import MqttTransport
+from fedclip_edge.data.synth import DOMAINS, write_dataset
 from fedclip_edge.errors import ConfigError, TransportError
+from fedclip_edge.exporters.export import export_artifact
+from fedclip_edge.exporters.manifest import verify_artifact
+from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.runs import build_features, train_config
 
 
 def _export(data: Path, out: Path, log) -> Path:
     """The artifact the agents run; re-used when it is already there and verifies."""
-    from fedclip_edge.exporters.export import export_artifact
-    from fedclip_edge.exporters.manifest import verify_artifact
 
     if (out / "manifest.json").is_file():
         try:
@@ -92,11 +98,6 @@ def run_mqtt_demo(
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary."""
-    from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
-    from fedclip_edge.broker.transport import MqttTransport
-    from fedclip_edge.data.synth import DOMAINS, write_dataset
-    from fedclip_edge.models.tiny import ensure_pretrained
-    from fedclip_edge.runs import build_features, train_config
 
     if test_domain not in DOMAINS:
         raise ConfigError(f"--test-domain must be one of {', '.join(DOMAINS)}")
@@ -119,7 +120,6 @@ def run_mqtt_demo(
     job = f"demo-{int(time.time())}"
     with contextlib.ExitStack() as stack:
         if broker is None:
-            from fedclip_edge.broker.embedded import EmbeddedBroker
 
             url = stack.enter_context(EmbeddedBroker()).url
             log(f"4/5 embedded MQTT broker at {url}")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedclip_edge.io import atomic_write_json, jsonable
 
 CLIENT_FIELDS = (
     "bytes_down",
@@ -30,9 +32,14 @@ CLIENT_FIELDS = (
 
 
 def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    """A finite number, or None: metrics come from devices, so 10**400 or "x" are possible."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def percentile(xs: Sequence[float], q: float) -> float | None:
@@ -82,21 +89,11 @@ def truncate_metrics(path: Path, last_round: int) -> None:
 
 def append_metrics(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append and fsync, so a committed round's lines are on disk before its state is."""
-    text = "".join(json.dumps(_clean(r), allow_nan=False) + "\n" for r in records)
+    text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
     with open(path, "a") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,3 +239,79 @@ def round_table(rnd: int, rows: list[dict[str, Any]]) -> Any:
             _fmt(r.get("update_latency_s"), ".3f"),
         )
     return t
+
+
+def _mean(xs: list[Any]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def round_record(
+    rnd: int,
+    rows: list[dict[str, Any]],
+    *,
+    active: list[str],
+    wall: float,
+    retries: int,
+    heldout: float | None,
+    counters: Mapping[str, int],
+) -> dict[str, Any]:
+    """The round's line of metrics.jsonl (`kind: round`), from its clients' lines."""
+
+    def vals(key: str) -> list[Any]:
+        return [r[key] for r in rows if _num(r.get(key)) is not None]
+
+    lat = [r["update_latency_s"] for r in rows]
+    return {
+        "kind": "round",
+        "round": rnd,
+        "clients": sorted(r["client"] for r in rows),
+        "active": active,
+        "round_wall_s": wall,
+        "retries": retries,
+        "mean_loss": _mean(vals("loss")),
+        "personalization_acc": _mean(vals("local_test_acc")),
+        "global_test_acc": _mean(vals("global_test_acc")),
+        "heldout_acc": heldout,
+        "latency_p50_s": percentile(lat, 50),
+        "latency_max_s": max(lat) if lat else None,
+        "bytes_down": sum(int(r.get("bytes_down") or 0) for r in rows),
+        "bytes_up": sum(int(r.get("bytes_up") or 0) for r in rows),
+        "rejected": {k: v for k, v in counters.items() if k.startswith("rejected_")},
+    }
+
+
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """The one line per round an operator reads in a log."""
+
+    def pct(v: Any) -> str:
+        return "-" if _num(v) is None else f"{v:.1%}"
+
+    def num(v: Any, spec: str) -> str:
+        return "-" if _num(v) is None else format(v, spec)
+
+    rej = sum(row["rejected"].values())
+    return (
+        f"round {row['round']}/{rounds} | clients {len(row['clients'])}/"
+        f"{len(row['active']) or len(row['clients'])} | loss {num(row['mean_loss'], '.4f')}"
+        f" | pers {pct(row['personalization_acc'])} | global {pct(row['global_test_acc'])}"
+        f" | held-out {pct(row['heldout_acc'])} | latency p50 "
+        f"{num(row['latency_p50_s'], '.3f')}s max {num(row['latency_max_s'], '.3f')}s"
+        f" | down {_fmt_bytes(row['bytes_down'])} up {_fmt_bytes(row['bytes_up'])}"
+        f" | wall {row['round_wall_s']:.2f}s | rejected {rej}"
+    )
+
+
+def write_reports(
+    out: Path, extra: Mapping[str, Any], *, draw: bool = True, log: Any = print
+) -> None:
+    """OUT/summary.json from metrics.jsonl, and the plot when asked (never stops a run)."""
+    records = read_metrics(Path(out) / "metrics.jsonl")
+    summary = summarize(records)
+    summary.update(extra)
+    atomic_write_json(Path(out) / "summary.json", summary)
+    if not draw:
+        return
+    try:
+        plot(records, Path(out) / "latency.png")
+    except Exception as exc:  # a plot must never stop a federated run
+        log(f"warning: could not draw latency.png: {exc}")

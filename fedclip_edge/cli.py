@@ -13,13 +13,24 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
+from fedclip_edge.benchmarks.aggregator import bench_aggregator
+from fedclip_edge.benchmarks.extractor import bench_extractor
+from fedclip_edge.benchmarks.fedavg import bench_fedavg
+from fedclip_edge.broker.cli import aggregate, broker_app
+from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
     INTERRUPTED,
     expand_multi_values,
     run_app,
     run_command,
 )
+from fedclip_edge.data.synth import write_dataset
+from fedclip_edge.device_agent.cli import agent
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.exporters.cli import export
+from fedclip_edge.models import list_architectures
+from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.runs import build_features, run_demo, run_simulation
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -80,7 +91,6 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
 ) -> None:
     """Write the synthetic four-style dataset (a PACS stand-in that needs no download)."""
-    from fedclip_edge.data.synth import write_dataset
 
     info = write_dataset(out, per_class=per_class, seed=seed, size=size, progress=True)
     typer.echo(
@@ -94,7 +104,6 @@ def model_prepare(
     seed: Annotated[int, typer.Option(help="Pretraining seed.")] = 0,
 ) -> None:
     """Build (or find cached) the offline default model and print its zero-shot accuracy."""
-    from fedclip_edge.models.tiny import ensure_pretrained
 
     path, meta = ensure_pretrained(seed=seed)
     zs = ", ".join(f"{d} {a:.1%}" for d, a in meta["zero_shot"].items())
@@ -106,7 +115,6 @@ def model_prepare(
 @model_app.command("list")
 def model_list() -> None:
     """Architectures that open_clip can build here (weights are a separate matter)."""
-    from fedclip_edge.models import list_architectures
 
     typer.echo("\n".join(list_architectures()))
 
@@ -121,7 +129,6 @@ def features(
     batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = 32,
 ) -> None:
     """Encode every image once with the frozen image tower and cache the features."""
-    from fedclip_edge.runs import build_features
 
     build_features(
         data, out, model=model, pretrained=pretrained, domains=domains, batch_size=batch_size
@@ -164,7 +171,6 @@ def simulate_cmd(
     ] = 0,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
-    from fedclip_edge.runs import run_simulation
 
     if (data is None) == (features_dir is None):
         raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
@@ -219,7 +225,6 @@ def demo(
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
     if inproc:
-        from fedclip_edge.runs import run_demo
 
         run_demo(
             out,
@@ -230,20 +235,12 @@ def demo(
             personalize_epochs=personalize_epochs,
         )
         return
-    from fedclip_edge.broker.demo import run_mqtt_demo
 
     run_mqtt_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain, broker=broker)
 
 
 def _register_parts() -> None:
     """Commands whose options live with their part of the toolkit (imported here, at start)."""
-    from fedclip_edge.benchmarks.aggregator import bench_aggregator
-    from fedclip_edge.benchmarks.extractor import bench_extractor
-    from fedclip_edge.benchmarks.fedavg import bench_fedavg
-    from fedclip_edge.broker.aggregator import aggregate
-    from fedclip_edge.broker.cli import broker_app
-    from fedclip_edge.device_agent.cli import agent
-    from fedclip_edge.exporters.cli import export
 
     app.command("export")(export)
     app.command("agent")(agent)

@@ -71,3 +71,13 @@ class SimulationConfig:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
             raise ConfigError(f"split fractions must be positive and sum to 1, got {self.split}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {"reference": {}, "learning": LEARNING_PRESET}
+
+
+def train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A preset's TrainConfig with the user's overrides (None = keep the preset's value)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return TrainConfig().with_overrides(**PRESETS[preset]).with_overrides(**(overrides or {}))

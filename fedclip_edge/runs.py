@@ -6,11 +6,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedclip_edge.config import LEARNING_PRESET, SimulationConfig, TrainConfig
+from rich.console import Console
+from rich.table import Table
+
+from fedclip_edge.config import PRESETS, SimulationConfig, train_config  # noqa: F401
+from fedclip_edge.data.folder import scan_dataset
+from fedclip_edge.data.synth import write_dataset
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet, TorchEncoder, extract_features, load_feature_cache
-
-PRESETS = {"reference": {}, "learning": LEARNING_PRESET}
+from fedclip_edge.models import encode_prompts, load_model
+from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.simulate import simulate, write_json
 
 
 def build_features(
@@ -24,8 +30,6 @@ def build_features(
     progress: bool = True,
 ) -> FeatureSet:
     """Encode a dataset folder with the PyTorch image tower into a feature cache."""
-    from fedclip_edge.data.folder import scan_dataset
-    from fedclip_edge.models import encode_prompts, load_model
 
     dataset = scan_dataset(Path(data), domains)
     loaded = load_model(model, pretrained)
@@ -44,16 +48,9 @@ def build_features(
         f"features: {report.encoded} encoded, {report.reused} reused from the cache, "
         f"{len(report.skipped)} skipped{rate}; cache at {out}"
     )
-    from fedclip_edge.simulate import write_json
 
     write_json(Path(out) / "extract_report.json", {**report.to_dict(), "identity": fs.identity})
     return fs
-
-
-def train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return TrainConfig().with_overrides(**PRESETS[preset]).with_overrides(**(overrides or {}))
 
 
 def run_simulation(
@@ -72,7 +69,6 @@ def run_simulation(
     personalize_epochs: int = 0,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
-    from fedclip_edge.simulate import simulate
 
     train = train_config(preset, overrides)
     cfg = SimulationConfig(
@@ -108,9 +104,6 @@ def run_demo(
     """Synthetic data, the offline default model, cached features, and FedCLIP with the paper's
     reference setting and with the setting that learns (plus local personalization), side by
     side, over several seeds."""
-    from fedclip_edge.data.synth import write_dataset
-    from fedclip_edge.models.tiny import ensure_pretrained
-    from fedclip_edge.simulate import simulate, write_json
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -172,8 +165,6 @@ def _pm(mean: float, std: float) -> str:
 
 
 def _print_demo_table(results: dict[str, dict[str, Any]], test_domain: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     ref, learn = results["reference"], results["learning"]
     table = Table(title="FedCLIP on synthetic domains: test accuracy, mean ± std over seeds")

@@ -6,12 +6,9 @@ Pure over a FeatureSet (no image decoding, no sockets): features come from the c
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from fedclip_edge.config import SimulationConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
+from fedclip_edge.io import atomic_write_json
 from fedclip_edge.strategy import FedAvg
 from fedclip_edge.train import accuracy, train_local
 
@@ -228,21 +226,5 @@ def simulate(
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomic write: a crash never leaves a half-written JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON); dataclasses become dicts."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
-    return obj
+    """Atomic strict-JSON write (kept under this name for the callers that import it here)."""
+    atomic_write_json(path, data, fsync=False)
