@@ -22,34 +22,11 @@ from typing import Any
 import torch
 
 from fedclip_edge.errors import ModelError
+from fedclip_edge.models.registry import _open_clip, cache_dir  # noqa: F401  (re-exported)
 
 DEFAULT_MODEL = "fedclip-tiny"
 SYNTH_TAG = "synth"
 NONE_TAG = "none"
-_CONFIG_DIR = Path(__file__).parent / "configs"
-_registered = False
-
-
-def _open_clip():
-    """Import open_clip once and register the project's own model configs with it."""
-    global _registered
-    import open_clip
-
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
-    return open_clip
-
-
-def cache_dir() -> Path:
-    """Where the project keeps models it builds: $FEDCLIP_EDGE_CACHE or ~/.cache/fedclip-edge."""
-    env = os.environ.get("FEDCLIP_EDGE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fedclip-edge"
-
-
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict's names, dtypes, shapes and values: independent of file format."""
     h = hashlib.sha256()

@@ -68,7 +68,7 @@ class PretrainConfig:
 
 
 def checkpoint_path(seed: int = 0) -> Path:
-    from fedclip_edge.models.load import cache_dir
+    from fedclip_edge.models.registry import cache_dir
 
     return cache_dir() / "models" / f"{MODEL_NAME}-synth-r{RECIPE_VERSION}-seed{seed}.safetensors"
 
@@ -158,7 +158,7 @@ def pretrain(
     """Contrastive pretraining of fedclip-tiny on synthetic captioned images."""
     import open_clip
 
-    from fedclip_edge.models.load import _open_clip
+    from fedclip_edge.models.registry import _open_clip
 
     _open_clip()
     threads = torch.get_num_threads()
