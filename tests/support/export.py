@@ -1,7 +1,7 @@
-"""Shared by the export/runtime tests: export fedclip-tiny (random init) once per precision.
+"""Export fedclip-tiny (random init) once per precision per session.
 
-Not a test module: it holds a per-session cache so test_export.py and test_runtimes.py share
-the same artifacts (conftest.py belongs to another part of the tree).
+Not a test module: a per-session cache so the export, runtime and extractor-benchmark tests share
+the same artifacts (tests/conftest.py wraps it as the `exported_artifact` fixture).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The aggregator and the agent driven through the in-memory transport.
+"""The aggregator driven through the in-memory transport (fake devices and real agents).
 
 Tiny adapters (d = 2 or 8), means worked out by hand, every rejection reason, and the resume
 guarantee: a crashed-and-resumed run ends with the adapter of an uninterrupted one.
@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.fleet import JOB, TRAIN, start_agents
 
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
-from fedclip_edge.device_agent.agent import Agent, AgentConfig, LocalData, round_generator
 from fedclip_edge.errors import FedClipError
 from fedclip_edge.wire import encode_frame
 
-JOB = "j1"
 NAMES = {k: tuple(v.shape) for k, v in AttentionAdapter(2).state_dict().items()}
 
 
@@ -244,49 +243,6 @@ def test_too_few_updates_retries_then_stops_keeping_state(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- real agents
 
 
-def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
-    g = torch.Generator().manual_seed(int(hashlib.sha256(client.encode()).hexdigest()[:6], 16))
-    text = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(n) % 3
-    feats = text[labels] + 0.8 * torch.randn(n, dim, generator=g)
-    return LocalData(feats, labels, text, 10.0, backend="memory")
-
-
-def start_agents(
-    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD
-) -> list[tuple[Agent, threading.Thread]]:
-    out = []
-    for c in clients:
-        t = MemoryTransport(
-            broker,
-            c,
-            will=(P.status_topic(JOB, c), P.offline_status(c), True),
-            max_payload=max_payload,
-        )
-        a = Agent(
-            t,
-            AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02),
-            local_data(c),
-            log=lambda line: None,
-        )
-        th = threading.Thread(target=a.run, daemon=True)
-        th.start()
-        out.append((a, th))
-    return out
-
-
-TRAIN = {
-    "lr": 1e-2,
-    "weight_decay": 0.0,
-    "loss": "ce",
-    "batch_size": 8,
-    "epochs": 1,
-    "betas": [0.9, 0.98],
-    "eps": 1e-6,
-    "logit_scale": None,
-}
-
-
 def _run(
     tmp: Path,
     crash_at: int | None = None,
@@ -364,63 +320,6 @@ def test_chunked_globals_and_updates_give_the_same_result(tmp_path: Path) -> Non
     assert all(r["bytes_up"] > 1024 for r in rows if r["kind"] == "client")  # >1 chunk
 
 
-def test_round_generator_is_stable() -> None:
-    x = torch.randperm(10, generator=round_generator(0, 1, "dev-a"))
-    y = torch.randperm(10, generator=round_generator(0, 1, "dev-a"))
-    z = torch.randperm(10, generator=round_generator(0, 2, "dev-a"))
-    assert torch.equal(x, y) and not torch.equal(x, z)
-
-
-def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> None:
-    broker = MemoryBroker()
-    agg_t = MemoryTransport(broker, "aggregator")
-    agg_t.subscribe(P.update_filter(JOB), P.status_filter(JOB))
-    agg_t.connect()
-    [(agent, th)] = start_agents(broker, ["dev-a"])
-    lines: list[str] = []
-    agent.log = lines.append
-    time.sleep(0.1)
-    torch.manual_seed(0)
-    state = AttentionAdapter(8).state_dict()
-
-    def publish_global(rnd: int) -> None:
-        frame = encode_frame(state, job=JOB, round=rnd, client="aggregator")
-        g = P.GlobalModel(JOB, rnd, frame, seed=0, train=TRAIN, session="s", rounds=3)
-        agg_t.publish(P.global_topic(JOB), g.encode(), retain=True)
-
-    def wait_outbox(rnd: int) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (agent._outbox and agent._outbox.round == rnd):
-            time.sleep(0.02)
-        assert agent._outbox is not None and agent._outbox.round == rnd
-
-    real_send = agent.t._send
-    agent.t._send = lambda *a, **k: lambda timeout: False  # type: ignore  # network is down
-    publish_global(1)
-    wait_outbox(1)
-    agent.t._send = real_send  # type: ignore[method-assign]
-    agent.t.connect()  # reconnect: hello again, and the queued update goes out
-    got: list[str] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any(t.endswith("/update/dev-a") for t in got):
-        m = agg_t.recv(0.1)
-        if m is not None:
-            got.append(m.topic)
-    assert any(t.endswith("/update/dev-a") for t in got)
-    # an update lost in round 2 is dropped once round 3's global adapter arrives
-    agent.t._send = lambda *a, **k: lambda timeout: False  # type: ignore
-    publish_global(2)
-    wait_outbox(2)
-    publish_global(3)
-    wait_outbox(3)
-    assert any("round 2: unsent update dropped" in line for line in lines)
-    agent.t._send = real_send  # type: ignore[method-assign]
-    agent.stop.set()
-    th.join(5)
-    assert not th.is_alive()
-    assert P.decode_message(broker.retained[P.status_topic(JOB, "dev-a")]).state == "offline"
-
-
 def test_a_chunked_global_is_sent_again_to_a_device_that_joins_late(tmp_path: Path) -> None:
     """A chunked global cannot be retained, so a hello with an older round triggers a resend."""
     broker = MemoryBroker()
@@ -443,38 +342,3 @@ def test_a_chunked_global_is_sent_again_to_a_device_that_joins_late(tmp_path: Pa
         if m is not None and m.topic == P.global_topic(JOB):
             got = P.decode_message(m.payload)
     assert isinstance(got, P.GlobalModel) and got.round == 1
-
-
-def test_agent_resends_when_a_repeated_global_does_not_list_it():
-    """An update lost in transit (a broker restart, say) is re-sent when the aggregator repeats
-    the same publication for its retry; a publication that lists the device gets nothing."""
-    broker = MemoryBroker()
-    ((agent, thread),) = start_agents(broker, ["dev-a"])
-    agg = MemoryTransport(broker, "aggregator")
-    agg.subscribe(P.update_filter(JOB))
-    agg.connect()
-    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=1, client="server")
-
-    def publish(have: tuple[str, ...]) -> None:
-        g = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, have=have, session="s", rounds=3)
-        agg.publish(P.global_topic(JOB), g.encode(), retain=True)
-
-    def updates(timeout: float) -> int:
-        n, deadline = 0, time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = agg.recv(0.05)
-            if msg is not None and "/update/" in msg.topic:
-                n += 1
-        return n
-
-    try:
-        publish(())
-        assert updates(3.0) == 1  # trained and sent
-        publish(())  # the very same publication again: the aggregator still lacks it
-        assert updates(2.0) == 1
-        publish(("dev-a",))  # listed: nothing to send
-        assert updates(1.0) == 0
-    finally:
-        agg.publish(P.control_topic(JOB), P.Control(JOB, "done", 1, 3).encode(), retain=True)
-        thread.join(10)
-        agg.close()

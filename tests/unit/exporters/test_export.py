@@ -10,23 +10,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from support.export import CLASSES, MAX_BATCH, MODEL, exported
+from support.export import CLASSES, MAX_BATCH, MODEL
 
 from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import read_manifest, sha256_file, verify_artifact
-from fedclip_edge.models import encode_prompts, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(MODEL, "none")
+from fedclip_edge.models import encode_prompts
 
 
 @pytest.fixture(scope="module", params=["fp32", "fp16", "int8"])
-def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported(tmp_path_factory, request.param)
+def artifact(request: pytest.FixtureRequest, exported_artifact) -> Path:
+    return exported_artifact(request.param)
 
 
 def _session(path: Path, precision: str):
@@ -110,10 +105,10 @@ def test_class_features_ship_with_the_model(artifact: Path, tiny) -> None:
         np.testing.assert_allclose(d["features"], encode_prompts(tiny, CLASSES).numpy(), atol=1e-5)
 
 
-def test_fp16_keeps_normalization_softmax_and_io_in_fp32(tmp_path_factory) -> None:
+def test_fp16_keeps_normalization_softmax_and_io_in_fp32(exported_artifact) -> None:
     from fedclip_edge.exporters.fp16 import FP32_OPS
 
-    art = exported(tmp_path_factory, "fp16")
+    art = exported_artifact("fp16")
     model = onnx.shape_inference.infer_shapes(onnx.load(str(art / N.IMAGE_ONNX_FILE)))
     g = model.graph
     types = {
@@ -123,7 +118,7 @@ def test_fp16_keeps_normalization_softmax_and_io_in_fp32(tmp_path_factory) -> No
     types.update({i.name: i.data_type for i in g.initializer})
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert types[N.IMAGE_INPUT] == f32 and types[N.IMAGE_OUTPUT] == f32
-    fp32_model = onnx.load(str(exported(tmp_path_factory, "fp32") / N.IMAGE_ONNX_FILE))
+    fp32_model = onnx.load(str(exported_artifact("fp32") / N.IMAGE_ONNX_FILE))
     expected = sum(n.op_type in FP32_OPS for n in fp32_model.graph.node)
     islands = [n for n in g.node if n.op_type in FP32_OPS]
     assert expected > 0 and len(islands) == expected  # every LayerNorm/Softmax/... kept
@@ -137,23 +132,23 @@ def test_fp16_keeps_normalization_softmax_and_io_in_fp32(tmp_path_factory) -> No
     ]
     assert weights and all(types[w] == f16 for w in weights)
     m = read_manifest(art)
-    fp32 = read_manifest(exported(tmp_path_factory, "fp32"))
+    fp32 = read_manifest(exported_artifact("fp32"))
     assert m["files"][N.IMAGE_ONNX_FILE]["bytes"] < 0.6 * fp32["files"][N.IMAGE_ONNX_FILE]["bytes"]
     assert "child process" in m["parity"]["measured_on"]
 
 
-def test_int8_is_dynamically_quantized(tmp_path_factory) -> None:
-    art = exported(tmp_path_factory, "int8")
+def test_int8_is_dynamically_quantized(exported_artifact) -> None:
+    art = exported_artifact("int8")
     ops = {n.op_type for n in onnx.load(str(art / N.IMAGE_ONNX_FILE)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
     m = read_manifest(art)
     assert m["image_encoder"]["int8"]["weight_type"] == "QInt8"
-    fp32 = read_manifest(exported(tmp_path_factory, "fp32"))
+    fp32 = read_manifest(exported_artifact("fp32"))
     assert m["files"][N.IMAGE_ONNX_FILE]["bytes"] < 0.6 * fp32["files"][N.IMAGE_ONNX_FILE]["bytes"]
 
 
-def test_text_encoder_on_request(tmp_path_factory, tiny) -> None:
-    art = exported(tmp_path_factory, "fp32")
+def test_text_encoder_on_request(exported_artifact, tiny) -> None:
+    art = exported_artifact("fp32")
     m = read_manifest(art)
     entry = m["text_encoder"]
     assert (
@@ -167,12 +162,12 @@ def test_text_encoder_on_request(tmp_path_factory, tiny) -> None:
     assert parity.cosine_rows(ref, got).min() >= 0.9999
 
 
-def test_trt_without_tensorrt_gives_trtexec_commands(tmp_path_factory) -> None:
+def test_trt_without_tensorrt_gives_trtexec_commands(exported_artifact) -> None:
     from fedclip_edge.exporters.tensorrt_build import import_tensorrt
 
     if import_tensorrt()[0] is not None:
         pytest.skip("TensorRT is importable here: the engine path is covered in tests/gpu")
-    m = read_manifest(exported(tmp_path_factory, "fp16"))
+    m = read_manifest(exported_artifact("fp16"))
     trt = m["tensorrt"]
     assert trt["status"] == "not built" and "not importable" in trt["reason"]
     v10, v11 = trt["trtexec"]["tensorrt10"], trt["trtexec"]["tensorrt11"]

@@ -9,24 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.export import MAX_BATCH, MODEL, copy_artifact, exported, rehash
+from support.export import MAX_BATCH, copy_artifact, rehash
 
 from fedclip_edge.data import synth
 from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters.preprocess import preprocess_images
 from fedclip_edge.exporters.runtimes import Extractor, open_extractor, parse_backend
-from fedclip_edge.models import load_model
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model(MODEL, "none")
-
-
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported(tmp_path_factory, "fp32")
+def fp32(exported_artifact) -> Path:
+    return exported_artifact("fp32")
 
 
 def _images(n: int) -> np.ndarray:
@@ -57,9 +51,9 @@ def test_auto_picks_onnxruntime_on_cpu_and_says_so(fp32: Path, tiny) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_every_cpu_backend_passes_its_golden_check(
-    tmp_path_factory, precision: str, backend: str
+    exported_artifact, precision: str, backend: str
 ) -> None:
-    ext = open_extractor(exported(tmp_path_factory, precision), backend, device="cpu")
+    ext = open_extractor(exported_artifact(precision), backend, device="cpu")
     assert ext.parity["status"] == "passed"
     assert ext.extract(_images(3)).shape == (3, 128)
 
@@ -186,23 +180,3 @@ def test_engine_header_and_mismatch_messages(tmp_path: Path) -> None:
     (tmp_path / "raw.engine").write_bytes(b"raw trtexec plan")
     with pytest.raises(ExportError, match="no fedclip-edge engine header"):
         tb.read_engine(tmp_path / "raw.engine")
-
-
-def test_bench_extractor_side_by_side(tmp_path_factory, tmp_path: Path) -> None:
-    from fedclip_edge.benchmarks.extractor import render_table, run_extractor_bench
-
-    root = tmp_path / "arts"
-    root.mkdir()
-    for p in ("fp32", "int8"):
-        copy_artifact(exported(tmp_path_factory, p), root / p)
-    report = run_extractor_bench(
-        root, backends=("torch", "onnxruntime"), batches=(1, 4), repeats=2, warmup=1
-    )
-    rows = {(r["artifact"], r["backend"], r["batch"]): r for r in report["results"]}
-    assert len(rows) == 3 * 2  # torch once (same model), onnxruntime per artifact; 2 batches
-    torch_rows = [r for r in report["results"] if r["backend"] == "torch"]
-    assert all(r["ratio_to_torch_eager"] == pytest.approx(1.0) for r in torch_rows)
-    assert all(r["images_per_s"] > 0 and len(r["times_s"]) == 2 for r in report["results"])
-    assert report["targets"][0]["what"].startswith("onnxruntime fp32 vs torch eager")
-    json.dumps(report)
-    render_table(report)

@@ -1,0 +1,65 @@
+"""An in-memory fleet shared by the aggregator and agent tests: real `Agent`s on tiny
+synthetic features, each on its own thread, talking through a `MemoryBroker`.
+
+Why here: the broker tests (tests/unit/broker) and the device-agent tests
+(tests/unit/device_agent) drive the same agents; one definition keeps their data and training
+settings identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import torch
+
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
+from fedclip_edge.device_agent.agent import Agent, AgentConfig, LocalData
+
+JOB = "j1"
+
+
+def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
+    """Three separable classes; each client's noise is seeded by its name (reproducible)."""
+    g = torch.Generator().manual_seed(int(hashlib.sha256(client.encode()).hexdigest()[:6], 16))
+    text = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % 3
+    feats = text[labels] + 0.8 * torch.randn(n, dim, generator=g)
+    return LocalData(feats, labels, text, 10.0, backend="memory")
+
+
+def start_agents(
+    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD
+) -> list[tuple[Agent, threading.Thread]]:
+    """One running agent per client name (daemon threads; they end when the job is done)."""
+    out = []
+    for c in clients:
+        t = MemoryTransport(
+            broker,
+            c,
+            will=(P.status_topic(JOB, c), P.offline_status(c), True),
+            max_payload=max_payload,
+        )
+        a = Agent(
+            t,
+            AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02),
+            local_data(c),
+            log=lambda line: None,
+        )
+        th = threading.Thread(target=a.run, daemon=True)
+        th.start()
+        out.append((a, th))
+    return out
+
+
+TRAIN = {
+    "lr": 1e-2,
+    "weight_decay": 0.0,
+    "loss": "ce",
+    "batch_size": 8,
+    "epochs": 1,
+    "betas": [0.9, 0.98],
+    "eps": 1e-6,
+    "logit_scale": None,
+}
