@@ -318,7 +318,10 @@ class Aggregator:
                     self._publish_control("running")
                     self._publish_global()
             if msg is not None:
-                self._handle(msg)
+                try:
+                    self._handle(msg)
+                finally:
+                    self.t.ack(msg)  # validated and added (or counted as rejected): PUBACK now
 
     # ------------------------------------------------------------------ rounds
     def _round_done(self) -> bool:

@@ -22,7 +22,7 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
-from fedclip_edge.broker.transport import MqttTransport, TlsOptions
+from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_command
 from fedclip_edge.errors import FedClipError
 
@@ -126,6 +126,14 @@ def aggregate(
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
     connect_timeout: opt.ConnectTimeout = 30.0,
+    max_inflight_mb: Annotated[
+        float,
+        typer.Option(
+            help="Bytes of received, not yet validated updates held in memory (MiB); beyond "
+            "it the broker keeps them (updates are acknowledged only once validated).",
+            min=1,
+        ),
+    ] = DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
 ) -> None:
     """Run the aggregator of a federated job over MQTT."""
     import sys
@@ -159,6 +167,8 @@ def aggregate(
         password=password,
         tls=tls,
         max_payload=max_payload,
+        manual_ack=True,
+        max_inflight_bytes=int(max_inflight_mb * 2**20),
     )
     console = Console(width=None if sys.stdout.isatty() else 160)
 

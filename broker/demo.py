@@ -149,7 +149,9 @@ def run_mqtt_demo(
             eval_features=eval_dir,
             eval_domain=test_domain,
         )
-        transport = MqttTransport(url, f"aggregator-{job}", username="aggregator")
+        transport = MqttTransport(
+            url, f"aggregator-{job}", username="aggregator", manual_ack=True
+        )
         stack.callback(transport.close)
         agg = Aggregator(transport, cfg, log=log)
         try:

@@ -9,6 +9,13 @@ queue filled by the transport's own thread, so their logic stays single-threaded
 - `MqttTransport`: paho-mqtt 2.x, MQTT 3.1.1 persistent session (clean_session False), automatic
   reconnect with backoff, resubscription on every connect, TLS and username/password.
 
+Backpressure: the inbox is bounded in bytes (`max_inflight_bytes`), not only in messages. With
+`manual_ack=True` (the aggregator) a message is acknowledged to the broker (PUBACK) only when
+the consumer calls `ack(msg)` after validating and adding it, so under a burst the broker holds
+what the aggregator cannot (mosquitto sends at most `max_inflight_messages` unacknowledged QoS 1
+messages per client), and a crash loses nothing that was acknowledged. When the inbox is full
+the receiving thread waits for room instead of dropping the message.
+
 Chunking lives here: a publish above `max_payload` becomes chunk envelopes
 (`protocol.split_payload`) and the receiving transport reassembles them. A retained publish that
 needs chunks cannot be retained as a whole (a broker keeps one message per topic): the topic's
@@ -32,6 +39,10 @@ from fedclip_edge.broker import protocol
 from fedclip_edge.broker.protocol import MessageRejected, Reassembler
 from fedclip_edge.errors import TransportError
 
+# What an inbox may hold before the receiving thread waits: 64 MiB is 30 fp32 ViT-B-32 adapter
+# updates (2.1 MB each), enough to keep the aggregator busy, small next to a burst of 1000.
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Received:
@@ -43,6 +54,8 @@ class Received:
     retained: bool = False
     wire_bytes: int = 0
     transfer_s: float = 0.0
+    # the broker's acknowledgement, sent by Transport.ack (manual_ack transports only)
+    ack_token: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -107,12 +120,20 @@ class Transport:
         max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
         chunk_timeout_s: float = 120.0,
         inbox_size: int = 10_000,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        manual_ack: bool = False,
     ) -> None:
         self.client_id = client_id
         self.max_payload = max_payload
         self.counters = Counters()
         self.rejected: Counter[str] = Counter()  # chunk-level rejections, by reason
         self.epoch = 0  # number of successful connects: a change means "reconnected"
+        self.manual_ack = manual_ack
+        self.max_inflight_bytes = max(1, int(max_inflight_bytes))
+        self.inflight_bytes = 0  # in the inbox, or handed out and not yet acknowledged
+        self.peak_inflight_bytes = 0
+        self._room = threading.Condition()
+        self._closing = False
         self._filters: list[str] = []
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_size)
         self._reassembler = Reassembler(
@@ -160,16 +181,56 @@ class Transport:
         return Delivery(waits, sum(len(p) for p in parts))
 
     def recv(self, timeout: float) -> Received | None:
-        """The next whole message, or None after `timeout` seconds."""
+        """The next whole message, or None after `timeout` seconds.
+
+        Without manual acknowledgements the message's bytes leave the inbox bound now; with
+        them, when the consumer calls `ack(msg)`.
+        """
         try:
-            return self._inbox.get(timeout=max(0.0, timeout))
+            msg = self._inbox.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+        if not self.manual_ack:
+            self._release(len(msg.payload))
+        return msg
+
+    def ack(self, msg: Received) -> None:
+        """The consumer is done with `msg`: acknowledge it to the broker, free its bytes."""
+        if not self.manual_ack:
+            return
+        self._release(len(msg.payload))
+        if msg.ack_token is not None:
+            self._send_ack(msg.ack_token)
+
+    def _send_ack(self, token: Any) -> None:
+        """Acknowledge one broker message (PUBACK); transports with broker acks override."""
+
+    def _release(self, n: int) -> None:
+        with self._room:
+            self.inflight_bytes -= n
+            self._room.notify_all()
+
+    def _admit(self, n: int) -> bool:
+        """Wait (on the receiving thread) until `n` more bytes fit; False when closing.
+
+        A message larger than the whole bound is admitted alone, so nothing is stuck forever.
+        """
+        with self._room:
+            while self.inflight_bytes > 0 and self.inflight_bytes + n > self.max_inflight_bytes:
+                if self._closing:
+                    return False
+                self._room.wait(0.2)
+            self.inflight_bytes += n
+            self.peak_inflight_bytes = max(self.peak_inflight_bytes, self.inflight_bytes)
+            return True
 
     # --- called from the transport's receiving thread
-    def _on_raw(self, topic: str, payload: bytes, retained: bool) -> None:
+    def _on_raw(self, topic: str, payload: bytes, retained: bool, token: Any = None) -> None:
+        """One broker message. Returns having either queued it (its ack then belongs to the
+        consumer) or acknowledged it here (chunks that are not the last, rejections)."""
         self.counters.down(len(payload))
         if not payload:
+            self._ack_now(token)
             return  # a cleared retained message
         if protocol.peek_type(payload) == "chunk":
             with self._rlock:
@@ -177,17 +238,27 @@ class Transport:
                     done = self._reassembler.feed(topic, payload)
                 except MessageRejected as exc:
                     self.rejected[exc.reason] += 1
+                    self._ack_now(token)
                     return
             if done is None:
+                self._ack_now(token)  # held by the reassembler, bounded by its own limits
                 return
             whole, wire, seconds = done
-            msg = Received(topic, whole, retained, wire, seconds)
+            msg = Received(topic, whole, retained, wire, seconds, token)
         else:
-            msg = Received(topic, bytes(payload), retained, len(payload), 0.0)
+            msg = Received(topic, bytes(payload), retained, len(payload), 0.0, token)
+        if not self._admit(len(msg.payload)):
+            return  # closing: not acknowledged, so the broker delivers it again
         try:
             self._inbox.put_nowait(msg)
         except queue.Full:
+            self._release(len(msg.payload))
             self.rejected["inbox_full"] += 1
+            self._ack_now(token)
+
+    def _ack_now(self, token: Any) -> None:
+        if self.manual_ack and token is not None:
+            self._send_ack(token)
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -358,6 +429,7 @@ class MqttTransport(Transport):
             client_id=client_id,
             clean_session=clean_session,
             protocol=mqtt.MQTTv311,
+            manual_ack=self.manual_ack,
         )
         client.max_queued_messages_set(0)  # unlimited: queue while disconnected
         client.max_inflight_messages_set(100)
@@ -412,6 +484,9 @@ class MqttTransport(Transport):
 
     def close(self) -> None:
         """Clean disconnect: the will is NOT sent (publish an offline status before this)."""
+        with self._room:
+            self._closing = True
+            self._room.notify_all()
         if self._started:
             try:
                 self.client.disconnect()
@@ -437,7 +512,12 @@ class MqttTransport(Transport):
         self._connected = False
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self._on_raw(msg.topic, msg.payload, bool(msg.retain))
+        token = (msg.mid, msg.qos) if self.manual_ack and msg.qos > 0 else None
+        self._on_raw(msg.topic, msg.payload, bool(msg.retain), token)
+
+    def _send_ack(self, token: Any) -> None:
+        mid, qos = token
+        self.client.ack(mid, qos)
 
     def _subscribe_raw(self, pattern: str) -> None:
         self.client.subscribe(pattern, qos=protocol.QOS)
@@ -449,8 +529,9 @@ class MqttTransport(Transport):
         self.counters.up(len(payload))
 
         def wait(timeout: float) -> bool:
-            # Not wait_for_publish(): it raises when the message was queued while offline,
-            # although paho sends it after reconnecting; PUBACK sets _published either way.
+            # Not wait_for_publish() nor is_published(): both raise when the message was
+            # queued while offline (rc NO_CONN), although paho sends it after reconnecting and
+            # the PUBACK sets _published either way (paho 2.0-2.2).
             deadline = time.monotonic() + timeout
             with info._condition:
                 while not info._published and time.monotonic() < deadline:
