@@ -19,6 +19,7 @@ import hashlib
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class Agent:
         self.clock = clock
         self.stop = threading.Event()
         self.done = False
+        self.rejected: Counter[str] = Counter()  # messages refused, by reason
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -225,12 +227,14 @@ class Agent:
             self._splits, self._split_seed = self.data.split(g.seed), g.seed
         splits = self._splits
         try:
-            tcfg = TrainConfig(**{**g.train, "betas": tuple(g.train.get("betas", (0.9, 0.98)))}) \
-                if g.train else TrainConfig()
-        except (TypeError, ConfigError) as exc:
-            self.log(f"warning: round {g.round}: bad training settings from the aggregator "
-                     f"({exc}); using the reference defaults")
-            tcfg = TrainConfig()
+            tcfg = TrainConfig.from_untrusted(g.train) if g.train else TrainConfig()
+        except ConfigError as exc:
+            # refuse, do not guess: training with other settings than the job's would mix
+            # incomparable updates; the aggregator's operator sees the line and fixes the job
+            self.log(f"error: round {g.round}: global adapter refused, bad training settings "
+                     f"from the aggregator: {exc}")
+            self.rejected["bad_train_settings"] += 1
+            return
         text = self.data.text_features
         adapter = AttentionAdapter(self.data.dim)
         adapter.load_state_dict(state)

@@ -37,6 +37,38 @@ class TrainConfig:
                 f"weight_decay={self.weight_decay})"
             )
 
+    @classmethod
+    def from_untrusted(cls, data: Any) -> TrainConfig:
+        """Settings that arrived over the network (the global adapter's `train`): every field
+        typed and bounded, unknown fields refused, so a bad value is one ConfigError naming it
+        instead of a traceback or a round that never ends (epochs 10**9)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"training settings must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s): {', '.join(map(str, unknown))}")
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in _FLOAT_BOUNDS:
+                lo, hi, lo_open = _FLOAT_BOUNDS[name]
+                out[name] = _bounded_float(name, value, lo, hi, lo_open)
+            elif name in _INT_BOUNDS:
+                out[name] = _bounded_int(name, value, *_INT_BOUNDS[name])
+            elif name == "betas":
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise ConfigError(f"training setting betas must be two numbers, got {value!r}")
+                out[name] = tuple(_bounded_float("betas", b, 0.0, 1.0, False, hi_open=True)
+                                  for b in value)
+            elif name == "loss":
+                if value not in LOSSES:
+                    raise ConfigError(f"training setting loss {value!r} is not one of "
+                                      f"{', '.join(LOSSES)}")
+                out[name] = value
+            elif name == "logit_scale":
+                out[name] = None if value is None else _bounded_float(name, value, 0.0, 1e4, True)
+        return cls(**out)
+
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         """A copy with the given non-None fields replaced."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -47,6 +79,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Bounds on settings received over the network: generous for any real use, tight enough that
+# no value can pin a device (epochs, batch size) or poison the optimizer (eps <= 0, betas >= 1).
+_FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
+    "lr": (0.0, 10.0, True),
+    "eps": (0.0, 1.0, True),
+    "weight_decay": (0.0, 100.0, False),
+}
+_INT_BOUNDS: dict[str, tuple[int, int]] = {"batch_size": (1, 65_536), "epochs": (0, 1_000)}
+
+
+def _bounded_float(
+    name: str, value: Any, lo: float, hi: float, lo_open: bool, *, hi_open: bool = False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"training setting {name} must be a number, got {value!r}")
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ConfigError(f"training setting {name} is out of range") from None
+    if not (f > lo if lo_open else f >= lo) or not (f < hi if hi_open else f <= hi):
+        raise ConfigError(f"training setting {name}={f!r} is outside [{lo}, {hi}]")
+    return f
+
+
+def _bounded_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"training setting {name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"training setting {name}={value} is outside [{lo}, {hi}]")
+    return int(value)
 
 
 # The setting that measurably learns on the project's synthetic data (MEASURED.md): the

@@ -164,3 +164,24 @@ def test_zero_shot_predict_is_cosine_argmax():
     assert accuracy(None, feats, torch.tensor([0, 0]), text) == 0.5
     assert math.isnan(accuracy(None, feats[:0], torch.tensor([], dtype=torch.long), text))
     assert torch.allclose(F.normalize(feats, dim=-1).norm(dim=1), torch.ones(2))
+
+
+def test_train_config_from_untrusted_bounds_every_field() -> None:
+    import pytest as _pytest
+
+    from fedclip_edge.config import TrainConfig
+    from fedclip_edge.errors import ConfigError
+
+    ok = TrainConfig.from_untrusted({"lr": 1e-3, "betas": [0.9, 0.98], "epochs": 2, "loss": "ce"})
+    assert ok.lr == 1e-3 and ok.betas == (0.9, 0.98) and ok.epochs == 2 and ok.loss == "ce"
+    for bad, word in [
+        ({"batch_size": 1.5}, "batch_size"), ({"batch_size": True}, "batch_size"),
+        ({"eps": -1}, "eps"), ({"eps": float("nan")}, "eps"), ({"betas": [2, 3]}, "betas"),
+        ({"betas": [0.9]}, "betas"), ({"epochs": 10**9}, "epochs"), ({"lr": 10**400}, "lr"),
+        ({"lr": "x"}, "lr"), ({"loss": "mse"}, "loss"), ({"nope": 1}, "nope"),
+        ({"logit_scale": float("inf")}, "logit_scale"),
+    ]:
+        with _pytest.raises(ConfigError, match=word):
+            TrainConfig.from_untrusted(bad)
+    with _pytest.raises(ConfigError):
+        TrainConfig.from_untrusted([1, 2])

@@ -105,3 +105,34 @@ def test_agent_resends_when_a_repeated_global_does_not_list_it():
         agg.publish(P.control_topic(JOB), P.Control(JOB, "done", 1, 3).encode(), retain=True)
         thread.join(10)
         agg.close()
+
+
+def test_agent_refuses_a_global_with_hostile_training_settings() -> None:
+    """Settings from the network are typed and bounded: the agent refuses the global with one
+    line (no traceback, no endless training) and takes the next, good one."""
+    broker = MemoryBroker()
+    ((agent, thread),) = start_agents(broker, ["dev-a"])
+    lines: list[str] = []
+    agent.log = lines.append
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    torch.manual_seed(0)
+    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=1, client="aggregator")
+    for i, bad in enumerate(({"batch_size": 1.5}, {"eps": -1}, {"betas": [2, 3]},
+                             {"epochs": 10**9}, {"lr": 10**400}, {"nope": 1})):
+        g = P.GlobalModel(JOB, 1, frame, seed=0, train={**TRAIN, **bad}, session=f"s{i}",
+                          rounds=3)
+        agg.publish(P.global_topic(JOB), g.encode(), retain=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and agent.rejected["bad_train_settings"] < 6:
+        time.sleep(0.02)
+    assert agent.rejected["bad_train_settings"] == 6 and agent.rounds_trained == 0
+    assert sum("bad training settings" in line for line in lines) == 6
+    good = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, session="ok", rounds=3)
+    agg.publish(P.global_topic(JOB), good.encode(), retain=True)
+    m = agg.recv(5)
+    assert m is not None and m.topic.endswith("/update/dev-a")
+    agent.stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
