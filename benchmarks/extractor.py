@@ -12,23 +12,20 @@ flags rows measured under contention.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
+from fedclip_edge.benchmarks.procstats import cpu_snapshot, machine_info, others_cpu_share
+from fedclip_edge.benchmarks.render import CONTENTION_WARN, extractor_table
 from fedclip_edge.errors import ExportError, FedClipError
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
-CONTENTION_WARN = 0.05  # other processes' share of the CPUs above which a row is flagged
 DEFAULT_BATCHES = (1, 8, 32)
 # Targets from the issue, for ViT-B-32 on a 2-core CPU machine.
 TARGETS = (
@@ -64,61 +61,6 @@ def find_artifacts(root: Path) -> list[Path]:
             f"--artifacts {root}: no exported artifact (manifest.json) in it or below it"
         )
     return found
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    return info
-
-
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(busy seconds of the whole machine, seconds used by this process and its children, now)."""
-    import resource
-
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    busy = (sum(ticks[:8]) - idle) / hz
-    own = sum(
-        getattr(resource.getrusage(who), f)
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-        for f in ("ru_utime", "ru_stime")
-    )
-    return busy, own, time.monotonic()
-
-
-def others_cpu_share(start: tuple | None, end: tuple | None) -> float | None:
-    """Share of all cores that other processes kept busy between two snapshots (0..1)."""
-    if start is None or end is None or end[2] <= start[2]:
-        return None
-    elapsed = (end[2] - start[2]) * (os.cpu_count() or 1)
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return max(0.0, min(1.0, others / elapsed))
 
 
 def _time_rounds(
@@ -224,9 +166,9 @@ def run_extractor_bench(
             x = rng.standard_normal((b, 3, h, w)).astype(np.float32)
             fns[key] = lambda e=ext, x=x: e.extract(x)
         say(f"timing batch {b}: {len(fns)} backends x ({warmup} warm-up + {repeats} rounds)")
-        before = _cpu_snapshot()
+        before = cpu_snapshot()
         times = _time_rounds(fns, warmup, repeats)
-        contention = others_cpu_share(before, _cpu_snapshot())
+        contention = others_cpu_share(before, cpu_snapshot())
         for key, ts in times.items():
             med = statistics.median(ts)
             results.append(
@@ -298,112 +240,13 @@ def run_extractor_bench(
     }
 
 
-def _share(share: float | None) -> str:
-    if share is None:
-        return "-"
-    text = f"{100 * share:.0f}%"
-    return f"[red]{text}[/red]" if share > CONTENTION_WARN else text
-
-
-def render_table(report: dict[str, Any]) -> Any:
-    """The report as a rich table."""
-    from rich.table import Table
-
-    m = report["machine"]
-    table = Table(
-        title=f"extractor throughput: {m['cpu']} ({m['cpu_count']} cores)"
-        + (f", {m['gpu']}" if m.get("gpu") else "")
-    )
-    for col, just in (
-        ("artifact", "left"),
-        ("backend", "left"),
-        ("precision", "left"),
-        ("batch", "right"),
-        ("img/s", "right"),
-        ("ms/batch", "right"),
-        ("x torch eager", "right"),
-        ("others' CPU", "right"),
-    ):
-        table.add_column(col, justify=just)
-    for r in sorted(report["results"], key=lambda r: (r["batch"], r["artifact"], r["backend"])):
-        ratio = r["ratio_to_torch_eager"]
-        table.add_row(
-            r["artifact"],
-            r["extractor"],
-            r["precision"],
-            str(r["batch"]),
-            f"{r['images_per_s']:.1f}",
-            f"{1000 * r['median_s']:.1f}",
-            f"{ratio:.2f}x" if ratio is not None else "-",
-            _share(r.get("others_cpu_share")),
-        )
-    return table
-
-
-def bench_extractor(
-    artifacts: Annotated[
-        Path,
-        typer.Option(help="An exported artifact, or a folder of them (e.g. one per precision)."),
-    ],
-    backends: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Backends to time: torch, "
-            "onnxruntime, tensorrt, auto; with "
-            "':device' (onnxruntime:cuda, "
-            "onnxruntime:tensorrt, torch:cuda)."
-        ),
-    ] = None,
-    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes: --batch 1 8 32.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed rounds per batch size (median).")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per backend and batch size.")] = 2,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores)."),
-    ] = None,
-    json_out: Annotated[
-        Path | None,
-        typer.Option(
-            "--json",
-            help="Where to write the JSON report (default: ARTIFACTS/bench_extractor.json).",
-        ),
-    ] = None,
-) -> None:
-    """Images/s of every extractor backend in one run, with the ratio to PyTorch eager."""
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    start = time.monotonic()
-    report = run_extractor_bench(
-        artifacts,
-        backends=tuple(backends or DEFAULT_BACKENDS),
-        batches=tuple(batch or DEFAULT_BATCHES),
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        progress=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {m}"),
-    )
-    path = json_out or (Path(artifacts) / "bench_extractor.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    console.print(render_table(report))
-    for t in report["targets"]:
-        mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
-        console.print(
-            f"target {t['what']} ({t['model']}): {t['ratio']:.2f}x "
-            f"(want >= {t['min_ratio']}x) {mark}"
-        )
-    for s in report["skipped"]:
-        console.print(f"[yellow]skipped[/yellow] {s['artifact']} {s['backend']}: {s['reason']}")
-    busy = [r["others_cpu_share"] for r in report["results"] if r.get("others_cpu_share")]
-    if busy and max(busy) > CONTENTION_WARN:
-        console.print(
-            f"[yellow]warning:[/yellow] other processes used up to {100 * max(busy):.0f}% of the "
-            "CPUs while timing: these numbers are low; re-run on a quiet machine"
-        )
-    la, lb = report["load_average_before"], report["load_average_after"]
-    console.print(
-        f"load average before {la[0]:.2f}, after {lb[0]:.2f} "
-        f"({report['machine']['cpu_count']} cores); JSON: {path}"
-    )
+# Names this module had before the split (imported by tests and users).
+render_table = extractor_table
+_cpu_snapshot = cpu_snapshot
+__all__ = [
+    "find_artifacts",
+    "machine_info",
+    "others_cpu_share",
+    "render_table",
+    "run_extractor_bench",
+]

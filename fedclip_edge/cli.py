@@ -13,9 +13,7 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
-from fedclip_edge.benchmarks.aggregator import bench_aggregator
-from fedclip_edge.benchmarks.extractor import bench_extractor
-from fedclip_edge.benchmarks.fedavg import bench_fedavg
+from fedclip_edge.benchmarks.cli import bench_aggregator, bench_extractor, bench_fedavg
 from fedclip_edge.broker.cli import aggregate, broker_app
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)

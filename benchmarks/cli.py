@@ -1,0 +1,229 @@
+"""The `fedclip-edge bench ...` commands: options, progress lines and the printed results.
+
+Why here: the benchmarks' modules are libraries (they return and write reports); typer and the
+console live in this one file, as in every folder's cli.py. `fedclip_edge/cli.py` mounts these
+functions on its `bench` sub-app.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedclip_edge.benchmarks.aggregator import DEFAULT_DEVICES
+from fedclip_edge.benchmarks.aggregator import run_bench as aggregator_bench
+from fedclip_edge.benchmarks.brokers import KINDS
+from fedclip_edge.benchmarks.extractor import DEFAULT_BACKENDS, DEFAULT_BATCHES, run_extractor_bench
+from fedclip_edge.benchmarks.fedavg import run_bench as fedavg_bench
+from fedclip_edge.benchmarks.render import CONTENTION_WARN, aggregator_table, extractor_table
+from fedclip_edge.config import TrainConfig
+from fedclip_edge.errors import ConfigError, FedClipError
+
+
+def bench_extractor(
+    artifacts: Annotated[
+        Path,
+        typer.Option(help="An exported artifact, or a folder of them (e.g. one per precision)."),
+    ],
+    backends: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Backends to time: torch, "
+            "onnxruntime, tensorrt, auto; with "
+            "':device' (onnxruntime:cuda, "
+            "onnxruntime:tensorrt, torch:cuda)."
+        ),
+    ] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes: --batch 1 8 32.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed rounds per batch size (median).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per backend and batch size.")] = 2,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Where to write the JSON report (default: ARTIFACTS/bench_extractor.json).",
+        ),
+    ] = None,
+) -> None:
+    """Images/s of every extractor backend in one run, with the ratio to PyTorch eager."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    start = time.monotonic()
+    report = run_extractor_bench(
+        artifacts,
+        backends=tuple(backends or DEFAULT_BACKENDS),
+        batches=tuple(batch or DEFAULT_BATCHES),
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        progress=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {m}"),
+    )
+    path = json_out or (Path(artifacts) / "bench_extractor.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(extractor_table(report))
+    for t in report["targets"]:
+        mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+        console.print(
+            f"target {t['what']} ({t['model']}): {t['ratio']:.2f}x "
+            f"(want >= {t['min_ratio']}x) {mark}"
+        )
+    for s in report["skipped"]:
+        console.print(f"[yellow]skipped[/yellow] {s['artifact']} {s['backend']}: {s['reason']}")
+    busy = [r["others_cpu_share"] for r in report["results"] if r.get("others_cpu_share")]
+    if busy and max(busy) > CONTENTION_WARN:
+        console.print(
+            f"[yellow]warning:[/yellow] other processes used up to {100 * max(busy):.0f}% of the "
+            "CPUs while timing: these numbers are low; re-run on a quiet machine"
+        )
+    la, lb = report["load_average_before"], report["load_average_after"]
+    console.print(
+        f"load average before {la[0]:.2f}, after {lb[0]:.2f} "
+        f"({report['machine']['cpu_count']} cores); JSON: {path}"
+    )
+
+
+def bench_fedavg(
+    data: Annotated[Path, typer.Option(help="Dataset root: DOMAIN/CLASS/images.")],
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and plots.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="open_clip architecture or fedclip-tiny.")
+    ] = "fedclip-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="Tag, checkpoint file or 'none'.")] = None,
+    clients: Annotated[int, typer.Option(help="Clients, one per domain.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds of each method.")] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    test_domain: Annotated[
+        str | None, typer.Option(help="Held-out domain for generalization.")
+    ] = None,
+    per_client: Annotated[
+        int | None, typer.Option(help="Use at most this many images per client (a quick run).")
+    ] = None,
+    loss: Annotated[str, typer.Option(help="clip (reference) or ce.")] = "clip",
+    lr: Annotated[float, typer.Option(help="Learning rate of both methods.")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(help="Coupled L2 of both methods.")] = 0.2,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Ship FedCLIP's adapter in fp16.")] = False,
+    fedavg_fp16: Annotated[
+        bool, typer.Option("--fedavg-fp16", help="Ship full FedAvg's image tower in fp16 too.")
+    ] = False,
+    transport: Annotated[
+        str, typer.Option(help="inproc, or mqtt: every exchange through a real broker.")
+    ] = "inproc",
+    broker: Annotated[
+        str | None,
+        typer.Option(help="mqtt: broker URL (default: a private mosquitto on loopback)."),
+    ] = None,
+    max_payload: Annotated[
+        int, typer.Option(help="mqtt: payload bytes above which frames are chunked.")
+    ] = 64 * 1024 * 1024,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
+) -> None:
+    """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
+    if transport not in ("inproc", "mqtt"):
+        raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
+    if broker is not None and transport != "mqtt":
+        raise ConfigError("--broker needs --transport mqtt")
+    cfg = TrainConfig(lr=lr, weight_decay=weight_decay, loss=loss)
+    try:
+        report = fedavg_bench(
+            data,
+            out,
+            model=model,
+            pretrained=pretrained,
+            clients=clients,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            test_domain=test_domain,
+            per_client=per_client,
+            cfg=cfg,
+            dtype="float16" if fp16 else "float32",
+            fedavg_dtype="float16" if fedavg_fp16 else "float32",
+            device=device,
+            seed=seed,
+            transport=transport,
+            broker=broker,
+            max_payload=max_payload,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: what was measured so far is in {Path(out) / 'bench.json'}")
+        raise
+    print((Path(out) / "bench.md").read_text())
+    s = report["speedups"]
+    if not all(math.isfinite(v) for v in (s["compute_per_round"], s["bytes_per_round"])):
+        raise ConfigError("a ratio could not be computed (a method measured zero time or bytes)")
+
+
+def bench_aggregator(
+    out: Annotated[Path, typer.Option(help="Folder for bench_aggregator.json.")],
+    devices: Annotated[
+        list[int] | None,
+        typer.Option(help="Simulated device counts, one round each: --devices 10 --devices 100."),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="Broker URL (default: a private broker on a free loopback port)."),
+    ] = None,
+    broker_kind: Annotated[
+        str, typer.Option(help="Private broker: auto (mosquitto if installed), mosquitto, amqtt.")
+    ] = "auto",
+    dim: Annotated[int, typer.Option(help="Adapter width (512: ViT-B-32, 2.1 MB frames).")] = 512,
+    publishers: Annotated[
+        int, typer.Option(help="MQTT connections that speak for the simulated devices.")
+    ] = 4,
+    window: Annotated[
+        int, typer.Option(help="Unacknowledged QoS 1 publishes per connection.")
+    ] = 16,
+    rate: Annotated[
+        float, typer.Option(help="Cap on updates/s sent (0: as fast as the broker takes them).")
+    ] = 0.0,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per device count.")] = 300.0,
+    torch_threads: Annotated[
+        int,
+        typer.Option(help="torch threads in the aggregator (0: torch's default, as `aggregate`)."),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the global adapter and the updates.")] = 0,
+    keep: Annotated[bool, typer.Option(help="Keep the aggregator's folders and logs.")] = False,
+) -> None:
+    """N simulated devices, one round each, through a real broker: loss, updates/s, memory."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    if broker_kind not in KINDS:
+        raise ConfigError("--broker-kind must be auto, mosquitto or amqtt")
+    err = Console(stderr=True)
+    start = time.monotonic()
+    report = aggregator_bench(
+        list(devices or DEFAULT_DEVICES),
+        out,
+        broker=broker,
+        broker_kind=broker_kind,
+        dim=dim,
+        seed=seed,
+        publishers=publishers,
+        window=window,
+        rate=rate,
+        timeout_s=timeout,
+        torch_threads=torch_threads,
+        keep=keep,
+        log=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {escape(m)}"),
+    )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(aggregator_table(report))
+    for f in report["findings"]:
+        console.print(f"- {f}", markup=False)
+    console.print(f"JSON: {Path(out) / 'bench_aggregator.json'}")
+    if not report["zero_loss"]:
+        raise FedClipError("updates were lost or the aggregator failed (see the table)")

@@ -1,0 +1,124 @@
+"""The round loop both methods of `bench fedavg` share, and what one round records.
+
+Why one loop: FedCLIP and full FedAvg must differ only in what is trained and shipped (the
+adapter or the whole image tower), never in how a round is run, timed or counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedclip_edge.benchmarks.mqtt_link import MqttLink, xfer
+from fedclip_edge.strategy import FedAvg
+
+
+@dataclass
+class Client:
+    """One client (one domain): its images, preprocessed once, and FedCLIP's features."""
+
+    name: str
+    pixels: dict[str, torch.Tensor]  # split -> [N,3,H,W] preprocessed images
+    labels: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # FedCLIP's cache
+
+
+
+def federate(
+    name: str,
+    record: dict[str, Any],
+    global_model: torch.nn.Module,
+    parts: list[Client],
+    *,
+    rounds: int,
+    dtype: str,
+    seed: int,
+    start_wall: float,
+    state,
+    make_local,
+    train,
+    evaluate,
+    log,
+    save,
+    link: MqttLink | None = None,
+) -> None:
+    """The round loop both methods share: ship the global model down, train locally, ship the
+    update up (real wire frames), average, evaluate (timed apart), record, save."""
+    strategy = FedAvg("uniform")
+    cum_wall, cum_bytes = start_wall, 0
+    for rnd in range(1, rounds + 1):
+        t_round = time.perf_counter()
+        acc_round = strategy.start_round()
+        per_client = {}
+        for ci, c in enumerate(parts):
+            down, b_down, s_down, m_down = xfer(
+                link, state(global_model), rnd=rnd, client=c.name, dtype=dtype, down=True
+            )
+            local = make_local()
+            local.load_state_dict(down, strict=False)
+            t = time.perf_counter()
+            loss, steps, samples = train(
+                local, c, torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci)
+            )
+            compute = time.perf_counter() - t
+            up, b_up, s_up, m_up = xfer(
+                link, state(local), rnd=rnd, client=c.name, dtype=dtype, down=False,
+                samples=samples,
+            )
+            acc_round.add(up, samples)
+            per_client[c.name] = {
+                "compute_s": compute,
+                "bytes_down": b_down,
+                "bytes_up": b_up,
+                "transfer_s": s_down + s_up,
+                "messages_down": m_down,
+                "messages_up": m_up,
+                "loss": loss,
+                "steps": steps,
+            }
+            del local
+        global_model.load_state_dict(acc_round.result(), strict=False)
+        wall = time.perf_counter() - t_round
+        t = time.perf_counter()
+        accs, gen = evaluate()
+        eval_s = time.perf_counter() - t
+        cum_wall += wall
+        cum_bytes += sum(v["bytes_down"] + v["bytes_up"] for v in per_client.values())
+        record["rounds"].append(
+            round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes)
+        )
+        log(round_line(name, rnd, rounds, per_client, wall, accs, gen))
+        save()
+
+
+def round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes) -> dict:
+    return {
+        "round": rnd,
+        "clients": per_client,
+        "wall_s": wall,
+        "eval_s": eval_s,
+        "compute_s_mean": statistics.mean(v["compute_s"] for v in per_client.values()),
+        "bytes_up_per_client": statistics.mean(v["bytes_up"] for v in per_client.values()),
+        "bytes_down_per_client": statistics.mean(v["bytes_down"] for v in per_client.values()),
+        "transfer_s_mean": statistics.mean(v["transfer_s"] for v in per_client.values()),
+        "personalization_acc": accs,
+        "personalization_acc_mean": statistics.mean(accs.values()),
+        "generalization_acc": gen,
+        "cumulative_wall_s": cum_wall,
+        "cumulative_bytes": cum_bytes,
+    }
+
+
+def round_line(method, rnd, rounds, per_client, wall, accs, gen) -> str:
+    comp = statistics.mean(v["compute_s"] for v in per_client.values())
+    up = statistics.mean(v["bytes_up"] for v in per_client.values())
+    acc = statistics.mean(accs.values())
+    held = f" | held-out {gen:.1%}" if gen is not None else ""
+    return (
+        f"{method:<7} round {rnd}/{rounds} | compute/client {comp:.3f}s | up/client "
+        f"{up / 1e6:.3f} MB | wall {wall:.2f}s | acc {acc:.1%}{held}"
+    )
