@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip_edge.benchmarks.brokers import broker_for_bench
-from fedclip_edge.benchmarks.fleet import (  # noqa: F401  (initial_global: tests import it here)
+from fedclip_edge.benchmarks.fleet import (
     SAMPLES,
     Publisher,
     global_listener,
@@ -50,20 +50,15 @@ from fedclip_edge.errors import ConfigError, FedClipError
 SCHEMA = "fedclip-edge/bench-aggregator/v1"
 DEFAULT_DEVICES = (10, 100, 1000)
 
-# What reading fedclip_edge/aggregator.py (and transport.py) for per-update cost in N found.
-# Two findings of the first runs were fixed since (see docs/benchmarks.md): the finiteness check
-# now uses numpy (torch's thread pool made it ~100x slower on a busy machine), and the latency
-# plot is drawn every 5 rounds, as percentiles beyond 12 clients. The rest stand.
+# What reading the aggregator (and the transport) for per-update cost in N found. Findings of
+# the first runs fixed since (see docs/benchmarks.md): the finiteness check uses numpy (torch's
+# thread pool made it ~100x slower on a busy machine); the latency plot is drawn every 5 rounds,
+# as percentiles beyond 12 clients; the round-done check, once O(N) per message, reads a count
+# the roster keeps (broker/roster.py); the inbox, once bounded by count (10,000 messages, updates
+# beyond dropped), is bounded in bytes and the receiving thread waits for room (updates are
+# acknowledged to the broker only once added). The rest stand (read, not re-measured, after the
+# layout move).
 FINDINGS = (
-    "Aggregator._round_done() runs before every received message and builds `self.active` (a "
-    "new set over all N devices) and `set(self._answered)` (up to N): O(N) per message, O(N^2) "
-    "per round. The same holds for the wait-for-clients predicate `len(self.active) >= "
-    "min_clients`, evaluated per hello while N devices register.",
-    "Transport inbox is bounded by count (10,000 messages), not bytes: when updates arrive "
-    "faster than the aggregator validates them, the backlog holds whole payloads (2.1 MB each "
-    "for ViT-B-32), so peak memory follows the backlog (up to N payloads), although aggregation "
-    "itself keeps one float64 running sum; above 10,000 queued messages updates are dropped and "
-    "only counted in Transport.rejected['inbox_full'].",
     "Each update payload is copied once more while decoding: decode_envelope slices the body "
     "out with bytes(...) (one transient 2.1 MB copy per update, not retained).",
     "_publish_global() sorts all answered clients for `have` (O(N log N)) and re-encodes the "
