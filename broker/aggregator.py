@@ -38,6 +38,9 @@ from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_fra
 from fedclip_edge.wire import expected_shapes as frame_shapes
 
 POLICIES = ("retry", "stop")
+# Widest feature a device may report (CLIP ViT-bigG is 1280): bounds the adapter the aggregator
+# allocates from a hello, 2*(d*d+d) floats.
+MAX_DIM = 8192
 
 
 @dataclass
@@ -170,12 +173,18 @@ class Aggregator:
         if self.global_state is not None:
             return
         if self.cfg.dim is None:
-            dims = {d.dim for d in self.devices.values() if d.dim > 0}
+            dims = Counter(d.dim for d in self.devices.values() if d.active and d.dim > 0)
             if not dims:
                 raise TransportError("no device reported its feature width: pass --dim")
-            if len(dims) > 1:
-                raise ConfigError(f"devices report different feature widths {sorted(dims)}")
-            self.cfg.dim = dims.pop()
+            # the width most devices report; a device with another one cannot take part (one
+            # odd hello must not stop the job from starting)
+            self.cfg.dim = max(dims, key=lambda d: (dims[d], -d))
+            for dev in list(self.devices.values()):
+                if dev.active and dev.dim != self.cfg.dim:
+                    self.roster.set_state(dev.client, "offline")
+                    self._reject("dim", P.status_topic(self.cfg.job, dev.client),
+                                 f"device {dev.client} reports feature width {dev.dim}, the "
+                                 f"job's is {self.cfg.dim} (most devices')")
         torch.manual_seed(self.cfg.seed)  # as the in-process simulation does
         self.global_state = {
             k: v.detach().clone() for k, v in AttentionAdapter(self.cfg.dim).state_dict().items()
@@ -218,6 +227,13 @@ class Aggregator:
                 self.log(f"device {client} is offline")
             return
         if dev is None or not dev.active or st.hello:
+            if self.cfg.dim is not None and st.dim != self.cfg.dim:
+                raise P.MessageRejected(
+                    "dim", f"device {client} reports feature width {st.dim}, the job's is "
+                    f"{self.cfg.dim}"
+                )
+            if not 0 < st.dim <= MAX_DIM:
+                raise P.MessageRejected("dim", f"device {client} reports feature width {st.dim}")
             if dev is None or not dev.active:
                 self.log(
                     f"device {client} online: {sum(st.samples.values())} samples "

@@ -69,6 +69,7 @@ REASONS: frozenset[str] = frozenset(
         "chunk_hash",
         "chunk_oversize",
         "chunk_expired",
+        "dim",
     }
 )
 

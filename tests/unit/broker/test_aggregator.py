@@ -342,3 +342,26 @@ def test_a_chunked_global_is_sent_again_to_a_device_that_joins_late(tmp_path: Pa
         if m is not None and m.topic == P.global_topic(JOB):
             got = P.decode_message(m.payload)
     assert isinstance(got, P.GlobalModel) and got.round == 1
+
+
+def test_hellos_with_another_or_a_huge_width_are_refused_and_the_job_runs(tmp_path: Path) -> None:
+    """One odd hello must neither stop the job from starting nor make the aggregator allocate an
+    adapter for a width nobody has (dim 1,000,000 would be 8 TB of float32)."""
+    for dim_known in (True, False):
+        broker = MemoryBroker()
+        devs = [FakeDevice(broker, c, lambda r, c: 1.0) for c in ("a", "b")]
+        odd = hello(broker, "odd", dim=3)
+        huge = hello(broker, "huge", dim=1_000_000)
+        for d in devs:
+            d.start()
+        out = tmp_path / str(dim_known)
+        kw = {} if dim_known else {"dim": None}
+        agg = make_agg(broker, out, rounds=1, **kw)
+        final = agg.run()
+        assert all(torch.allclose(v, torch.ones_like(v)) for v in final.values())
+        assert agg.cfg.dim == 2
+        assert agg.counters["rejected_dim"] >= 2
+        assert not agg.roster.get("huge") or not agg.roster.get("huge").active
+        assert not agg.roster.get("odd") or not agg.roster.get("odd").active
+        odd.close()
+        huge.close()
