@@ -110,9 +110,10 @@ def test_cli_errors(data, tmp_path, capsys):
 
 
 @pytest.mark.mosquitto
-def test_mqtt_transport_bytes_are_frames_plus_chunk_envelopes(data, tmp_path):
+def test_mqtt_transport_bytes_are_frames_plus_envelopes(data, tmp_path):
     """Every exchange through a private mosquitto, chunked at 64 KiB: each direction's bytes are
-    the in-process frame size plus exactly the chunk envelopes that frame splits into."""
+    the in-process frame size plus the protocol envelope (a header under 1 KiB: the exchange
+    speaks the project's global/update messages) and the chunk envelopes it splits into."""
     from support import mqtt as mqtt_helpers
 
     from fedclip_edge.broker.protocol import split_payload
@@ -134,9 +135,9 @@ def test_mqtt_transport_bytes_are_frames_plus_chunk_envelopes(data, tmp_path):
             frame = want[f"bytes_{way}"]
             chunks = split_payload(bytes(frame), max_payload)
             assert len(chunks) > 1, (method, way, frame)  # chunking really happened
-            assert have[f"messages_{way}"] == len(chunks)
-            assert have[f"bytes_{way}"] == sum(len(c) for c in chunks), (method, way)
-            assert 0 < have[f"bytes_{way}"] - frame <= 512 * len(chunks)
+            n = have[f"messages_{way}"]
+            assert len(chunks) <= n <= len(chunks) + 1, (method, way)
+            assert 0 < have[f"bytes_{way}"] - frame <= 1024 + 512 * n, (method, way)
         assert have["transfer_s"] > 0
     # the same training happened: same losses as in process
     for method in ("fedclip", "fedavg"):
