@@ -169,6 +169,8 @@ def aggregate(
         max_payload=max_payload,
         manual_ack=True,
         max_inflight_bytes=int(max_inflight_mb * 2**20),
+        # nothing larger than an update (plus its envelope) is reassembled from chunks
+        max_message_bytes=cfg.max_update_bytes + 2**20,
     )
     console = Console(width=None if sys.stdout.isatty() else 160)
 

@@ -465,9 +465,17 @@ class _Pending:
     wire_bytes: int = 0
 
 
+# A sender has one transfer in flight per topic (plus a retry): a third one on the same topic
+# supersedes the oldest, so one topic (one device, with the broker's ACL) cannot pin memory with
+# transfers it never finishes.
+MAX_TRANSFERS_PER_TOPIC = 2
+
+
 class Reassembler:
     """Chunks -> whole payloads, bounding memory (`max_bytes` per transfer, `max_pending_bytes`
-    across all) and time (`timeout_s` per incomplete transfer)."""
+    across all, `MAX_TRANSFERS_PER_TOPIC` per topic) and time (`timeout_s` per incomplete
+    transfer; the owner calls `expire()` on its own schedule too, not only when chunks come).
+    Every byte check is O(1) per chunk."""
 
     def __init__(
         self,
@@ -484,18 +492,35 @@ class Reassembler:
         self._pending: dict[tuple[str, str], _Pending] = {}
         # recently completed transfers: QoS 1 redelivers chunks; they must not start anew
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._per_topic: dict[str, int] = {}
+        self._pending_bytes = 0
         self.expired = 0
+        self.superseded = 0
 
     @property
     def pending_bytes(self) -> int:
-        return sum(p.size for p in self._pending.values())
+        return self._pending_bytes
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        p = self._pending.pop(key)
+        self._pending_bytes -= p.size
+        left = self._per_topic[key[0]] - 1
+        if left:
+            self._per_topic[key[0]] = left
+        else:
+            del self._per_topic[key[0]]
 
     def expire(self) -> list[str]:
-        """Drop transfers older than `timeout_s`; returns their topics."""
+        """Drop transfers older than `timeout_s`; returns their topics. Pending transfers are
+        kept in arrival order, so this stops at the first young one."""
         now = self.clock()
-        gone = [k for k, p in self._pending.items() if now - p.started > self.timeout_s]
+        gone = []
+        for k, p in self._pending.items():
+            if now - p.started <= self.timeout_s:
+                break
+            gone.append(k)
         for k in gone:
-            del self._pending[k]
+            self._drop(k)
         self.expired += len(gone)
         return [k[0] for k in gone]
 
@@ -531,23 +556,29 @@ class Reassembler:
             return None
         p = self._pending.get(key)
         if p is None:
-            if self.pending_bytes + len(body) > self.max_pending_bytes:
+            if self._per_topic.get(topic, 0) >= MAX_TRANSFERS_PER_TOPIC:
+                oldest = next(k for k in self._pending if k[0] == topic)
+                self._drop(oldest)
+                self.superseded += 1
+            if self._pending_bytes + len(body) > self.max_pending_bytes:
                 raise MessageRejected("chunk_oversize", "too many incomplete transfers pending")
             p = self._pending[key] = _Pending(count, total, digest, self.clock())
+            self._per_topic[topic] = self._per_topic.get(topic, 0) + 1
         elif (p.count, p.total, p.sha256) != (count, total, digest):
-            del self._pending[key]
+            self._drop(key)
             raise MessageRejected("chunk", f"chunk {index} disagrees with its transfer's header")
         if index in p.parts:
             return None  # QoS 1 redelivery of a chunk: already have it
-        if p.size + len(body) > total or self.pending_bytes + len(body) > self.max_pending_bytes:
-            del self._pending[key]
+        if p.size + len(body) > total or self._pending_bytes + len(body) > self.max_pending_bytes:
+            self._drop(key)
             raise MessageRejected("chunk_oversize", "chunks carry more bytes than declared")
         p.parts[index] = body
         p.size += len(body)
+        self._pending_bytes += len(body)
         p.wire_bytes += len(payload)
         if len(p.parts) < count:
             return None
-        del self._pending[key]
+        self._drop(key)
         self._done[key] = None
         if len(self._done) > 1024:
             self._done.popitem(last=False)

@@ -142,6 +142,7 @@ class Transport:
             timeout_s=chunk_timeout_s,
         )
         self._rlock = threading.Lock()
+        self._last_expiry = time.monotonic()
 
     # --- what subclasses provide
     @property
@@ -186,6 +187,7 @@ class Transport:
         Without manual acknowledgements the message's bytes leave the inbox bound now; with
         them, when the consumer calls `ack(msg)`.
         """
+        self._expire_chunks()
         try:
             msg = self._inbox.get(timeout=max(0.0, timeout))
         except queue.Empty:
@@ -193,6 +195,22 @@ class Transport:
         if not self.manual_ack:
             self._release(len(msg.payload))
         return msg
+
+    def _expire_chunks(self) -> None:
+        """Incomplete chunked transfers older than their timeout are dropped on the consumer's
+        schedule (about once a second), not only when another chunk arrives; counted."""
+        now = time.monotonic()
+        if now - self._last_expiry < 1.0:
+            return
+        self._last_expiry = now
+        with self._rlock:
+            self._reassembler.expire()
+            expired, self._reassembler.expired = self._reassembler.expired, 0
+            superseded, self._reassembler.superseded = self._reassembler.superseded, 0
+        if expired:
+            self.rejected["chunk_expired"] += expired
+        if superseded:
+            self.rejected["chunk_superseded"] += superseded
 
     def ack(self, msg: Received) -> None:
         """The consumer is done with `msg`: acknowledge it to the broker, free its bytes."""

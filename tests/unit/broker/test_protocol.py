@@ -182,3 +182,38 @@ def test_chunks_of_different_topics_do_not_mix() -> None:
                 got[topic] = res[0]
     assert got == {"ta": b"a" * 3000, "tb": b"b" * 3000}
     assert hashlib.sha256(got["ta"]).hexdigest() == hashlib.sha256(b"a" * 3000).hexdigest()
+
+
+def test_reassembler_bounds_each_topic_and_counts_in_constant_time() -> None:
+    """A topic that keeps starting transfers it never finishes holds at most two; the byte
+    count is kept, not re-summed per chunk."""
+    from fedclip_edge.broker.protocol import MAX_TRANSFERS_PER_TOPIC, Reassembler, split_payload
+
+    r = Reassembler(max_bytes=1 << 20, max_pending_bytes=1 << 30)
+    firsts = []
+    for i in range(300):
+        chunks = split_payload(bytes([i % 251]) * 5000, 1024)
+        firsts.append(chunks)
+        assert r.feed("fedclip/j/update/flood", chunks[0]) is None
+    assert len(r._pending) == MAX_TRANSFERS_PER_TOPIC and r.superseded == 298
+    assert r.pending_bytes == sum(p.size for p in r._pending.values())
+    # the newest transfer still completes
+    whole = None
+    for c in firsts[-1][1:]:
+        whole = r.feed("fedclip/j/update/flood", c) or whole
+    assert whole is not None and whole[0] == bytes([299 % 251]) * 5000
+    assert r.pending_bytes == sum(p.size for p in r._pending.values())
+
+
+def test_transport_expires_stale_chunks_without_new_chunks_and_counts_them() -> None:
+    """Expiry runs on the consumer's schedule: an abandoned transfer is dropped and counted
+    even when no other chunk ever arrives."""
+    from fedclip_edge.broker.protocol import split_payload
+    from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
+
+    t = MemoryTransport(MemoryBroker(), "agg", chunk_timeout_s=0.0)
+    t._on_raw("fedclip/j/update/a", split_payload(b"x" * 5000, 1024)[0], False)
+    assert t._reassembler.pending_bytes > 0
+    t._last_expiry = 0.0  # the next recv is due to expire
+    assert t.recv(0.0) is None
+    assert t._reassembler.pending_bytes == 0 and t.rejected["chunk_expired"] == 1
