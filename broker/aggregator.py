@@ -38,6 +38,30 @@ from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_fra
 from fedclip_edge.wire import expected_shapes as frame_shapes
 
 POLICIES = ("retry", "stop")
+# A device's sample count weighs its update (samples weighting): bounded so that one claim
+# cannot outweigh a fleet by orders of magnitude beyond any real dataset, nor overflow a float.
+MAX_SAMPLES = 10**9
+# What a device's metrics may carry into metrics.jsonl: finite numbers within this bound, short
+# strings; everything else is dropped, so no device value can break a commit or a report.
+_MAX_METRIC = 1e15
+_TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype"})
+
+
+def device_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A device's self-reported metrics, keeping only well-formed values (their names are
+    bounded by the envelope's header size)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > 64:
+            continue
+        num = M._num(v)
+        if num is not None and abs(num) <= _MAX_METRIC:
+            out[k] = int(v) if isinstance(v, int) else num
+        elif isinstance(v, str) and k in _TEXT_METRICS and len(v) <= 128:
+            out[k] = v
+    return out
+
+
 # Widest feature a device may report (CLIP ViT-bigG is 1280): bounds the adapter the aggregator
 # allocates from a hello, 2*(d*d+d) floats.
 MAX_DIM = 8192
@@ -211,6 +235,8 @@ class Aggregator:
                 accepted = True
         except P.MessageRejected as exc:
             self._reject(exc.reason, msg.topic, exc.message)
+        except Exception as exc:  # a message must never stop the job: count it and go on
+            self._reject("internal", msg.topic, f"{type(exc).__name__}: {exc}"[:300])
         if is_update:
             self.hooks.update_handled(self, time.perf_counter() - t0, accepted)
 
@@ -279,10 +305,12 @@ class Aggregator:
             raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
         if (frame.job, frame.round, frame.client) != (up.job, up.round, up.client):
             raise P.MessageRejected("fields", "frame job/round/client differ from the envelope")
+        if not 0 <= up.samples <= MAX_SAMPLES:
+            raise P.MessageRejected("fields", f"update claims {up.samples} samples")
+        rec = device_metrics(up.metrics)
         self._acc.add(frame.tensors, up.samples)
         latency = self.clock() - self._published_at
         self.counters["accepted"] += 1
-        rec = {k: v for k, v in up.metrics.items() if isinstance(k, str)}
         rec.update(
             {
                 "kind": "client",

@@ -274,8 +274,8 @@ def round_record(
         "heldout_acc": heldout,
         "latency_p50_s": percentile(lat, 50),
         "latency_max_s": max(lat) if lat else None,
-        "bytes_down": sum(int(r.get("bytes_down") or 0) for r in rows),
-        "bytes_up": sum(int(r.get("bytes_up") or 0) for r in rows),
+        "bytes_down": sum(int(_num(r.get("bytes_down")) or 0) for r in rows),
+        "bytes_up": sum(int(_num(r.get("bytes_up")) or 0) for r in rows),
         "rejected": {k: v for k, v in counters.items() if k.startswith("rejected_")},
     }
 

@@ -365,3 +365,40 @@ def test_hellos_with_another_or_a_huge_width_are_refused_and_the_job_runs(tmp_pa
         assert not agg.roster.get("odd") or not agg.roster.get("odd").active
         odd.close()
         huge.close()
+
+
+def test_hostile_update_fields_are_dropped_or_refused_and_the_round_commits(
+    tmp_path: Path,
+) -> None:
+    """Found by probing: metrics {"bytes_down": "x"}, {"loss": 10**400} and samples 10**400
+    crashed the commit; a status with upload_s 10**400 crashed the aggregator. Now each is
+    dropped or counted, and the round commits with the honest updates."""
+    broker = MemoryBroker()
+    honest = FakeDevice(broker, "a", lambda r, c: 1.0)
+    honest.start()
+    evil = hello(broker, "evil")
+    agg = make_agg(broker, tmp_path, rounds=1, min_clients=2, weighting="samples",
+                   round_timeout_s=3.0, max_retries=0, on_short="stop")
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.setdefault("final", agg.run()), daemon=True)
+    th.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agg._round != 1:
+        time.sleep(0.01)
+    frame = encode_frame(const_state(5.0), job=JOB, round=1, client="evil")
+    topic = P.update_topic(JOB, "evil")
+    for samples, metrics in ((10**400, {}), (1, {"bytes_down": "x", "loss": 10**400})):
+        evil.publish(topic, P.Update(JOB, 1, "evil", samples, metrics, frame).encode())
+    status = P.encode_envelope({"type": "status", "client": "evil", "state": "uploaded",
+                                "samples": {}, "round": 1, "upload_s": 10**400})
+    evil.publish(P.status_topic(JOB, "evil"), status)
+    th.join(15)
+    assert not th.is_alive() and "final" in result
+    # samples 10**400 refused; the second update accepted with its bad metrics dropped
+    assert agg.counters["rejected_fields"] >= 1 and agg.counters["accepted"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evil_row = next(r for r in rows if r.get("client") == "evil")
+    assert "loss" not in evil_row and isinstance(evil_row["bytes_down"], int)
+    for v in result["final"].values():  # samples-weighted: (1*1 + 5*1) / 2
+        assert torch.allclose(v, torch.full(v.shape, 3.0))
+    evil.close()
