@@ -16,6 +16,7 @@ from fedclip_edge import __version__
 from fedclip_edge.benchmarks.cli import bench_aggregator, bench_extractor, bench_fedavg
 from fedclip_edge.broker.cli import aggregate, broker_app
 from fedclip_edge.broker.demo import run_mqtt_demo
+from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
     INTERRUPTED,
     expand_multi_values,
@@ -244,6 +245,7 @@ def _register_parts() -> None:
     app.command("agent")(agent)
     app.command("aggregate")(aggregate)
     app.add_typer(broker_app, name="broker")
+    app.add_typer(keys_app, name="keys")
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)
