@@ -4,7 +4,8 @@ Why: every MQTT test needs a broker on a free loopback port, bounded waits and a
 cleanup. Brokers here listen on 127.0.0.1 only.
 
 - `embedded_broker()`: the in-process amqtt broker (fast; anonymous; no ACL).
-- `start_mosquitto(tmp_path, conf_text)`: a real mosquitto process (ACL, TLS, persistence).
+- `start_mosquitto(tmp_path, conf_text)`: a real mosquitto process (ACL, TLS, persistence),
+  started by the library's launcher (`fedclip_edge.broker.mosquitto.run_mosquitto`).
 - `require_mosquitto()`: skip without the binary, or fail when CI sets FEDCLIP_REQUIRE_MOSQUITTO=1.
 - `connect_client(...)`, `Inbox`: paho 2.x clients with timeouts instead of sleeps.
 """
@@ -14,60 +15,39 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import shutil
-import socket
 import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedclip_edge.broker import mosquitto as _lib
 from fedclip_edge.broker.embedded import EmbeddedBroker
-from fedclip_edge.broker.procs import stop_process
 
 HOST = "127.0.0.1"
 REQUIRE_ENV = "FEDCLIP_REQUIRE_MOSQUITTO"
-_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/snap/bin")
 
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (the OS picks it). Another process may take it before
-    you bind it: prefer port 0 where the server can report what it bound (EmbeddedBroker)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+# the library's helpers, under the names the tests have always used
+free_port = _lib.free_port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until host:port accepts a TCP connection; TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"nothing accepts connections on {host}:{port}: {exc}") from exc
-            time.sleep(0.02)
+    while not _lib.accepts(host, port, timeout=0.5):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing accepts connections on {host}:{port}")
+        time.sleep(0.02)
 
 
 def _find_tool(name: str) -> str | None:
-    """`shutil.which`, plus the sbin folders that a non-root PATH often lacks (mosquitto lives
-    in /usr/sbin on Debian)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in _SBIN_DIRS:
-        candidate = Path(folder) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
+    """The library's `find_tool`; a module-level name so tests can monkeypatch it."""
+    return _lib.find_tool(name)
 
 
 def mosquitto_binary() -> str | None:
@@ -105,23 +85,6 @@ def embedded_broker(host: str = HOST, port: int = 0) -> Iterator[EmbeddedBroker]
         yield broker
 
 
-@dataclass
-class MosquittoProcess:
-    """A running mosquitto: the process, the port waited for, its config and log files."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    conf_path: Path
-    log_path: Path
-
-    def log(self) -> str:
-        """What mosquitto wrote so far (stderr and stdout): attach it to assertion messages."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
 @contextlib.contextmanager
 def start_mosquitto(
     tmp_path: Path,
@@ -130,59 +93,27 @@ def start_mosquitto(
     *,
     timeout: float = 10.0,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Run `mosquitto -c CONF` and yield `(proc, port)` once `port` accepts connections; terminate
-    it (then kill) at exit.
+    """`broker/mosquitto.py`'s `run_mosquitto` as the tests use it: yields `(proc, port)` once
+    `port` accepts connections and stops the broker (terminate, then kill) at exit.
 
     conf_text None: an anonymous plain listener on 127.0.0.1:`port`. Otherwise the text is used as
-    is, with the token `{port}` replaced by the port; `port` is the one waited for (a free one when
-    None). Running as root, `user root` is prepended unless the text sets `user`: mosquitto would
-    otherwise drop to the `mosquitto` user, which cannot read files under pytest's private tmp
-    folders. The log goes to tmp_path/mosquitto-PORT.log (see `mosquitto_log`).
+    is, with the token `{port}` replaced (root gets `user root`, as the library does). The log is
+    tmp_path/mosquitto-PORT.log (see `mosquitto_log`); a broker that exits or never listens
+    raises TransportError with it.
     """
     binary = require_mosquitto()
-    port = free_port() if port is None else port
     if conf_text is None:
         conf_text = "listener {port} 127.0.0.1\nallow_anonymous true\n"
-    text = conf_text.replace("{port}", str(port))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        if not any(line.strip().startswith("user ") for line in text.splitlines()):
-            text = "user root\n" + text
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    conf_path = tmp_path / f"mosquitto-{port}.conf"
-    log_path = tmp_path / f"mosquitto-{port}.log"
-    conf_path.write_text(text)
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [binary, "-c", str(conf_path)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    _RUNNING[proc.pid] = MosquittoProcess(proc, port, conf_path, log_path)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited with {proc.returncode} before listening on port {port}:\n"
-                    + log_path.read_text(errors="replace")
-                )
-            try:
-                wait_for_port(HOST, port, timeout=0.2)
-                break
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"mosquitto did not listen on port {port} within {timeout:g} s:\n"
-                        + log_path.read_text(errors="replace")
-                    ) from None
-        yield proc, port
-    finally:
-        _RUNNING.pop(proc.pid, None)
-        stop_process(proc)
+    with _lib.run_mosquitto(tmp_path, conf_text, port=port, timeout=timeout,
+                            binary=binary) as broker:
+        _RUNNING[broker.pid] = broker
+        try:
+            yield broker.proc, broker.port
+        finally:
+            _RUNNING.pop(broker.pid, None)
 
 
-_RUNNING: dict[int, MosquittoProcess] = {}
+_RUNNING: dict[int, _lib.Mosquitto] = {}
 
 
 def mosquitto_log(proc: subprocess.Popen[bytes]) -> str:
