@@ -227,3 +227,41 @@ def bench_aggregator(
     console.print(f"JSON: {Path(out) / 'bench_aggregator.json'}")
     if not report["zero_loss"]:
         raise FedClipError("updates were lost or the aggregator failed (see the table)")
+
+
+def bench_soak(
+    out: Annotated[Path, typer.Option(help="Run folder (data, logs, aggregator, soak.json).")],
+    agents: Annotated[int, typer.Option(help="Device agents (processes).", min=2)] = 8,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=2)] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the chaos schedule and the job.")] = 0,
+    kinds: Annotated[
+        list[str] | None,
+        typer.Option("--kind", help="Fault kinds (default all): kill_agent, restart_broker, "
+                     "kill_aggregator, garbage, replay, foreign_signed."),
+    ] = None,
+    min_clients: Annotated[
+        int | None, typer.Option(help="Updates needed per round (default: half the agents).")
+    ] = None,
+    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 10,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed for the whole run.")] = 3600.0,
+) -> None:
+    """A federation under a seeded chaos schedule (kills, broker and aggregator restarts,
+    garbage, replays) over mosquitto, then a reconciliation of every update sent."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from fedclip_edge.benchmarks.soak import FAULT_KINDS, SoakConfig, run_soak
+
+    cfg = SoakConfig(out=out, agents=agents, rounds=rounds, seed=seed, per_class=per_class,
+                     min_clients=min_clients, kinds=tuple(kinds or FAULT_KINDS),
+                     timeout_s=timeout)
+    err = Console(stderr=True)
+    start = time.monotonic()
+    report = run_soak(
+        cfg, log=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {escape(m)}")
+    )
+    print(report["line"])
+    print(f"JSON: {Path(out) / 'soak.json'}")
+    if not report["ok"]:
+        failed = [k for k, v in report["checks"].items() if not v]
+        raise FedClipError(f"soak failed: {', '.join(failed)} {report['error']}".rstrip())

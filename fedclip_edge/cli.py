@@ -13,7 +13,12 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
-from fedclip_edge.benchmarks.cli import bench_aggregator, bench_extractor, bench_fedavg
+from fedclip_edge.benchmarks.cli import (
+    bench_aggregator,
+    bench_extractor,
+    bench_fedavg,
+    bench_soak,
+)
 from fedclip_edge.broker.cli import aggregate, broker_app
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
@@ -249,6 +254,7 @@ def _register_parts() -> None:
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)
+    bench_app.command("soak")(bench_soak)
 
 
 def main(argv: list[str] | None = None) -> int:

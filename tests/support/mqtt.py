@@ -272,3 +272,60 @@ def publish(
     info.wait_for_publish(timeout)
     if not info.is_published():
         raise TimeoutError(f"publish to {topic!r} not acknowledged within {timeout:g} s")
+
+
+class Presence:
+    """Watches a job's status topics (retained hellos, statuses, wills) so a fault test can wait
+    for the moment it needs (every device online, one announced offline) instead of sleeping.
+
+    Use as a context manager: `with Presence(port, job) as seen: seen.wait("dev-a", "online")`.
+    """
+
+    def __init__(self, port: int, job: str, host: str = HOST) -> None:
+        self.port, self.job, self.host = port, job, host
+        self.states: dict[str, list[str]] = {}  # client -> every state seen, in order
+        self._cond = threading.Condition()
+        self._client: mqtt.Client | None = None
+
+    def __enter__(self) -> Presence:
+        self._client = connect_client(self.port, f"presence-{self.job}", host=self.host)
+        self._client.on_message = self._on_message
+        subscribe(self._client, f"fedclip/{self.job}/status/+", qos=1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            disconnect_client(self._client)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        from fedclip_edge.broker import protocol as P
+
+        try:
+            st = P.decode_message(msg.payload)
+        except P.MessageRejected:
+            return
+        if isinstance(st, P.Status):
+            with self._cond:
+                self.states.setdefault(st.client, []).append(st.state)
+                self._cond.notify_all()
+
+    def wait(self, client: str, state: str, timeout: float = 60.0, *, after: int = 0) -> int:
+        """Until `client` has announced `state` (at index >= `after` of its history); returns
+        how many states it had announced then. AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                seen = self.states.get(client, [])
+                if state in seen[after:]:
+                    return len(seen)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"{client} did not announce {state!r} within {timeout:g} s "
+                        f"(seen: {seen})"
+                    )
+                self._cond.wait(left)
+
+    def count(self, client: str) -> int:
+        with self._cond:
+            return len(self.states.get(client, []))

@@ -1,0 +1,740 @@
+"""`fedclip-edge bench soak`: a federation under a seeded chaos schedule, then a reconciliation.
+
+Why: the fault tests each catch one fault at one moment; a fleet meets them all, in any order,
+for hours. This runs N device agents as processes over a private mosquitto (persistence on, as
+in production) with the aggregator as a process (`fedclip_edge.cli aggregate`), and while the
+rounds go on a schedule drawn from `--seed` kills agents with -9 and restarts them, restarts
+mosquitto, kills the aggregator with -9 and resumes it (`--resume`), and injects garbage and
+replays (an earlier update re-sent by a plain paho client) on the devices' update topics.
+Foreign-signed updates are a kind of their own (`foreign_signed`): skipped, with the reason
+printed, until the aggregator verifies signatures.
+
+A recorder (a paho client with a persistent session) keeps every payload the broker carried on
+the job's update topics. At the end the run is reconciled from what each side wrote:
+- every update a device reports as sent (its `round N | ...` line) is accepted once (a client
+  row of metrics.jsonl) or rejected with a counted reason (the aggregator's `rejected (...)`
+  lines, whose counts the final state.json's counters must match); none is lost;
+- every committed round's global equals the uniform mean of the recorded updates of the
+  clients metrics.jsonl lists for it, recomputed here in float64;
+- the final global equals the last committed round's, no child process is left running and no
+  process of the run's folder (agents, aggregator, mosquitto) survives.
+The report is `OUT/soak.json` and one line of figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.mosquitto import Mosquitto, free_port, run_mosquitto
+from fedclip_edge.broker.procs import stop_process
+from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.wire import FrameRejected, decode_frame
+
+FAULT_KINDS = (
+    "kill_agent", "restart_broker", "kill_aggregator", "garbage", "replay", "foreign_signed",
+)
+# faults per committed round, by kind (at least one of each whatever the length of the run)
+FAULT_RATES = {
+    "kill_agent": 0.06, "restart_broker": 0.03, "kill_aggregator": 0.03, "garbage": 0.06,
+    "replay": 0.06, "foreign_signed": 0.03,
+}
+# the domains of the synthetic data, shared round-robin by the agents
+DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+PY = sys.executable
+_ROUND_LINE = re.compile(r"\] round (\d+) \| samples .* \| upload (\S+)$")
+_RESENT = re.compile(r"\] round (\d+): (aggregator lacks my update|reconnected), sending")
+_DROPPED = re.compile(r"\] round (\d+): unsent update dropped")
+_REJECTED = re.compile(r"rejected \((\w+)\) on fedclip/[^/]+/(\w+)/([^:\s]*): (.*)$")
+_ROUND_IN_TEXT = re.compile(r"(?:update for round|for round) (\d+)")
+_COMMIT = re.compile(r"^round (\d+)/\d+ \| clients")
+
+
+@dataclass
+class SoakConfig:
+    """One soak run. `rounds` and `agents` are the federation; `seed` draws the schedule."""
+
+    out: Path
+    agents: int = 8
+    rounds: int = 100
+    seed: int = 0
+    per_class: int = 10
+    min_clients: int | None = None  # default: half the agents
+    round_timeout_s: float = 60.0
+    broker_down_s: float = 1.0
+    kinds: tuple[str, ...] = FAULT_KINDS
+    timeout_s: float = 3600.0  # the whole run
+
+    def __post_init__(self) -> None:
+        if self.agents < 2 or self.rounds < 2:
+            raise ConfigError("a soak needs at least 2 agents and 2 rounds")
+        unknown = sorted(set(self.kinds) - set(FAULT_KINDS))
+        if unknown:
+            raise ConfigError(f"unknown fault kind(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(FAULT_KINDS)}")
+        if self.min_clients is None:
+            self.min_clients = max(1, self.agents // 2)
+        if not 1 <= self.min_clients <= self.agents:
+            raise ConfigError("--min-clients must be between 1 and the number of agents")
+
+
+@dataclass
+class Fault:
+    """One planned fault: fired once round `after_round` is committed."""
+
+    after_round: int
+    kind: str
+    target: str = ""
+    fired_at_round: int | None = None  # completed round seen when it was injected
+    at_s: float | None = None
+    outcome: str = ""  # "injected", or why not
+
+
+def plan_faults(cfg: SoakConfig) -> list[Fault]:
+    """The seeded schedule: per kind, round(rate * rounds) faults (at least one), each after a
+    round drawn uniformly from 1..rounds-1; agents to kill drawn the same way."""
+    rng = random.Random(cfg.seed)
+    faults = []
+    for kind in cfg.kinds:
+        n = max(1, round(FAULT_RATES[kind] * cfg.rounds))
+        for _ in range(n):
+            target = f"dev-{rng.randrange(cfg.agents)}" if kind in ("kill_agent", "garbage") else ""
+            faults.append(Fault(rng.randint(1, cfg.rounds - 1), kind, target))
+    faults.sort(key=lambda f: (f.after_round, FAULT_KINDS.index(f.kind)))
+    return faults
+
+
+def signing_hook_reason() -> str | None:
+    """Why `foreign_signed` cannot run yet (None when it can): the aggregator must verify
+    signatures on updates. Checked by name so the soak follows the library without an edit."""
+    import fedclip_edge.broker.aggregator as agg_mod
+
+    src = Path(agg_mod.__file__).read_text()
+    if "sign" not in src:
+        return "the aggregator does not verify update signatures yet (no 'sign' in " \
+               "broker/aggregator.py)"
+    if not hasattr(P.Update, "__dataclass_fields__") or not any(
+        "sig" in name for name in P.Update.__dataclass_fields__
+    ):
+        return "protocol.Update carries no signature field yet"
+    return "signing is wired, but inject_foreign_signed() is not written yet"
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+class Children:
+    """The run's child processes, each with a log file per start; all reaped at exit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.all: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.logs: dict[str, list[Path]] = defaultdict(list)
+        self.killed: set[Path] = set()  # logs of incarnations this run killed with -9
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        n = len(self.logs[name]) + 1
+        path = self.folder / f"{name}.{n}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL)
+        self.logs[name].append(path)
+        self.running[name] = proc
+        self.all.append((name, proc))
+        return proc
+
+    def kill(self, name: str) -> None:
+        """kill -9, then reap (the log of this incarnation is marked as killed)."""
+        proc = self.running.pop(name)
+        proc.kill()
+        proc.wait(30)
+        self.killed.add(self.logs[name][-1])
+
+    def stop_all(self) -> None:
+        for _, proc in self.all:
+            stop_process(proc, timeout=10)
+
+    def unreaped(self) -> list[str]:
+        return [f"{n} (pid {p.pid})" for n, p in self.all if p.returncode is None]
+
+
+class Recorder:
+    """Every payload the broker carries on the job's update topics (a persistent session, so a
+    restarted broker still delivers what it queued for it)."""
+
+    def __init__(self, port: int, job: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.job = job
+        self.messages: list[tuple[float, str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"soak-recorder-{job}",
+                                  protocol=mqtt.MQTTv311, clean_session=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not self._subscribed.wait(20):
+            raise FedClipError("the soak's recorder could not subscribe to the broker")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not rc.is_failure:
+            client.subscribe(P.update_filter(self.job), qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._lock:
+            self.messages.append((time.monotonic(), msg.topic, bytes(msg.payload)))
+
+    def snapshot(self) -> list[tuple[float, str, bytes]]:
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Injector:
+    """A plain paho client that publishes what the devices never would (garbage, replays)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-chaos",
+                                  protocol=mqtt.MQTTv311)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        info = self.client.publish(topic, payload, qos=1)
+        with contextlib.suppress(Exception):
+            info.wait_for_publish(15)
+        return bool(info.is_published())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+class Soak:
+    """Prepare, run under chaos, reconcile. `run()` returns the report (also OUT/soak.json)."""
+
+    def __init__(self, cfg: SoakConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out).resolve()
+        self.job = f"soak{cfg.seed}"
+        self.agg_out = self.out / "aggregator"
+        self.clients = [f"dev-{i}" for i in range(cfg.agents)]
+        self.procs = Children(self.out / "logs")
+        self.broker: Mosquitto | None = None
+        self._broker_stack: contextlib.ExitStack | None = None
+        self.port = 0
+        self.brokers_started = 0
+        self.faults = plan_faults(cfg)
+        self.t0 = time.monotonic()
+        self.injected: list[dict[str, Any]] = []  # what the injector published
+
+    # ----------------------------------------------------------- preparation
+    def _prepare(self) -> None:
+        """Synthetic data, the exported artifact and every domain's feature cache, once."""
+        from fedclip_edge.device_agent.agent import load_local_features
+
+        data, art = self.out / "data", self.out / "artifact"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if not (data / ".done").is_file():
+            subprocess.run([PY, "-m", "fedclip_edge.cli", "data", "synth", "--out", str(data),
+                            "--per-class", str(self.cfg.per_class)], check=True, env=env,
+                           timeout=600, capture_output=True)
+            (data / ".done").write_text("")
+        if not (art / "manifest.json").is_file():
+            subprocess.run([PY, "-m", "fedclip_edge.cli", "export", "--out", str(art),
+                            "--classes", str(data)], check=True, env=env, timeout=900,
+                           capture_output=True)
+        for d in sorted({self._domain(c) for c in self.clients}):
+            load_local_features(data, art, backend="onnxruntime", domain=d,
+                                cache=self.out / "cache" / d, log=lambda line: None)
+
+    def _domain(self, client: str) -> str:
+        return DOMAINS[int(client.split("-")[1]) % len(DOMAINS)]
+
+    def _agent_cmd(self, client: str) -> list[str]:
+        d = self._domain(client)
+        return [PY, "-m", "fedclip_edge.device_agent.cli", "--broker", self.url, "--job",
+                self.job, "--client-id", client, "--data", str(self.out / "data"), "--domain",
+                d, "--artifacts", str(self.out / "artifact"), "--backend", "onnxruntime",
+                "--cache", str(self.out / "cache" / d), "--idle-timeout", "300",
+                "--connect-timeout", "60"]
+
+    def _agg_cmd(self, resume: bool) -> list[str]:
+        return [PY, "-m", "fedclip_edge.cli", "aggregate", "--broker", self.url, "--job",
+                self.job, "--rounds", str(self.cfg.rounds), "--min-clients",
+                str(self.cfg.min_clients), "--round-timeout", str(self.cfg.round_timeout_s),
+                "--out", str(self.agg_out), "--preset", "learning", "--seed",
+                str(self.cfg.seed), "--wait-clients", "120", "--connect-timeout", "60",
+                "--max-retries", "5", *(("--resume",) if resume else ())]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    # ----------------------------------------------------------- broker
+    def _start_broker(self) -> None:
+        stack = contextlib.ExitStack()
+        self.broker = stack.enter_context(run_mosquitto(
+            self.out / "broker" / f"run{self.brokers_started + 1}", port=self.port,
+            persistence_dir=self.out / "broker" / "db", timeout=30,
+        ))
+        self._broker_stack = stack
+        self.brokers_started += 1
+
+    def _stop_broker(self) -> None:
+        if self._broker_stack is not None:
+            self._broker_stack.close()  # SIGTERM: mosquitto saves its database, then exits
+            self._broker_stack = None
+
+    # ----------------------------------------------------------- faults
+    def _completed(self) -> int:
+        try:
+            return int(json.loads((self.agg_out / "state.json").read_text())["completed_round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _fire(self, f: Fault, rng: random.Random, recorder: Recorder,
+              injector: Injector) -> None:
+        f.fired_at_round = self._completed()
+        f.at_s = round(time.monotonic() - self.t0, 2)
+        if f.kind == "kill_agent":
+            target = f.target if f.target in self.procs.running else rng.choice(
+                sorted(c for c in self.clients if c in self.procs.running))
+            f.target = target
+            self.procs.kill(target)
+            self.procs.start(target, self._agent_cmd(target))
+            f.outcome = "injected"
+        elif f.kind == "kill_aggregator":
+            self.procs.kill("aggregator")
+            self.procs.start("aggregator", self._agg_cmd(resume=True))
+            f.outcome = "injected"
+        elif f.kind == "restart_broker":
+            self._stop_broker()
+            time.sleep(self.cfg.broker_down_s)  # the outage itself, not a wait for an event
+            self._start_broker()
+            f.outcome = "injected"
+        elif f.kind == "garbage":
+            topic = P.update_topic(self.job, f.target)
+            payload = rng.choice([b"FCMQ\x01", b"", b"{"]) + rng.randbytes(rng.randint(1, 4096))
+            ok = injector.publish(topic, payload)
+            self.injected.append({"kind": "garbage", "topic": topic,
+                                  "sha256": hashlib.sha256(payload).hexdigest()})
+            f.outcome = "injected" if ok else "not acknowledged by the broker"
+        elif f.kind == "replay":
+            old = [m for m in recorder.snapshot() if _update_round(m[2]) not in (None, 0)
+                   and _update_round(m[2]) < f.fired_at_round]  # type: ignore[operator]
+            if not old:
+                f.outcome = "skipped: no update of a committed round recorded yet"
+                return
+            _, topic, payload = rng.choice(old)
+            f.target = topic.rsplit("/", 1)[-1]
+            ok = injector.publish(topic, payload)
+            self.injected.append({"kind": "replay", "topic": topic,
+                                  "round": _update_round(payload)})
+            f.outcome = "injected" if ok else "not acknowledged by the broker"
+        elif f.kind == "foreign_signed":
+            f.outcome = "skipped: " + inject_foreign_signed()
+        self.log(f"fault after round {f.fired_at_round}: {f.kind} {f.target} -> {f.outcome}")
+
+    # ----------------------------------------------------------- main
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(exist_ok=True)
+        if (self.agg_out / "state.json").exists():
+            raise ConfigError(f"{self.out} already holds a soak run: choose another --out")
+        self.log(f"preparing data, artifact and features in {self.out}")
+        self._prepare()
+        self.port = free_port()
+        recorder: Recorder | None = None
+        injector: Injector | None = None
+        finished = False
+        error = ""
+        rng = random.Random(self.cfg.seed + 1)
+        try:
+            self._start_broker()
+            recorder = Recorder(self.port, self.job)
+            injector = Injector(self.port)
+            for c in self.clients:
+                self.procs.start(c, self._agent_cmd(c))
+            self.procs.start("aggregator", self._agg_cmd(resume=False))
+            self.log(f"{self.cfg.agents} agents and the aggregator started on {self.url}; "
+                     f"{self.cfg.rounds} rounds, {len(self.faults)} faults planned")
+            pending = list(self.faults)
+            deadline = self.t0 + self.cfg.timeout_s
+            while True:
+                agg = self.procs.running["aggregator"]
+                if agg.poll() is not None:
+                    if agg.returncode == 0:
+                        finished = True
+                    else:
+                        error = f"the aggregator exited with {agg.returncode}"
+                    break
+                if time.monotonic() > deadline:
+                    error = f"the run did not finish within {self.cfg.timeout_s:g}s"
+                    break
+                for c in self.clients:  # an agent that died on its own is a finding
+                    p = self.procs.running.get(c)
+                    if p is not None and p.poll() is not None and p.returncode != 0:
+                        error = f"agent {c} exited with {p.returncode}"
+                if error:
+                    break
+                done = self._completed()
+                while pending and pending[0].after_round <= done and done < self.cfg.rounds:
+                    self._fire(pending.pop(0), rng, recorder, injector)
+                time.sleep(0.05)
+            for f in pending:
+                f.outcome = "not injected: the run ended first"
+            if finished:
+                end = time.monotonic() + 120
+                for c in self.clients:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.procs.running[c].wait(max(0.1, end - time.monotonic()))
+                slow = [c for c in self.clients if self.procs.running[c].poll() is None]
+                if slow:
+                    error = f"agents still running 120 s after the job ended: {slow}"
+        finally:
+            self.procs.stop_all()
+            if injector is not None:
+                injector.close()
+            # the recorder last: what the broker still queued for it has been delivered
+            if recorder is not None:
+                time.sleep(0.5)
+                recorder.close()
+            self._stop_broker()
+        wall = time.monotonic() - self.t0
+        report = reconcile(self, recorder.snapshot() if recorder else [], finished, error, wall)
+        (self.out / "soak.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        return report
+
+
+def inject_foreign_signed() -> str:
+    """The hook for updates signed with a key the aggregator does not know: returns why it was
+    skipped. Once the aggregator verifies signatures, publish here a recorded update re-signed
+    with a fresh key (fedclip_edge.signing.new_keypair) and expect `rejected (unknown_key)` or
+    `rejected (bad_signature)`."""
+    return signing_hook_reason() or "not written yet"
+
+
+def _update_round(payload: bytes) -> int | None:
+    """The round of an update payload, None when it is not one (garbage)."""
+    try:
+        m = P.decode_message(payload)
+    except Exception:  # noqa: BLE001 - whatever a hostile payload raises, it is not an update
+        return None
+    return m.round if isinstance(m, P.Update) else None
+
+
+# ---------------------------------------------------------------------------------- reconcile
+
+
+def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
+    """What one device's logs say it sent: acknowledged (client, round) updates, messages."""
+    acked: set[int] = set()
+    unacked_killed: set[int] = set()
+    messages = 0
+    for path in paths:
+        queued: set[int] = set()
+        for line in path.read_text(errors="replace").splitlines():
+            if m := _ROUND_LINE.search(line):
+                rnd, upload = int(m.group(1)), m.group(2)
+                messages += 1
+                if upload == "queued":
+                    queued.add(rnd)
+                else:
+                    acked.add(rnd)
+            elif m := _RESENT.search(line):
+                messages += 1
+                acked.add(int(m.group(1)))  # sent before; the resend makes it count as sent
+            elif m := _DROPPED.search(line):
+                queued.discard(int(m.group(1)))
+        if path in killed:
+            unacked_killed |= queued - acked
+        else:
+            acked |= queued  # an outbox not dropped is sent after a reconnect
+    return {"acked": acked, "unacked_killed": unacked_killed - acked, "messages": messages}
+
+
+def _aggregator_log(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
+    """Every rejection line of every aggregator incarnation, and which were counted in a
+    committed state (lines after the last commit of a killed incarnation were not)."""
+    rejected: list[dict[str, Any]] = []
+    uncounted: Counter[str] = Counter()
+    for path in paths:
+        lines = path.read_text(errors="replace").splitlines()
+        last_commit = max((i for i, ln in enumerate(lines) if _COMMIT.search(ln)), default=-1)
+        for i, line in enumerate(lines):
+            m = _REJECTED.search(line)
+            if not m:
+                continue
+            reason, kind, client, text = m.groups()
+            r = _ROUND_IN_TEXT.search(text)
+            rejected.append({"reason": reason, "kind": kind, "client": client,
+                             "round": int(r.group(1)) if r else None})
+            if path in killed and i > last_commit:
+                uncounted[reason] += 1
+    return {"rejected": rejected, "uncounted": uncounted}
+
+
+def _tensors(payload: bytes) -> dict[str, torch.Tensor] | None:
+    try:
+        up = P.decode_message(payload)
+        if not isinstance(up, P.Update):
+            return None
+        return decode_frame(up.frame).tensors
+    except (P.MessageRejected, FrameRejected):
+        return None
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _check_rounds(agg_out: Path, accepted: dict[int, list[str]],
+                  recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]],
+                  completed: int) -> dict[str, Any]:
+    """Each committed global against the float64 uniform mean of the recorded updates of the
+    clients metrics.jsonl lists for its round."""
+    from safetensors.torch import load_file
+
+    bad: list[str] = []
+    ambiguous = 0
+    checked = 0
+    for rnd in range(1, completed + 1):
+        gfile = agg_out / "rounds" / f"global_r{rnd:04d}.safetensors"
+        clients = accepted.get(rnd, [])
+        if not gfile.is_file() or not clients:
+            bad.append(f"round {rnd}: no global file or no accepted client")
+            continue
+        options = []
+        for c in clients:
+            distinct: list[dict[str, torch.Tensor]] = []
+            for t in recorded.get((c, rnd), []):
+                if not any(_same(t, d) for d in distinct):
+                    distinct.append(t)
+            if not distinct:
+                break
+            options.append(distinct)
+        if len(options) < len(clients):
+            bad.append(f"round {rnd}: an accepted update was not recorded")
+            continue
+        ambiguous += sum(len(o) > 1 for o in options)
+        glob = load_file(str(gfile))
+        ok = False
+        for combo in itertools.islice(itertools.product(*options), 256):
+            mean = {k: sum(u[k].to(torch.float64) for u in combo) / len(combo) for k in glob}
+            if all(torch.allclose(glob[k].to(torch.float64), mean[k], rtol=0, atol=1e-6)
+                   for k in glob):
+                ok = True
+                break
+        checked += 1
+        if not ok:
+            bad.append(f"round {rnd}: the global is not the mean of its accepted updates")
+    final_ok = False
+    if completed:
+        from safetensors.torch import load_file as lf
+
+        a = lf(str(agg_out / "global.safetensors"))
+        b = lf(str(agg_out / "rounds" / f"global_r{completed:04d}.safetensors"))
+        final_ok = _same(a, b)
+    return {"checked": checked, "mismatched": bad, "ambiguous_updates": ambiguous,
+            "final_equals_last_round": final_ok}
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (a shell that started the soak names the folder too)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Processes (any parent) whose command line names the run's folder: agents, aggregators
+    and mosquitto (its config lives there). Linux /proc; elsewhere nothing is found."""
+    found = []
+    needle = str(out).encode()
+    mine = _ancestors()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmd and int(d.name) not in mine:
+            text = cmd.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"{d.name}: {text}")
+    return found
+
+
+def reconcile(soak: Soak, recorded_msgs: list[tuple[float, str, bytes]], finished: bool,
+              error: str, wall: float) -> dict[str, Any]:
+    """The report: figures, and every check with what failed it."""
+    cfg = soak.cfg
+    agg_out = soak.agg_out
+    try:
+        state = json.loads((agg_out / "state.json").read_text())
+    except (OSError, ValueError):
+        state = {"completed_round": 0, "counters": {}}
+    completed = int(state.get("completed_round", 0))
+    counters = Counter({k: int(v) for k, v in state.get("counters", {}).items()})
+    rows = []
+    with contextlib.suppress(OSError):
+        rows = [json.loads(x) for x in (agg_out / "metrics.jsonl").read_text().splitlines() if x]
+    client_rows = [(int(r["round"]), str(r["client"])) for r in rows if r.get("kind") == "client"]
+    accepted: dict[int, list[str]] = defaultdict(list)
+    for rnd, c in client_rows:
+        accepted[rnd].append(c)
+    row_counts = Counter(client_rows)
+
+    agg = _aggregator_log(soak.procs.logs.get("aggregator", []), soak.procs.killed)
+    rejected_for: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for r in agg["rejected"]:
+        if r["kind"] == "update" and r["round"] is not None:
+            rejected_for[(r["client"], r["round"])].append(r["reason"])
+    logged = Counter(r["reason"] for r in agg["rejected"])
+
+    sent_updates = 0
+    sent_messages = 0
+    unacked_killed = 0
+    verdicts: Counter[str] = Counter()
+    lost: list[str] = []
+    sent_pairs: set[tuple[str, int]] = set()
+    for c in soak.clients:
+        s = _agent_sends(soak.procs.logs.get(c, []), soak.procs.killed)
+        sent_messages += s["messages"]
+        unacked_killed += len(s["unacked_killed"])
+        for rnd in sorted(s["acked"]):
+            if rnd > completed:
+                verdicts["after_the_last_commit"] += 1
+                continue
+            sent_updates += 1
+            sent_pairs.add((c, rnd))
+            n = row_counts.get((rnd, c), 0)
+            if n == 1:
+                verdicts["accepted"] += 1
+            elif n > 1:
+                lost.append(f"{c} round {rnd}: accepted {n} times")
+            elif rejected_for.get((c, rnd)):
+                verdicts["rejected_" + rejected_for[(c, rnd)][0]] += 1
+            else:
+                lost.append(f"{c} round {rnd}: sent, neither accepted nor rejected")
+    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in sent_pairs]
+
+    recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
+    for _, topic, payload in recorded_msgs:
+        t = _tensors(payload)
+        r = _update_round(payload)
+        if t is not None and r is not None:
+            recorded[(topic.rsplit("/", 1)[-1], r)].append(t)
+    rounds_check = _check_rounds(agg_out, accepted, recorded, completed)
+
+    expected_counted = logged - agg["uncounted"]
+    rejected_counters = Counter({k[len("rejected_"):]: v for k, v in counters.items()
+                                 if k.startswith("rejected_")})
+    counters_ok = rejected_counters == expected_counted and counters["accepted"] == len(
+        client_rows)
+    leaked = soak.procs.unreaped() + _leftovers(soak.out)
+    faults = Counter(f.kind for f in soak.faults if f.outcome == "injected")
+    skipped = {f.kind: f.outcome for f in soak.faults if f.outcome != "injected"}
+    checks = {
+        "finished": finished and not error,
+        "all_rounds_committed": completed == cfg.rounds,
+        "lost_0": not lost,
+        "no_update_accepted_that_no_device_sent": not forged,
+        "globals_match_accepted_updates": not rounds_check["mismatched"]
+        and rounds_check["checked"] == completed,
+        "final_global_is_last_round": rounds_check["final_equals_last_round"],
+        "counters_match_logged_rejections": counters_ok,
+        "no_process_leaked": not leaked and soak.brokers_started >= 1,
+    }
+    report = {
+        "ok": all(checks.values()),
+        "checks": checks,
+        "error": error,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "job": soak.job,
+        "wall_s": round(wall, 1),
+        "rounds_committed": completed,
+        "faults_injected": dict(faults),
+        "faults_not_injected": skipped,
+        "schedule": [asdict(f) for f in soak.faults],
+        "updates_sent": sent_updates,
+        "update_messages_sent_by_devices": sent_messages,
+        "unacknowledged_when_killed": unacked_killed,
+        "messages_recorded_on_update_topics": len(recorded_msgs),
+        "injected_messages": len(soak.injected),
+        "verdicts_of_sent_updates": dict(verdicts),
+        "accepted": counters["accepted"],
+        "rejected_by_reason": dict(logged),
+        "rejected_counted_in_state": dict(rejected_counters),
+        "rejected_lost_with_a_killed_aggregator": dict(agg["uncounted"]),
+        "lost": lost,
+        "accepted_not_sent": forged,
+        "rounds_check": rounds_check,
+        "brokers_started": soak.brokers_started,
+        "aggregators_started": len(soak.procs.logs.get("aggregator", [])),
+        "agent_starts": sum(len(soak.procs.logs.get(c, [])) for c in soak.clients),
+        "leaked": leaked,
+    }
+    report["line"] = figures_line(report)
+    return report
+
+
+def figures_line(r: dict[str, Any]) -> str:
+    """The one line of figures a run ends with."""
+    faults = ", ".join(f"{k} {r['faults_injected'].get(k, 0)}" for k in FAULT_KINDS)
+    rej = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected_by_reason"].items())) or "none"
+    return (
+        f"soak {'OK' if r['ok'] else 'FAILED'}: rounds {r['rounds_committed']}/"
+        f"{r['config']['rounds']} ({r['config']['agents']} agents, seed {r['config']['seed']}) | "
+        f"faults {faults} | updates sent {r['updates_sent']} "
+        f"({r['update_messages_sent_by_devices']} messages), accepted {r['accepted']} | "
+        f"rejected {rej} | lost {len(r['lost'])} | "
+        f"globals {r['rounds_check']['checked']}/{r['rounds_committed']} match | leaked "
+        f"{len(r['leaked'])} | {r['wall_s']:.0f}s"
+    )
+
+
+def run_soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole soak; the report is also written to OUT/soak.json."""
+    return Soak(cfg, log).run()
