@@ -107,6 +107,10 @@ def serve(spec_path: Path) -> int:
         wait_clients_s=spec["wait_clients_s"],
         upload_grace_s=0.0,
         connect_timeout_s=10.0,
+        # the simulated fleet's frames are precomputed and unsigned: this measures the
+        # unsigned path (an Ed25519 check measured 0.46 ms next to 5.2 ms for the sha256 of a
+        # 2.1 MB frame on the loaded 2-core machine)
+        insecure_unsigned=True,
     )
     result: dict[str, Any] = {"ok": False}
     hooks = BenchHooks()

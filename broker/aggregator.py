@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.roster import Device, Roster
@@ -32,6 +34,7 @@ from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exp
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
+from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.strategy import FedAvg
 from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_frame, encode_frame
@@ -87,6 +90,11 @@ class AggregatorConfig:
     eval_domain: str | None = None
     resume: bool = False
     connect_timeout_s: float = 30.0
+    # who may take part (device public keys) and the aggregator's own signing key; running
+    # without them must be asked for explicitly (insecure_unsigned)
+    registry: KeyRegistry | None = None
+    signing_key: Ed25519PrivateKey | None = None
+    insecure_unsigned: bool = False
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
@@ -96,6 +104,16 @@ class AggregatorConfig:
             raise ConfigError(f"on-short must be one of {', '.join(POLICIES)}")
         if (self.eval_features is None) != (self.eval_domain is None):
             raise ConfigError("give --eval-features and --eval-domain together")
+        if not self.insecure_unsigned and (self.registry is None or self.signing_key is None):
+            raise ConfigError(
+                "updates and globals are signed: give --device-keys (who may take part) and "
+                "--signing-key (the aggregator's key; `fedclip-edge keys new`), or run with "
+                "--insecure-unsigned"
+            )
+
+    @property
+    def signed(self) -> bool:
+        return not self.insecure_unsigned
 
 
 class AggregatorHooks:
@@ -246,6 +264,9 @@ class Aggregator:
             raise P.MessageRejected("type", "a status topic carries only hello/status")
         if st.client != client:
             raise P.MessageRejected("client_mismatch", f"status of {st.client!r} on {client!r}")
+        if self.cfg.signed:
+            assert self.cfg.registry is not None
+            authn.verify(st, self.cfg.registry, job=self.cfg.job)  # admitted only if registered
         dev = self.roster.get(client)
         if st.state == "offline":
             if dev is not None and dev.active:
@@ -294,6 +315,9 @@ class Aggregator:
             raise P.MessageRejected("future", f"update for round {up.round}, now {self._round}")
         if client in self._answered:
             raise P.MessageRejected("duplicate", f"second update of {client} for round {up.round}")
+        if self.cfg.signed:
+            assert self.cfg.registry is not None
+            authn.verify(up, self.cfg.registry)
         assert self.global_state is not None
         try:
             frame = decode_frame(
@@ -341,11 +365,15 @@ class Aggregator:
             session=self.session,
             rounds=self.cfg.rounds,
         )
+        if self.cfg.signing_key is not None:
+            msg = authn.sign(msg, self.cfg.signing_key)
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
 
     def _publish_control(self, state: str) -> None:
-        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds)
+        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session)
+        if self.cfg.signing_key is not None:
+            ctl = authn.sign(ctl, self.cfg.signing_key)
         self.t.publish(P.control_topic(self.cfg.job), ctl.encode(), retain=True).wait(5)
 
     def _pump(self, until: float, done: Callable[[], bool]) -> None:

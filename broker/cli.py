@@ -25,6 +25,7 @@ from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_command
 from fedclip_edge.errors import FedClipError
+from fedclip_edge.signing import KeyRegistry, load_private_key
 
 broker_app = typer.Typer(
     help="MQTT broker: an embedded one for local runs, demos and tests (production: mosquitto, "
@@ -134,6 +135,17 @@ def aggregate(
             min=1,
         ),
     ] = DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
+    device_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Who may take part: a folder of <device-id>.pub files (or one file of "
+            "'<id> <base64 key>' lines). Unregistered or badly signed messages are refused."
+        ),
+    ] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="The aggregator's private key: signs every global.")
+    ] = None,
+    insecure_unsigned: opt.InsecureUnsigned = False,
 ) -> None:
     """Run the aggregator of a federated job over MQTT."""
     import sys
@@ -158,7 +170,12 @@ def aggregate(
         eval_domain=eval_domain,
         resume=resume,
         connect_timeout_s=connect_timeout,
+        registry=KeyRegistry.load(device_keys) if device_keys else None,
+        signing_key=load_private_key(signing_key) if signing_key else None,
+        insecure_unsigned=insecure_unsigned,
     )
+    if insecure_unsigned:
+        print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)
     tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
     transport = MqttTransport(
         broker,

@@ -16,3 +16,16 @@ Certfile = Annotated[Path | None, typer.Option(help="TLS: client certificate.")]
 Keyfile = Annotated[Path | None, typer.Option(help="TLS: client key.")]
 TlsInsecure = Annotated[bool, typer.Option(help="TLS: skip hostname check.")]
 ConnectTimeout = Annotated[float, typer.Option(help="Seconds to reach the broker.")]
+InsecureUnsigned = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-unsigned",
+        help="Run without signatures (anyone who can publish on the broker can then forge or "
+        "replay updates and globals). Prints a warning.",
+    ),
+]
+
+INSECURE_WARNING = (
+    "warning: --insecure-unsigned: updates and globals are not signed; anyone who can publish "
+    "on this broker can forge or replay them"
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from fedclip_edge.exporters.export import export_artifact
 from fedclip_edge.exporters.manifest import verify_artifact
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, train_config
+from fedclip_edge.signing import KeyRegistry, load_private_key, new_keypair, sign_artifact
 
 
 def _export(data: Path, out: Path, log) -> Path:
@@ -50,8 +52,29 @@ def _export(data: Path, out: Path, log) -> Path:
     return out
 
 
+def demo_keys(folder: Path, clients: list[str]) -> Path:
+    """The demo signs like a deployment: a key per device, one for the aggregator and one for
+    the exporter, made once under `folder` (re-used on a re-run). Device public keys are also
+    gathered in `folder/devices/`, the registry the aggregator loads."""
+    for key_id in ["aggregator", "exporter", *clients]:
+        if not (folder / f"{key_id}.key").is_file():
+            new_keypair(folder, key_id, overwrite=True)
+    registry = folder / "devices"
+    registry.mkdir(parents=True, exist_ok=True)
+    for c in clients:
+        shutil.copyfile(folder / f"{c}.pub", registry / f"{c}.pub")
+    return folder
+
+
 def _spawn_agent(
-    url: str, job: str, client: str, domain: str, data: Path, artifact: Path, folder: Path
+    url: str,
+    job: str,
+    client: str,
+    domain: str,
+    data: Path,
+    artifact: Path,
+    folder: Path,
+    keys: Path,
 ) -> tuple[subprocess.Popen, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     logf = open(folder / f"{client}.log", "w")  # noqa: SIM115 - closed by the caller
@@ -77,6 +100,12 @@ def _spawn_agent(
         "onnxruntime",
         "--idle-timeout",
         "120",
+        "--key",
+        str(keys / f"{client}.key"),
+        "--aggregator-key",
+        str(keys / "aggregator.pub"),
+        "--artifact-key",
+        str(keys / "exporter.pub"),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -114,9 +143,12 @@ def run_mqtt_demo(
     write_dataset(data, per_class=per_class, seed=0)
     log("3/5 export for the devices, and the held-out domain's features for the aggregator")
     artifact = _export(data, out / "artifact", log)
+    clients = [d for d in DOMAINS if d != test_domain]
+    keys = demo_keys(out / "keys", [f"dev-{d}" for d in clients])
+    sign_artifact(artifact, load_private_key(keys / "exporter.key"))
+    log(f"    signing keys in {keys}; artifact signed by the exporter key")
     eval_dir = out / "eval-features"
     build_features(data, eval_dir, domains=[test_domain], progress=False)
-    clients = [d for d in DOMAINS if d != test_domain]
     job = f"demo-{int(time.time())}"
     with contextlib.ExitStack() as stack:
         if broker is None:
@@ -128,7 +160,9 @@ def run_mqtt_demo(
             log(f"4/5 MQTT broker at {url}")
         agents = []
         for d in clients:
-            proc, logf = _spawn_agent(url, job, f"dev-{d}", d, data, artifact, out / "agents")
+            proc, logf = _spawn_agent(
+                url, job, f"dev-{d}", d, data, artifact, out / "agents", keys
+            )
             stack.callback(logf.close)
             stack.callback(_stop, proc)
             agents.append(proc)
@@ -148,6 +182,8 @@ def run_mqtt_demo(
             wait_clients_s=300.0,
             eval_features=eval_dir,
             eval_domain=test_domain,
+            registry=KeyRegistry.load(keys / "devices"),
+            signing_key=load_private_key(keys / "aggregator.key"),
         )
         transport = MqttTransport(
             url, f"aggregator-{job}", username="aggregator", manual_ack=True

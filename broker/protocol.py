@@ -70,6 +70,10 @@ REASONS: frozenset[str] = frozenset(
         "chunk_oversize",
         "chunk_expired",
         "dim",
+        "unsigned",
+        "bad_signature",
+        "unknown_key",
+        "malformed_signature",
     }
 )
 
@@ -214,6 +218,8 @@ class Status:
     round: int = -1  # last round this device answered
     upload_s: float | None = None  # with state "uploaded": publish -> PUBACK
     hello: bool = False
+    session: str = ""  # the device process's id (signed: see broker/authn.py)
+    sig: str = ""  # Ed25519 signature, base64; "" when unsigned
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -227,6 +233,7 @@ class Status:
                 "versions": self.versions,
                 "round": self.round,
                 "upload_s": self.upload_s,
+                **_signed(self.session, self.sig),
             }
         )
 
@@ -249,6 +256,7 @@ class GlobalModel:
     have: tuple[str, ...] = ()
     session: str = ""
     rounds: int = 0  # the job's last round: a global with round > rounds is the final adapter
+    sig: str = ""
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -261,6 +269,7 @@ class GlobalModel:
                 "train": self.train,
                 "have": sorted(self.have),
                 "session": self.session,
+                **_signed(None, self.sig),
             },
             self.frame,
         )
@@ -274,6 +283,8 @@ class Update:
     samples: int
     metrics: dict[str, Any]
     frame: bytes
+    session: str = ""
+    sig: str = ""
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -284,6 +295,7 @@ class Update:
                 "client": self.client,
                 "samples": self.samples,
                 "metrics": _finite(self.metrics),
+                **_signed(self.session, self.sig),
             },
             self.frame,
         )
@@ -295,6 +307,8 @@ class Control:
     state: str  # running | done
     round: int
     rounds: int
+    session: str = ""
+    sig: str = ""
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -304,11 +318,27 @@ class Control:
                 "state": self.state,
                 "round": self.round,
                 "rounds": self.rounds,
+                **_signed(self.session, self.sig),
             }
         )
 
 
 Message = Status | GlobalModel | Update | Control
+
+
+def _signed(session: str | None, sig: str) -> dict[str, str]:
+    """Header fields of a signed message; none for an unsigned one (old peers see no change)."""
+    out = {} if session is None or not session else {"session": session}
+    if sig:
+        out["sig"] = sig
+    return out
+
+
+def _text_field(header: Mapping[str, Any], key: str, limit: int = 128) -> str:
+    v = header.get(key, "")
+    if not isinstance(v, str) or len(v) > limit:
+        raise MessageRejected("fields", f"'{key}' must be a string of at most {limit} chars")
+    return v
 
 
 def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,6 +385,8 @@ def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             round=rnd,
             upload_s=float(upload_s) if upload_s is not None else None,
             hello=kind == "hello",
+            session=_text_field(header, "session"),
+            sig=_text_field(header, "sig"),
         )
     if kind == "global":
         have = header.get("have", [])
@@ -373,8 +405,9 @@ def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             seed=_need(header, "seed", int),
             train=train,
             have=tuple(have),
-            session=str(header.get("session", "")),
+            session=_text_field(header, "session"),
             rounds=_need(header, "rounds", int),
+            sig=_text_field(header, "sig"),
         )
     if kind == "update":
         metrics = header.get("metrics", {})
@@ -391,6 +424,8 @@ def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             samples=samples,
             metrics=metrics,
             frame=body,
+            session=_text_field(header, "session"),
+            sig=_text_field(header, "sig"),
         )
     if kind == "control":
         state = _need(header, "state", str)
@@ -401,6 +436,8 @@ def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             state=state,
             round=_need(header, "round", int),
             rounds=_need(header, "rounds", int),
+            session=_text_field(header, "session"),
+            sig=_text_field(header, "sig"),
         )
     raise MessageRejected("type", f"a bare {kind!r} envelope is not a message")
 

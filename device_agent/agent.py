@@ -19,6 +19,7 @@ import hashlib
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedclip_edge import __version__
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import Delivery, Received, Transport
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError, DataError, FrameError, TransportError
+from fedclip_edge.signing import (
+    KeyRegistry,
+    load_private_key,
+    load_public_key,
+    verify_artifact_signature,
+)
 from fedclip_edge.train import accuracy, train_local
 from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame, expected_shapes
 
@@ -87,12 +96,28 @@ class AgentConfig:
     connect_timeout_s: float = 30.0
     poll_s: float = 0.2
     ack_timeout_s: float = 10.0  # wait this long for a PUBACK before leaving it to the outbox
+    # this device's signing key and the aggregator's public key; without them only when asked
+    key: Ed25519PrivateKey | None = None
+    aggregator_key: Ed25519PublicKey | None = None
+    insecure_unsigned: bool = False
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
         P.check_id(self.client_id, "client id")
         if self.update_dtype not in ("float32", "float16"):
             raise ConfigError("update dtype must be float32 or float16")
+        if not self.insecure_unsigned and (self.key is None or self.aggregator_key is None):
+            raise ConfigError(
+                "updates and globals are signed: give --key (this device's private key) and "
+                "--aggregator-key (the aggregator's public key), or run with --insecure-unsigned"
+            )
+
+    @property
+    def aggregator_registry(self) -> KeyRegistry | None:
+        if self.aggregator_key is None or self.insecure_unsigned:
+            return None
+        return KeyRegistry({P.AGGREGATOR_ID: self.aggregator_key})
 
 
 @dataclass
@@ -123,6 +148,7 @@ class Agent:
         self.stop = threading.Event()
         self.done = False
         self.rejected: Counter[str] = Counter()  # messages refused, by reason
+        self._registry = cfg.aggregator_registry
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -146,7 +172,10 @@ class Agent:
         st = P.Status(
             self.cfg.client_id, state, self._sizes, self.data.backend, self.data.dim,
             self.data.versions, round=self.last_trained, upload_s=upload_s, hello=hello,
+            session=self.cfg.session,
         )
+        if self.cfg.key is not None:
+            st = authn.sign(st, self.cfg.key, job=self.cfg.job)
         self.t.publish(P.status_topic(self.cfg.job, self.cfg.client_id), st.encode(), retain=True)
 
     def _send(self, rnd: int, payload: bytes) -> None:
@@ -180,6 +209,14 @@ class Agent:
         except P.MessageRejected as exc:
             self.log(f"warning: ignored a bad message on {msg.topic}: {exc.message}")
             return
+        if isinstance(m, (P.Control, P.GlobalModel)) and self._registry is not None:
+            try:
+                authn.verify(m, self._registry, key_id=P.AGGREGATOR_ID)
+            except P.MessageRejected as exc:
+                self.rejected[exc.reason] += 1
+                self.log(f"warning: ignored a {type(m).__name__} on {msg.topic} "
+                         f"({exc.reason}): {exc.message}")
+                return
         if isinstance(m, P.Control) and m.job == self.cfg.job:
             if m.state == "done":
                 self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
@@ -267,8 +304,11 @@ class Agent:
         frame = encode_frame(adapter.state_dict(), job=self.cfg.job, round=g.round,
                              client=self.cfg.client_id, dtype=self.cfg.update_dtype)
         samples = res.samples if res.samples else int(splits["train"][1].shape[0])
-        payload = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics,
-                           frame).encode()
+        update = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics, frame,
+                          session=self.cfg.session)
+        if self.cfg.key is not None:
+            update = authn.sign(update, self.cfg.key)
+        payload = update.encode()
         self.last_trained = g.round
         self.rounds_trained += 1
         self._cached = (g.round, payload)
@@ -416,18 +456,36 @@ def run_agent(
     max_payload: int = P.DEFAULT_MAX_PAYLOAD,
     idle_timeout_s: float = 600.0,
     connect_timeout_s: float = 30.0,
+    key_file: Path | None = None,
+    aggregator_key_file: Path | None = None,
+    artifact_key_file: Path | None = None,
+    insecure_unsigned: bool = False,
     log: Callable[[str], None] = print,
 ) -> int:
     """Features, then the MQTT loop. SIGTERM/SIGINT end it cleanly (offline status, close)."""
     from fedclip_edge.broker.transport import MqttTransport
 
-    cfg = AgentConfig(job, client_id, update_dtype, idle_timeout_s, connect_timeout_s)
+    cfg = AgentConfig(
+        job, client_id, update_dtype, idle_timeout_s, connect_timeout_s,
+        key=load_private_key(key_file) if key_file else None,
+        aggregator_key=load_public_key(aggregator_key_file) if aggregator_key_file else None,
+        insecure_unsigned=insecure_unsigned,
+    )
+    if artifact_key_file is not None:
+        verify_artifact_signature(artifacts, load_public_key(artifact_key_file))
+        log(f"artifact {artifacts}: signature verified")
+    elif not insecure_unsigned:
+        raise ConfigError(
+            "the exported artifact is authenticated by its signature: give --artifact-key (the "
+            "exporting key's public half), or run with --insecure-unsigned"
+        )
     local = load_local_features(data, artifacts, backend=backend, domain=domain, cache=cache,
                                 log=log)
     transport = MqttTransport(
         broker, client_id, username=username if username is not None else client_id,
         password=password, tls=tls, max_payload=max_payload,
-        will=(P.status_topic(job, client_id), P.offline_status(client_id), True),
+        will=(P.status_topic(job, client_id),
+              authn.signed_will(client_id, job, cfg.session, cfg.key), True),
     )
     agent = Agent(transport, cfg, local, log=log)
 

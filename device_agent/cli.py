@@ -52,6 +52,18 @@ def agent(
     certfile: opt.Certfile = None,
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
+    key: Annotated[
+        Path | None, typer.Option(help="This device's private key: signs its updates.")
+    ] = None,
+    aggregator_key: Annotated[
+        Path | None,
+        typer.Option(help="The aggregator's public key: globals it did not sign are refused."),
+    ] = None,
+    artifact_key: Annotated[
+        Path | None,
+        typer.Option(help="The exporting key's public half: the artifact must be signed by it."),
+    ] = None,
+    insecure_unsigned: opt.InsecureUnsigned = False,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
     from fedclip_edge.broker.transport import TlsOptions
@@ -61,6 +73,9 @@ def agent(
 
     def log(line: str) -> None:
         print(f"[{client_id}] {line}", flush=True)
+
+    if insecure_unsigned:
+        print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)
 
     run_agent(
         broker=broker,
@@ -78,6 +93,10 @@ def agent(
         max_payload=max_payload,
         idle_timeout_s=idle_timeout,
         connect_timeout_s=connect_timeout,
+        key_file=key,
+        aggregator_key_file=aggregator_key,
+        artifact_key_file=artifact_key,
+        insecure_unsigned=insecure_unsigned,
         log=log,
     )
 

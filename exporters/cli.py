@@ -16,6 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedclip_edge.exporters.export import export_artifact
+from fedclip_edge.exporters.signature import sign_exported_artifact
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -95,9 +98,15 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).")] = 17,
     seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sign the manifest (which lists every file's hash) with this private key "
+            "(`fedclip-edge keys new`); agents verify it with the public half."
+        ),
+    ] = None,
 ) -> None:
     """Export CLIP's image encoder (and class prompt features) as a verified artifact."""
-    from fedclip_edge.exporters.export import export_artifact
 
     console = Console(stderr=True)
     start = time.monotonic()
@@ -120,6 +129,9 @@ def export(
         overwrite=force,
         progress=progress,
     )
+    if sign_key is not None:
+        sig = sign_exported_artifact(result.out, sign_key)
+        console.print(f"signed: {sig}")
     m = result.manifest
     p = m["parity"]
     out_console = Console(width=None if sys.stdout.isatty() else 120)

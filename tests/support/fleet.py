@@ -13,11 +13,25 @@ import threading
 
 import torch
 
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.device_agent.agent import Agent, AgentConfig, LocalData
+from support import keys
 
 JOB = "j1"
+
+
+def _warm_up_torch() -> None:
+    """The first optimizer step imports torch._dynamo (sympy and more): seconds on a busy
+    machine. Paying it once here keeps it out of every test's first round and its deadlines."""
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w])
+    w.sum().backward()
+    opt.step()
+
+
+_warm_up_torch()
 
 
 def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
@@ -35,18 +49,15 @@ def start_agents(
     """One running agent per client name (daemon threads; they end when the job is done)."""
     out = []
     for c in clients:
+        cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
+                          aggregator_key=keys.aggregator_public())
         t = MemoryTransport(
             broker,
             c,
-            will=(P.status_topic(JOB, c), P.offline_status(c), True),
+            will=(P.status_topic(JOB, c), authn.signed_will(c, JOB, cfg.session, cfg.key), True),
             max_payload=max_payload,
         )
-        a = Agent(
-            t,
-            AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02),
-            local_data(c),
-            log=lambda line: None,
-        )
+        a = Agent(t, cfg, local_data(c), log=lambda line: None)
         th = threading.Thread(target=a.run, daemon=True)
         th.start()
         out.append((a, th))

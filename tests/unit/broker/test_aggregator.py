@@ -14,15 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import keys
 from support.fleet import JOB, TRAIN, start_agents
 
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.errors import FedClipError
 from fedclip_edge.wire import encode_frame
 
+# every device id these tests use is registered (its key may take part)
+DEVICES = ("a", "b", "c", "d", "e", "odd", "huge", "evil", "dev-a", "dev-b", "dev-c", "late")
 NAMES = {k: tuple(v.shape) for k, v in AttentionAdapter(2).state_dict().items()}
 
 
@@ -31,13 +36,19 @@ def const_state(value: float, dim: int = 2) -> dict[str, torch.Tensor]:
 
 
 def hello(broker: MemoryBroker, client: str, dim: int = 2) -> MemoryTransport:
+    """A signed hello (and a signed will), as a registered device sends them."""
     t = MemoryTransport(
-        broker, client, will=(P.status_topic(JOB, client), P.offline_status(client), True)
+        broker,
+        client,
+        will=(P.status_topic(JOB, client), authn.signed_will(client, JOB, "s", keys.key(client)),
+              True),
     )
     t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
     t.connect()
-    st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True)
-    t.publish(P.status_topic(JOB, client), st.encode(), retain=True)
+    st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True,
+                  session="s")
+    t.publish(P.status_topic(JOB, client), authn.sign(st, keys.key(client), job=JOB).encode(),
+              retain=True)
     return t
 
 
@@ -50,7 +61,8 @@ def update_payload(
     frame_client: str | None = None,
 ) -> bytes:
     frame = encode_frame(const_state(value), job=job, round=rnd, client=frame_client or client)
-    return P.Update(job, rnd, client, samples, {"loss": value}, frame).encode()
+    up = P.Update(job, rnd, client, samples, {"loss": value}, frame, session="s")
+    return authn.sign(up, keys.key(client)).encode()
 
 
 class FakeDevice(threading.Thread):
@@ -95,6 +107,8 @@ def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
         dim=kw.pop("dim", 2),
         wait_clients_s=kw.pop("wait_clients_s", 2.0),
         upload_grace_s=0.0,
+        registry=kw.pop("registry", keys.registry(DEVICES)),
+        signing_key=keys.key(keys.AGGREGATOR),
         **kw,
     )
     lines: list[str] = []
@@ -154,10 +168,12 @@ def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(tmp_path: Path
         evil.publish(P.update_topic(JOB, "zed"), update_payload("zed", 2, 9.0))  # unknown
         evil.publish(up, update_payload("a", 5, 9.0))  # future round
         evil.publish(up, update_payload("a", 2, 9.0, job="other"))  # other job
-        nan = P.Update(JOB, 2, "b", 1, {}, _nan_frame("b", 2)).encode()
-        evil.publish(P.update_topic(JOB, "b"), nan)  # non-finite
+        # b itself (registered, signing) sends frames that fail validation
+        nan = authn.sign(P.Update(JOB, 2, "b", 1, {}, _nan_frame("b", 2)), keys.key("b"))
+        evil.publish(P.update_topic(JOB, "b"), nan.encode())  # non-finite
         wrong = encode_frame({"x": torch.ones(3)}, job=JOB, round=2, client="b")
-        evil.publish(P.update_topic(JOB, "b"), P.Update(JOB, 2, "b", 1, {}, wrong).encode())
+        bad = authn.sign(P.Update(JOB, 2, "b", 1, {}, wrong), keys.key("b"))
+        evil.publish(P.update_topic(JOB, "b"), bad.encode())
 
     a = FakeDevice(broker, "a", lambda r, c: 1.0, extra=attack)
     a.start()
@@ -165,10 +181,10 @@ def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(tmp_path: Path
     b = FakeDevice(broker, "b", lambda r, c: 3.0)
     orig = b.t._on_raw
 
-    def slow(topic: str, payload: bytes, retained: bool) -> None:
+    def slow(topic: str, payload: bytes, retained: bool, *rest: object) -> None:
         if topic.endswith("/global"):
             time.sleep(0.2)
-        orig(topic, payload, retained)
+        orig(topic, payload, retained, *rest)
 
     b.t._on_raw = slow  # type: ignore[method-assign]
     b.start()
@@ -388,7 +404,8 @@ def test_hostile_update_fields_are_dropped_or_refused_and_the_round_commits(
     frame = encode_frame(const_state(5.0), job=JOB, round=1, client="evil")
     topic = P.update_topic(JOB, "evil")
     for samples, metrics in ((10**400, {}), (1, {"bytes_down": "x", "loss": 10**400})):
-        evil.publish(topic, P.Update(JOB, 1, "evil", samples, metrics, frame).encode())
+        up = authn.sign(P.Update(JOB, 1, "evil", samples, metrics, frame), keys.key("evil"))
+        evil.publish(topic, up.encode())
     status = P.encode_envelope({"type": "status", "client": "evil", "state": "uploaded",
                                 "samples": {}, "round": 1, "upload_s": 10**400})
     evil.publish(P.status_topic(JOB, "evil"), status)
@@ -402,3 +419,59 @@ def test_hostile_update_fields_are_dropped_or_refused_and_the_round_commits(
     for v in result["final"].values():  # samples-weighted: (1*1 + 5*1) / 2
         assert torch.allclose(v, torch.full(v.shape, 3.0))
     evil.close()
+
+
+def test_replayed_relabelled_forged_and_unsigned_updates_are_refused(tmp_path: Path) -> None:
+    """The attack found on the demo's broker: a client replays a device's previous update
+    relabelled for the new round (envelope and frame header rewritten, the frame's unkeyed
+    sha256 recomputed) before the device answers. Signed updates make it fail, as do an update
+    signed with another key, one from an unregistered id and an unsigned one; the device's own
+    update is then accepted, not discarded as a duplicate."""
+    broker = MemoryBroker()
+    evil = MemoryTransport(broker, "evil-client")
+    evil.connect()
+    stranger = Ed25519PrivateKey.generate()
+    captured: dict[int, bytes] = {}
+
+    def attack(dev: FakeDevice, rnd: int, payload: bytes) -> None:
+        captured[rnd] = payload
+        if rnd != 1:
+            return
+        old = P.decode_message(payload)
+        assert isinstance(old, P.Update)
+        relabelled_frame = encode_frame(const_state(100.0), job=JOB, round=2, client="a")
+        forged = P.Update(JOB, 2, "a", 1, {}, relabelled_frame, session=old.session, sig=old.sig)
+        pending.append((P.update_topic(JOB, "a"), forged.encode()))
+        other = authn.sign(P.Update(JOB, 2, "a", 1, {}, relabelled_frame), stranger)
+        pending.append((P.update_topic(JOB, "a"), other.encode()))
+        pending.append((P.update_topic(JOB, "a"), P.Update(JOB, 2, "a", 1, {},
+                                                           relabelled_frame).encode()))
+        zed_frame = encode_frame(const_state(100.0), job=JOB, round=2, client="zed")
+        zed = authn.sign(P.Update(JOB, 2, "zed", 1, {}, zed_frame), stranger)
+        pending.append((P.update_topic(JOB, "zed"), zed.encode()))
+
+    pending: list[tuple[str, bytes]] = []
+    a = FakeDevice(broker, "a", lambda r, c: 1.0, extra=attack)
+    orig = a.t._on_raw
+
+    def forge_first(topic: str, payload: bytes, retained: bool, *rest: object) -> None:
+        if topic.endswith("/global") and pending:  # the forgeries go in before a answers
+            for t, p in pending:
+                evil.publish(t, p)
+            pending.clear()
+        orig(topic, payload, retained, *rest)
+
+    a.t._on_raw = forge_first  # type: ignore[method-assign]
+    a.start()
+    b = FakeDevice(broker, "b", lambda r, c: 3.0)
+    b.start()
+    agg = make_agg(broker, tmp_path, rounds=2)
+    final = agg.run()
+    for v in final.values():
+        assert torch.allclose(v, torch.full(v.shape, 2.0))  # the honest mean, both rounds
+    c = agg.counters
+    assert c["accepted"] == 4
+    assert c["rejected_bad_signature"] == 2  # the replay and the stranger's signature
+    assert c["rejected_unsigned"] == 1
+    assert c["rejected_unknown_client"] + c["rejected_unknown_key"] == 1
+    assert c["rejected_duplicate"] == 0

@@ -3,16 +3,25 @@ outbox that re-sends a lost update, and the re-send when the aggregator repeats 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import keys
 from support.fleet import JOB, TRAIN, start_agents
 
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.device_agent.agent import round_generator
 from fedclip_edge.wire import encode_frame
+
+
+def _signed(msg: object) -> bytes:
+    """What the aggregator publishes: signed with its key (agents refuse anything else)."""
+    return authn.sign(msg, keys.key(keys.AGGREGATOR)).encode()
 
 
 def test_round_generator_is_stable() -> None:
@@ -37,10 +46,10 @@ def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> 
     def publish_global(rnd: int) -> None:
         frame = encode_frame(state, job=JOB, round=rnd, client="aggregator")
         g = P.GlobalModel(JOB, rnd, frame, seed=0, train=TRAIN, session="s", rounds=3)
-        agg_t.publish(P.global_topic(JOB), g.encode(), retain=True)
+        agg_t.publish(P.global_topic(JOB), _signed(g), retain=True)
 
     def wait_outbox(rnd: int) -> None:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (agent._outbox and agent._outbox.round == rnd):
             time.sleep(0.02)
         assert agent._outbox is not None and agent._outbox.round == rnd
@@ -52,7 +61,7 @@ def test_agent_outbox_resends_after_reconnect_and_drops_when_round_is_over() -> 
     agent.t._send = real_send  # type: ignore[method-assign]
     agent.t.connect()  # reconnect: hello again, and the queued update goes out
     got: list[str] = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(t.endswith("/update/dev-a") for t in got):
         m = agg_t.recv(0.1)
         if m is not None:
@@ -84,7 +93,7 @@ def test_agent_resends_when_a_repeated_global_does_not_list_it():
 
     def publish(have: tuple[str, ...]) -> None:
         g = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, have=have, session="s", rounds=3)
-        agg.publish(P.global_topic(JOB), g.encode(), retain=True)
+        agg.publish(P.global_topic(JOB), _signed(g), retain=True)
 
     def updates(timeout: float) -> int:
         n, deadline = 0, time.monotonic() + timeout
@@ -102,7 +111,7 @@ def test_agent_resends_when_a_repeated_global_does_not_list_it():
         publish(("dev-a",))  # listed: nothing to send
         assert updates(1.0) == 0
     finally:
-        agg.publish(P.control_topic(JOB), P.Control(JOB, "done", 1, 3).encode(), retain=True)
+        agg.publish(P.control_topic(JOB), _signed(P.Control(JOB, "done", 1, 3)), retain=True)
         thread.join(10)
         agg.close()
 
@@ -123,16 +132,51 @@ def test_agent_refuses_a_global_with_hostile_training_settings() -> None:
                              {"epochs": 10**9}, {"lr": 10**400}, {"nope": 1})):
         g = P.GlobalModel(JOB, 1, frame, seed=0, train={**TRAIN, **bad}, session=f"s{i}",
                           rounds=3)
-        agg.publish(P.global_topic(JOB), g.encode(), retain=True)
-    deadline = time.monotonic() + 5
+        agg.publish(P.global_topic(JOB), _signed(g), retain=True)
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and agent.rejected["bad_train_settings"] < 6:
         time.sleep(0.02)
     assert agent.rejected["bad_train_settings"] == 6 and agent.rounds_trained == 0
     assert sum("bad training settings" in line for line in lines) == 6
     good = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, session="ok", rounds=3)
-    agg.publish(P.global_topic(JOB), good.encode(), retain=True)
+    agg.publish(P.global_topic(JOB), _signed(good), retain=True)
     m = agg.recv(5)
     assert m is not None and m.topic.endswith("/update/dev-a")
+    agent.stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_agent_refuses_globals_and_controls_the_aggregator_did_not_sign() -> None:
+    """A broker can inject a global every device would accept, or a retained 'done' that ends
+    the job before any training: signed by another key, or not at all, both are refused."""
+    broker = MemoryBroker()
+    ((agent, thread),) = start_agents(broker, ["dev-a"])
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    torch.manual_seed(0)
+    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=1, client="aggregator")
+    g = P.GlobalModel(JOB, 1, frame, seed=0, train=TRAIN, session="x", rounds=3)
+    stranger = Ed25519PrivateKey.generate()
+    agg.publish(P.global_topic(JOB), g.encode(), retain=True)
+    agg.publish(P.global_topic(JOB), authn.sign(g, stranger).encode(), retain=True)
+    agg.publish(P.control_topic(JOB), P.Control(JOB, "done", 3, 3).encode(), retain=True)
+    # a signed global whose train settings a broker rewrote after signing
+    tampered = dataclasses.replace(authn.sign(g, keys.key(keys.AGGREGATOR)),
+                                   train={**TRAIN, "epochs": 1000})
+    agg.publish(P.global_topic(JOB), tampered.encode(), retain=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(agent.rejected.values()) < 4:
+        time.sleep(0.02)
+    assert agent.rejected["unsigned"] == 2 and agent.rejected["bad_signature"] == 2
+    assert not agent.done and agent.rounds_trained == 0
+    agg.publish(P.global_topic(JOB), _signed(g), retain=True)
+    m = agg.recv(5)
+    assert m is not None and m.topic.endswith("/update/dev-a")
+    up = P.decode_message(m.payload)
+    assert isinstance(up, P.Update)
+    assert authn.verify(up, keys.registry(["dev-a"])) == "dev-a"
     agent.stop.set()
     thread.join(5)
     assert not thread.is_alive()

@@ -1,0 +1,141 @@
+"""Signed protocol messages: who sent a hello, status, update, global or control, end to end.
+
+The broker's ACL says who may publish on a topic; the broker, its operator and anyone holding a
+device's credentials can still publish anything there (a replayed update relabelled for a new
+round was accepted before this). Each message is signed with its sender's Ed25519 key over
+`fedclip_edge.signing.signed_bytes`: type, job, round, client, session and a digest of
+everything else that matters in the message:
+
+- update: the frame's own sha256, its last 32 bytes (the frame names job, round and client
+  again; the receiver's `decode_frame` checks that digest against the frame's bytes, so the
+  signature covers every byte without hashing a 2 MB frame twice);
+- global: the frame's sha256 and the job settings devices act on (seed, train, rounds); the
+  `have` list is left out: it changes with every re-publication and only asks for re-sends;
+- hello/status: the device's description (state, samples, backend, dim, versions, round,
+  upload time);
+- control: its state, round and rounds (a forged "done" must not end a job).
+
+A signature therefore verifies for no other round, job, client, session or message type.
+Verification failures are `MessageRejected` with the signing module's reason
+(`bad_signature`, `unknown_key`, `malformed_signature`) or `unsigned`, so the aggregator and the
+agent count them like every other rejection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.signing import (
+    KeyRegistry,
+    SignatureRejected,
+    decode_signature,
+    encode_signature,
+    sign_message,
+    verify_message,
+)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _status_digest(st: P.Status) -> bytes:
+    return hashlib.sha256(
+        _canonical(
+            {
+                "hello": st.hello,
+                "state": st.state,
+                "samples": st.samples,
+                "backend": st.backend,
+                "dim": st.dim,
+                "versions": st.versions,
+                "round": st.round,
+                "upload_s": None if st.upload_s is None else float(st.upload_s),
+            }
+        )
+    ).digest()
+
+
+def _frame_digest(frame: bytes) -> bytes:
+    """A wire frame ends with the sha256 of everything before it (fedclip_edge.wire)."""
+    return bytes(frame[-32:]) if len(frame) >= 32 else hashlib.sha256(frame).digest()
+
+
+def _global_digest(g: P.GlobalModel) -> bytes:
+    h = hashlib.sha256(_frame_digest(g.frame))
+    h.update(_canonical({"seed": g.seed, "train": g.train, "rounds": g.rounds}))
+    return h.digest()
+
+
+def _fields(msg: P.Message, job: str) -> dict[str, Any]:
+    """The signed tuple of a message; `job` is the topic's for statuses (which carry none)."""
+    if isinstance(msg, P.Update):
+        return {
+            "type": "update",
+            "job": msg.job,
+            "round": msg.round,
+            "client": msg.client,
+            "session": msg.session,
+            "frame_sha256": _frame_digest(msg.frame),
+        }
+    if isinstance(msg, P.GlobalModel):
+        return {
+            "type": "global",
+            "job": msg.job,
+            "round": msg.round,
+            "client": P.AGGREGATOR_ID,
+            "session": msg.session,
+            "frame_sha256": _global_digest(msg),
+        }
+    if isinstance(msg, P.Control):
+        return {
+            "type": "control",
+            "job": msg.job,
+            "round": max(0, msg.round),
+            "client": P.AGGREGATOR_ID,
+            "session": msg.session,
+            "frame_sha256": hashlib.sha256(
+                _canonical({"state": msg.state, "round": msg.round, "rounds": msg.rounds})
+            ).digest(),
+        }
+    if isinstance(msg, P.Status):
+        return {
+            "type": "hello" if msg.hello else "status",
+            "job": job,
+            "round": 0,
+            "client": msg.client,
+            "session": msg.session,
+            "frame_sha256": _status_digest(msg),
+        }
+    raise TypeError(f"cannot sign a {type(msg).__name__}")
+
+
+def sign(msg: Any, key: Ed25519PrivateKey, *, job: str = "") -> Any:
+    """A copy of `msg` carrying its sender's signature (statuses need the topic's `job`)."""
+    sig = sign_message(key, **_fields(msg, job))
+    return dataclasses.replace(msg, sig=encode_signature(sig))
+
+
+def verify(msg: Any, registry: KeyRegistry, *, job: str = "", key_id: str | None = None) -> str:
+    """The key id whose signature `msg` carries (default: the message's client; the
+    aggregator's messages are checked against `key_id="aggregator"`); `MessageRejected`
+    otherwise."""
+    if not msg.sig:
+        raise P.MessageRejected("unsigned", f"unsigned {type(msg).__name__.lower()} message")
+    try:
+        return verify_message(registry, decode_signature(msg.sig), key_id=key_id,
+                              **_fields(msg, job))
+    except SignatureRejected as exc:
+        raise P.MessageRejected(exc.reason, str(exc)) from None
+
+
+def signed_will(client: str, job: str, session: str, key: Ed25519PrivateKey | None) -> bytes:
+    """The offline status the broker sends for a device that vanishes, signed in advance."""
+    st = P.Status(client, "offline", session=session)
+    return (sign(st, key, job=job) if key is not None else st).encode()
