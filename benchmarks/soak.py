@@ -127,8 +127,8 @@ def signing_hook_reason() -> str | None:
     import fedclip_edge.broker.aggregator as agg_mod
 
     src = Path(agg_mod.__file__).read_text()
-    if "sign" not in src:
-        return "the aggregator does not verify update signatures yet (no 'sign' in " \
+    if not re.search(r"\b(signing|signature|verify_message)", src):
+        return "the aggregator does not verify update signatures yet (no signing in " \
                "broker/aggregator.py)"
     if not hasattr(P.Update, "__dataclass_fields__") or not any(
         "sig" in name for name in P.Update.__dataclass_fields__
@@ -270,16 +270,12 @@ class Soak:
         from fedclip_edge.device_agent.agent import load_local_features
 
         data, art = self.out / "data", self.out / "artifact"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if not (data / ".done").is_file():
-            subprocess.run([PY, "-m", "fedclip_edge.cli", "data", "synth", "--out", str(data),
-                            "--per-class", str(self.cfg.per_class)], check=True, env=env,
-                           timeout=600, capture_output=True)
+            _run_step(["data", "synth", "--out", str(data), "--per-class",
+                       str(self.cfg.per_class)])
             (data / ".done").write_text("")
         if not (art / "manifest.json").is_file():
-            subprocess.run([PY, "-m", "fedclip_edge.cli", "export", "--out", str(art),
-                            "--classes", str(data)], check=True, env=env, timeout=900,
-                           capture_output=True)
+            _run_step(["export", "--out", str(art), "--classes", str(data)])
         for d in sorted({self._domain(c) for c in self.clients}):
             load_local_features(data, art, backend="onnxruntime", domain=d,
                                 cache=self.out / "cache" / d, log=lambda line: None)
@@ -443,6 +439,19 @@ class Soak:
         return report
 
 
+def _run_step(args: list[str], timeout: float = 1800) -> None:
+    """One `fedclip-edge` step of the preparation; its failure as one error line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        res = subprocess.run([PY, "-m", "fedclip_edge.cli", *args], env=env, timeout=timeout,
+                             capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        raise FedClipError(f"soak preparation `{args[0]}` took over {timeout:g}s") from None
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FedClipError(f"soak preparation `{' '.join(args[:2])}` failed: {tail}")
+
+
 def inject_foreign_signed() -> str:
     """The hook for updates signed with a key the aggregator does not know: returns why it was
     skipped. Once the aggregator verifies signatures, publish here a recorded update re-signed
@@ -467,12 +476,14 @@ def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
     """What one device's logs say it sent: acknowledged (client, round) updates, messages."""
     acked: set[int] = set()
     unacked_killed: set[int] = set()
+    logged: set[int] = set()  # every round it trained and published for, acknowledged or not
     messages = 0
     for path in paths:
         queued: set[int] = set()
         for line in path.read_text(errors="replace").splitlines():
             if m := _ROUND_LINE.search(line):
                 rnd, upload = int(m.group(1)), m.group(2)
+                logged.add(rnd)
                 messages += 1
                 if upload == "queued":
                     queued.add(rnd)
@@ -487,7 +498,8 @@ def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
             unacked_killed |= queued - acked
         else:
             acked |= queued  # an outbox not dropped is sent after a reconnect
-    return {"acked": acked, "unacked_killed": unacked_killed - acked, "messages": messages}
+    return {"acked": acked, "unacked_killed": unacked_killed - acked, "messages": messages,
+            "logged": logged}
 
 
 def _aggregator_log(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
@@ -639,9 +651,11 @@ def reconcile(soak: Soak, recorded_msgs: list[tuple[float, str, bytes]], finishe
     verdicts: Counter[str] = Counter()
     lost: list[str] = []
     sent_pairs: set[tuple[str, int]] = set()
+    published: set[tuple[str, int]] = set()
     for c in soak.clients:
         s = _agent_sends(soak.procs.logs.get(c, []), soak.procs.killed)
         sent_messages += s["messages"]
+        published |= {(c, r) for r in s["logged"]}
         unacked_killed += len(s["unacked_killed"])
         for rnd in sorted(s["acked"]):
             if rnd > completed:
@@ -658,7 +672,7 @@ def reconcile(soak: Soak, recorded_msgs: list[tuple[float, str, bytes]], finishe
                 verdicts["rejected_" + rejected_for[(c, rnd)][0]] += 1
             else:
                 lost.append(f"{c} round {rnd}: sent, neither accepted nor rejected")
-    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in sent_pairs]
+    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
 
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
     for _, topic, payload in recorded_msgs:

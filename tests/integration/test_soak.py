@@ -73,3 +73,38 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
     if signing_hook_reason() is not None:
         assert report["faults_not_injected"]["foreign_signed"].startswith("skipped: ")
     assert figures_line(report) == report["line"] and "lost 0" in report["line"]
+
+
+def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
+    """The parsers behind the reconciliation, on lines as the agent and aggregator print them."""
+    from fedclip_edge.benchmarks.soak import _agent_sends, _aggregator_log
+
+    tail = "| loss 0.1234 | compute 0.012s | wait 0.100s | down 100 B | up 200 B"
+    first, second = tmp_path / "dev-1.1.log", tmp_path / "dev-1.2.log"
+    first.write_text(
+        f"[dev-1] round 1 | samples 56 {tail} | upload 0.012s\n"
+        f"[dev-1] round 2 | samples 56 {tail} | upload queued\n"  # killed before the PUBACK
+    )
+    second.write_text(
+        f"[dev-1] round 2 | samples 56 {tail} | upload queued\n"
+        "[dev-1] round 2: unsent update dropped, its round is over\n"
+        f"[dev-1] round 3 | samples 56 {tail} | upload queued\n"  # sent after a reconnect
+        "[dev-1] round 1: aggregator lacks my update, sending it again\n"
+    )
+    s = _agent_sends([first, second], killed={first})
+    assert s["acked"] == {1, 3} and s["unacked_killed"] == {2} and s["messages"] == 5
+    assert s["logged"] == {1, 2, 3}
+
+    a1, a2 = tmp_path / "aggregator.1.log", tmp_path / "aggregator.2.log"
+    a1.write_text(
+        "rejected (envelope) on fedclip/soak0/update/dev-2: not an envelope\n"
+        "round 1/6 | clients 4/4 | loss 0.5\n"
+        "rejected (stale) on fedclip/soak0/update/dev-1: update for round 1, now 2\n"
+    )
+    a2.write_text("rejected (duplicate) on fedclip/soak0/update/dev-3: second update of dev-3 "
+                  "for round 2\nround 2/6 | clients 4/4 | loss 0.4\n")
+    agg = _aggregator_log([a1, a2], killed={a1})
+    assert [(r["reason"], r["client"], r["round"]) for r in agg["rejected"]] == [
+        ("envelope", "dev-2", None), ("stale", "dev-1", 1), ("duplicate", "dev-3", 2)]
+    # the killed aggregator's rejection after its last commit never reached a state.json
+    assert dict(agg["uncounted"]) == {"stale": 1}
