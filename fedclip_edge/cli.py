@@ -16,7 +16,7 @@ from fedclip_edge import __version__
 from fedclip_edge.benchmarks.aggregator import bench_aggregator
 from fedclip_edge.benchmarks.extractor import bench_extractor
 from fedclip_edge.benchmarks.fedavg import bench_fedavg
-from fedclip_edge.broker.cli import aggregate, broker_app
+from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
     INTERRUPTED,
@@ -245,6 +245,7 @@ def _register_parts() -> None:
     app.command("export")(export)
     app.command("agent")(agent)
     app.command("aggregate")(aggregate)
+    app.command("status")(status)
     app.add_typer(broker_app, name="broker")
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
