@@ -352,7 +352,8 @@ def format_status(s: Mapping[str, Any]) -> str:
             + (f" (waiting for {', '.join(waiting)})" if waiting else "")
         )
     if s.get("global_bytes"):
-        lines.append(f"  global adapter: {_bytes(s['global_bytes'])} to each device")
+        which = "round's global adapter" if s.get("current_round") else "final adapter (retained)"
+        lines.append(f"  {which}: {_bytes(s['global_bytes'])} to each device")
     last = s.get("last_round")
     if last:
         lat = last["latency_s"]
