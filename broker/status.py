@@ -263,7 +263,11 @@ def build_status(
     """
     if messages is None and out is None:
         raise ConfigError("give --broker (and --job), --out, or both")
-    files = status_from_run_folder(out, job) if out is not None else None
+    files = None
+    pending = False  # --out given with the broker, no round committed there yet: not an error
+    if out is not None:
+        pending = messages is not None and not (Path(out) / STATE_FILE).is_file()
+        files = None if pending else status_from_run_folder(out, job)
     if job is None:
         job = files["job"] if files else None
     if job is None:
@@ -306,6 +310,8 @@ def build_status(
         if not seen:
             status["state"] = status["state"] or "unknown"
             status["note"] = f"nothing retained on the broker for job {job!r}"
+    if pending:
+        status["note"] = f"no round committed in {out} yet"
     if status["state"] is None:
         # files alone cannot tell a running aggregator from a stopped one; devices without a
         # control message mean no aggregator has started this job on this broker
