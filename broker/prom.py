@@ -10,12 +10,13 @@ each, deploy/grafana/fedclip-edge.json plots them):
 
 - rounds: `rounds_completed_total`, `round_current`, `round_committed`, `rounds_planned`,
   `round_updates` (accepted in the round in progress), `round_wall_seconds` (histogram)
-- updates: `updates_accepted_total`, `updates_rejected_total{reason}`,
+- updates: `updates_accepted_total`, `messages_rejected_total{reason}`,
   `update_latency_seconds` (histogram: global publish -> update arrival),
   `update_handling_seconds` (histogram: decode and validate on the aggregator)
 - bytes: `update_bytes_up_total` (accepted updates as received, chunks included),
   `update_bytes_down_total` (the global each answering device downloaded),
-  `mqtt_payload_bytes_total{direction}` (every MQTT payload the aggregator sent or received)
+  `mqtt_payload_bytes_total{direction}` (every MQTT payload the aggregator sent or received),
+  `transport_rejected_total{reason}` (chunks refused before a whole message existed, a full inbox)
 - devices: `devices_online`, `devices_known`; `aggregator_info{fedclip_job, session}`
 """
 
@@ -43,7 +44,12 @@ NS = "fedclip"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 HANDLING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-ALL_REASONS = tuple(sorted(P.REASONS | {f"frame_{r}" for r in FRAME_REASONS}))
+# chunk reasons are counted by the transport (below a whole message), not by the aggregator
+ALL_REASONS = tuple(
+    sorted(
+        {r for r in P.REASONS if not r.startswith("chunk")} | {f"frame_{r}" for r in FRAME_REASONS}
+    )
+)
 
 # name -> type, as served (counters with their _total); the dashboard test checks against it
 METRICS = {
@@ -54,20 +60,22 @@ METRICS = {
     f"{NS}_round_updates": "gauge",
     f"{NS}_round_wall_seconds": "histogram",
     f"{NS}_updates_accepted_total": "counter",
-    f"{NS}_updates_rejected_total": "counter",
+    f"{NS}_messages_rejected_total": "counter",
     f"{NS}_update_latency_seconds": "histogram",
     f"{NS}_update_handling_seconds": "histogram",
     f"{NS}_update_bytes_up_total": "counter",
     f"{NS}_update_bytes_down_total": "counter",
     f"{NS}_mqtt_payload_bytes_total": "counter",
+    f"{NS}_transport_rejected_total": "counter",
     f"{NS}_devices_online": "gauge",
     f"{NS}_devices_known": "gauge",
     f"{NS}_aggregator_info": "info",
 }
 
 
-class _TransportBytes:
-    """The transport's own byte counters, read at scrape time (they live on its thread)."""
+class _TransportCounters:
+    """The transport's own counters (bytes, refused chunks), read at scrape time: they are
+    updated on its receiving thread."""
 
     def __init__(self, hooks: PromHooks) -> None:
         self.hooks = hooks
@@ -83,6 +91,15 @@ class _TransportBytes:
         fam.add_metric(["sent"], float(snap.get("bytes_up", 0)))
         fam.add_metric(["received"], float(snap.get("bytes_down", 0)))
         yield fam
+        rej = CounterMetricFamily(
+            f"{NS}_transport_rejected",
+            "Chunks the aggregator's transport refused (and updates lost to a full inbox)",
+            labels=["reason"],
+        )
+        counts = dict(agg.t.rejected) if agg is not None else {}  # one C-level copy
+        for reason in sorted({"chunk", "chunk_hash", "chunk_oversize", "inbox_full", *counts}):
+            rej.add_metric([reason], float(counts.get(reason, 0)))
+        yield rej
 
 
 class PromHooks(AggregatorHooks):
@@ -99,7 +116,8 @@ class PromHooks(AggregatorHooks):
             f"{NS}_round_current", "Round being collected now; 0 when none", registry=r
         )
         self.round_committed = Gauge(
-            f"{NS}_round_committed", "Last round committed to the run folder (resume included)",
+            f"{NS}_round_committed",
+            "Last round committed to the run folder (resume included)",
             registry=r,
         )
         self.rounds_planned = Gauge(f"{NS}_rounds_planned", "Rounds the job runs", registry=r)
@@ -107,36 +125,44 @@ class PromHooks(AggregatorHooks):
             f"{NS}_round_updates", "Updates accepted in the round being collected", registry=r
         )
         self.round_wall = Histogram(
-            f"{NS}_round_wall_seconds", "Round wall time: global publish to aggregate",
-            buckets=ROUND_BUCKETS, registry=r,
+            f"{NS}_round_wall_seconds",
+            "Round wall time: global publish to aggregate",
+            buckets=ROUND_BUCKETS,
+            registry=r,
         )
         self.accepted = Counter(f"{NS}_updates_accepted", "Updates accepted", registry=r)
         self.rejected = Counter(
-            f"{NS}_updates_rejected", "Messages rejected, by reason", ["reason"], registry=r
+            f"{NS}_messages_rejected",
+            "Messages the aggregator rejected, by reason",
+            ["reason"],
+            registry=r,
         )
         for reason in ALL_REASONS:  # every series exists from the start: rate() sees the first
             self.rejected.labels(reason)
         self.latency = Histogram(
             f"{NS}_update_latency_seconds",
             "Update latency: the round's global published -> the update arrived",
-            buckets=LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.handling = Histogram(
             f"{NS}_update_handling_seconds",
             "Aggregator time to decode, validate and add one update",
-            buckets=HANDLING_BUCKETS, registry=r,
+            buckets=HANDLING_BUCKETS,
+            registry=r,
         )
         self.bytes_up = Counter(
             f"{NS}_update_bytes_up", "Bytes of accepted updates as received", registry=r
         )
         self.bytes_down = Counter(
-            f"{NS}_update_bytes_down", "Bytes of the global each answering device downloaded",
+            f"{NS}_update_bytes_down",
+            "Bytes of the global each answering device downloaded",
             registry=r,
         )
         self.devices_online = Gauge(f"{NS}_devices_online", "Devices online", registry=r)
         self.devices_known = Gauge(f"{NS}_devices_known", "Devices seen in this job", registry=r)
         self.info = Info(f"{NS}_aggregator", "The job this aggregator runs", registry=r)
-        r.register(_TransportBytes(self))
+        r.register(_TransportCounters(self))
 
     def bind(self, agg: Aggregator) -> None:
         """Gauges that read the aggregator at scrape time (its roster may be replaced on

@@ -108,8 +108,7 @@ def status_from_messages(job: str, messages: Mapping[str, bytes]) -> dict[str, A
         if glob.round <= glob.rounds and state != "done":
             current = glob.round
             answered = sorted(
-                set(glob.have)
-                | {c for c, d in devices.items() if d["last_round"] == glob.round}
+                set(glob.have) | {c for c, d in devices.items() if d["last_round"] == glob.round}
             )
     elif control is not None:
         completed = control.round  # written when the aggregator (re)starts or ends: a floor
@@ -179,8 +178,9 @@ def status_from_run_folder(out: Path, job: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"{state_path} lacks or mangles {exc}") from None
     # lines of a round written but not committed (a crash between the two) do not count
     records = [
-        r for r in M.read_metrics(out / METRICS_FILE) if _num(r.get("round")) is not None
-        and int(r["round"]) <= completed
+        r
+        for r in M.read_metrics(out / METRICS_FILE)
+        if _num(r.get("round")) is not None and int(r["round"]) <= completed
     ]
     clients = [r for r in records if r.get("kind") == "client"]
     by_round = {int(r["round"]): r for r in records if r.get("kind") == "round"}
@@ -276,8 +276,10 @@ def build_status(
     status: dict[str, Any] = {
         "schema": SCHEMA,
         "job": job,
-        "sources": {"broker": broker if live is not None else None,
-                    "out": str(out) if out is not None else None},
+        "sources": {
+            "broker": broker if live is not None else None,
+            "out": str(out) if out is not None else None,
+        },
         "state": None,
         "rounds": None,
         "completed_round": None,
@@ -287,20 +289,35 @@ def build_status(
         "global_bytes": None,
         "devices": [],
         "devices_online": 0,
+        "devices_as_of": None,
+        "unreadable_topics": None,
+        "note": None,
         "last_round": None,
         "run": None,
         "rejected": None,
     }
     if files is not None:
         status.update(files)
+        status["devices_as_of"] = f"round {files['completed_round']} commit"
     if live is not None:
         seen = bool(live["devices"]) or live["rounds"] is not None
         if files is not None and not seen:
             pass  # nothing retained for this job: keep what the folder says
         else:
-            for key in ("rounds", "current_round", "answered", "expected", "global_bytes",
-                        "devices", "devices_online", "unreadable_topics"):
+            for key in (
+                "rounds",
+                "current_round",
+                "answered",
+                "expected",
+                "global_bytes",
+                "devices",
+                "devices_online",
+                "unreadable_topics",
+            ):
                 status[key] = live[key]
+            if files is not None:
+                status["devices"] = _merge_devices(live["devices"], files["devices"])
+            status["devices_as_of"] = None  # live
             if live["state"] is not None:
                 status["state"] = live["state"]
             if live["completed_round"] is not None:
@@ -317,6 +334,26 @@ def build_status(
         # control message mean no aggregator has started this job on this broker
         status["state"] = "not done" if live is None else "no aggregator yet"
     return status
+
+
+def _merge_devices(live: list[dict[str, Any]], files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Live state, with what a last will does not carry (backend, samples, width) taken from
+    the aggregator's roster; devices the broker holds nothing for are listed as not online."""
+    known = {d["client"]: d for d in files}
+    out = []
+    for d in live:
+        d = dict(d)
+        for key in ("backend", "samples", "dim"):
+            if d.get(key) is None and d["client"] in known:
+                d[key] = known[d["client"]].get(key)
+        if d.get("last_round") is None and d["client"] in known:
+            d["last_round"] = known[d["client"]].get("last_round")
+        out.append(d)
+    seen = {d["client"] for d in live}
+    for c, d in known.items():
+        if c not in seen:
+            out.append({**d, "state": "no retained status", "online": False})
+    return sorted(out, key=lambda d: d["client"])
 
 
 # ----------------------------------------------------------------------------- for people
@@ -340,15 +377,15 @@ def _bytes(v: Any) -> str:
 def format_status(s: Mapping[str, Any]) -> str:
     """The status as a few aligned lines and a device table (what `status` prints)."""
     lines = []
-    src = " and ".join(
-        f"{k} {v}" for k, v in (s.get("sources") or {}).items() if v is not None
-    )
+    src = " and ".join(f"{k} {v}" for k, v in (s.get("sources") or {}).items() if v is not None)
     lines.append(f"job {s['job']}: {s['state']} (from {src})")
     if s.get("note"):
         lines.append(f"  note: {s['note']}")
-    rnd = f"round {s['current_round']}/{s['rounds']} in progress" if s.get(
-        "current_round"
-    ) else f"no round in progress ({s.get('rounds') or '-'} planned)"
+    rnd = (
+        f"round {s['current_round']}/{s['rounds']} in progress"
+        if s.get("current_round")
+        else f"no round in progress ({s.get('rounds') or '-'} planned)"
+    )
     lines.append(f"  {rnd}; committed rounds: {s.get('completed_round') or 0}")
     if s.get("answered") is not None:
         exp = s.get("expected") or []
@@ -386,13 +423,17 @@ def format_status(s: Mapping[str, Any]) -> str:
     if s.get("rejected") is not None:
         rej = s["rejected"]
         lines.append(
-            "  rejected: "
-            + (", ".join(f"{k} {v}" for k, v in rej.items()) if rej else "none")
+            "  rejected: " + (", ".join(f"{k} {v}" for k, v in rej.items()) if rej else "none")
         )
     elif s.get("sources", {}).get("out") is None:
         lines.append("  accuracy, latency, bytes, rejections: pass --out (the run folder)")
     devs = s.get("devices") or []
-    lines.append(f"  devices: {s.get('devices_online', 0)} online of {len(devs)}")
+    as_of = (
+        f" (as the aggregator saw them at its {s['devices_as_of']})"
+        if s.get("devices_as_of")
+        else ""
+    )
+    lines.append(f"  devices{as_of}: {s.get('devices_online', 0)} online of {len(devs)}")
     if devs:
         cols = ("client", "state", "backend", "samples", "dim", "last round")
         rows = [
@@ -411,4 +452,3 @@ def format_status(s: Mapping[str, Any]) -> str:
         for r in rows:
             lines.append("    " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)
-

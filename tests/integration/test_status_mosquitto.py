@@ -135,5 +135,8 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
         assert st["last_round"]["clients"] == 2 and st["run"]["accepted"] == 4
         assert st["last_round"]["latency_s"]["p50"] > 0 and st["run"]["bytes_up"] > 0
         assert st["rejected"] == {}
+        # the silent device's will carries no backend: the aggregator's roster has it
+        backends = {d["client"]: d["backend"] for d in st["devices"]}
+        assert backends == {"dev-a": "memory", "dev-b": "memory", "dev-silent": "tensorrt"}
     with pytest.raises(OSError):
         metrics(murl)  # the endpoint ended with the aggregator

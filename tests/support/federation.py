@@ -65,7 +65,9 @@ def make_federation(
         seed=3,
     )
     agg = Aggregator(
-        MemoryTransport(broker, "aggregator"), cfg, log=lambda line: None,
+        MemoryTransport(broker, "aggregator"),
+        cfg,
+        log=lambda line: None,
         hooks=_Rogue(broker, hooks),
     )
     return broker, agg

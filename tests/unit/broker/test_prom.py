@@ -89,12 +89,10 @@ def test_final_scrape_agrees_with_the_run_folder(run) -> None:
     assert value(after, "fedclip_round_committed") == 3
     assert value(after, "fedclip_round_current") == 0
     assert value(after, "fedclip_updates_accepted_total") == len(clients) == 9
-    assert value(after, "fedclip_updates_rejected_total", reason="envelope") == 1
-    assert value(after, "fedclip_updates_rejected_total", reason="duplicate") == 0
+    assert value(after, "fedclip_messages_rejected_total", reason="envelope") == 1
+    assert value(after, "fedclip_messages_rejected_total", reason="duplicate") == 0
     assert value(after, "fedclip_update_bytes_up_total") == sum(r["bytes_up"] for r in clients)
-    assert value(after, "fedclip_update_bytes_down_total") == sum(
-        r["bytes_down"] for r in clients
-    )
+    assert value(after, "fedclip_update_bytes_down_total") == sum(r["bytes_down"] for r in clients)
     assert value(after, "fedclip_update_latency_seconds_count") == 9
     assert value(after, "fedclip_update_latency_seconds_sum") == pytest.approx(
         sum(r["update_latency_s"] for r in clients)
@@ -110,9 +108,13 @@ def test_final_scrape_agrees_with_the_run_folder(run) -> None:
     assert value(after, "fedclip_update_handling_seconds_count") == 10
     snap = run["agg"].t.counters.snapshot()
     assert value(after, "fedclip_mqtt_payload_bytes_total", direction="sent") == snap["bytes_up"]
-    assert value(after, "fedclip_mqtt_payload_bytes_total", direction="received") == (
-        snap["bytes_down"]
+    assert (
+        value(after, "fedclip_mqtt_payload_bytes_total", direction="received")
+        == (snap["bytes_down"])
     )
+    for reason in ("chunk", "chunk_hash", "chunk_oversize", "inbox_full"):
+        got = value(after, "fedclip_transport_rejected_total", reason=reason)
+        assert got == run["agg"].t.rejected[reason] == 0
     info = [k for k in after if k[0] == "fedclip_aggregator_info"]
     assert dict(info[0][1])["fedclip_job"] == "j1"
 

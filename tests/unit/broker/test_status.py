@@ -63,9 +63,10 @@ def _mid_round_broker() -> tuple[MemoryBroker, int]:
 def test_retained_topics_say_devices_round_and_who_answered() -> None:
     broker, global_bytes = _mid_round_broker()
     messages = collect_retained(MemoryTransport(broker, "status-1"), JOB, quiet_s=0.05)
-    assert set(messages) == {
-        P.status_topic(JOB, c) for c in "abc"
-    } | {P.global_topic(JOB), P.control_topic(JOB)}
+    assert set(messages) == {P.status_topic(JOB, c) for c in "abc"} | {
+        P.global_topic(JOB),
+        P.control_topic(JOB),
+    }
     st = status_from_messages(JOB, messages)
     assert st["state"] == "running"
     assert (st["current_round"], st["rounds"], st["completed_round"]) == (2, 3, 1)
@@ -159,9 +160,17 @@ def test_broker_and_folder_together_after_the_run(run) -> None:
     assert st["completed_round"] == 2 and st["rounds"] == 2
     assert st["devices_online"] == 0  # agents said "offline" when the job ended
     assert st["rejected"] == {"envelope": 1} and st["last_round"]["clients"] == 3
+    assert st["devices_as_of"] is None  # live, from the broker
     text = format_status(st)
     assert "rejected: envelope 1" in text and "devices: 0 online of 3" in text
     assert "held-out" in text and "p95" in text
+    # a last will carries no description: the run folder's roster fills it in
+    messages[P.status_topic(JOB, "dev-a")] = P.offline_status("dev-a")
+    del messages[P.status_topic(JOB, "dev-b")]
+    by = {d["client"]: d for d in build_status(JOB, messages, out)["devices"]}
+    assert by["dev-a"]["backend"] == "memory" and by["dev-a"]["last_round"] == 2
+    assert by["dev-b"]["state"] == "no retained status" and by["dev-b"]["online"] is False
+    assert status_from_messages(JOB, messages)["devices"][0]["backend"] is None
 
 
 def test_status_command_table_and_json(run, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,6 +182,7 @@ def test_status_command_table_and_json(run, capsys: pytest.CaptureFixture[str]) 
     assert main(["status", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"job {JOB}: done") and "dev-a" in text and "memory" in text
+    assert "devices (as the aggregator saw them at its round 2 commit): 3 online of 3" in text
 
 
 @pytest.mark.parametrize(
