@@ -6,6 +6,7 @@ of one real run (real agents training tiny adapters, the real aggregator), not h
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from fedclip_edge.broker import protocol as P
@@ -48,10 +49,11 @@ class _Rogue(AggregatorHooks):
 
 def make_federation(
     out: Path, *, rounds: int = 2, hooks: AggregatorHooks | None = None
-) -> tuple[MemoryBroker, Aggregator]:
-    """Three agents started and an aggregator ready to `run()` (3 updates a round)."""
+) -> tuple[MemoryBroker, Aggregator, list[threading.Thread]]:
+    """Three agents started (their threads end after the job) and an aggregator ready to
+    `run()` (3 updates a round)."""
     broker = MemoryBroker()
-    start_agents(broker, CLIENTS)
+    agents = start_agents(broker, CLIENTS)
     cfg = AggregatorConfig(
         job=JOB,
         rounds=rounds,
@@ -70,4 +72,4 @@ def make_federation(
         log=lambda line: None,
         hooks=_Rogue(broker, hooks),
     )
-    return broker, agg
+    return broker, agg, [th for _, th in agents]

@@ -56,11 +56,12 @@ class ScrapeMidRun(PromHooks):
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("prom") / "out"
     hooks = ScrapeMidRun()
-    _, agg = make_federation(out, rounds=3, hooks=hooks)
+    _, agg, _ = make_federation(out, rounds=3, hooks=hooks)
     server = serve_metrics(agg, hooks, "127.0.0.1", 0)
     hooks.url = server.url
     try:
         agg.run()
+        agg.t.close()  # as the command does: agents' goodbyes no longer count as received
         after = scrape(server.url)
     finally:
         server.close()

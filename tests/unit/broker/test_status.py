@@ -122,8 +122,11 @@ def test_collection_ends_after_max_wait_even_when_messages_keep_coming() -> None
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[MemoryBroker, Path]:
     out = tmp_path_factory.mktemp("status") / "out"
-    broker, agg = make_federation(out, rounds=2)
+    broker, agg, threads = make_federation(out, rounds=2)
     agg.run()
+    for th in threads:  # each agent's "offline" status is out once its thread ended
+        th.join(30)
+    assert not any(th.is_alive() for th in threads)
     return broker, out
 
 
