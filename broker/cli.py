@@ -22,7 +22,6 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
-from fedclip_edge.broker.prom import PromHooks, serve_metrics
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_command
@@ -173,10 +172,14 @@ def aggregate(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    prom = PromHooks() if metrics_port else None
+    prom = metrics = None
+    if metrics_port:  # imported only when asked: the exporter's package is needed for it alone
+        from fedclip_edge.broker.prom import PromHooks, serve_metrics
+
+        prom = PromHooks()
     agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom)
-    metrics = serve_metrics(agg, prom, metrics_host, metrics_port) if prom else None
-    if metrics is not None:
+    if prom is not None:
+        metrics = serve_metrics(agg, prom, metrics_host, metrics_port)
         log(f"metrics for Prometheus at {metrics.url}")
 
     def on_sigterm(signum: int, frame: Any) -> None:
