@@ -131,6 +131,9 @@ class AggregatorHooks:
     def update_handled(self, agg: Aggregator, seconds: float, accepted: bool) -> None:
         """One update message validated (and added when accepted)."""
 
+    def message_rejected(self, agg: Aggregator, reason: str) -> None:
+        """A message refused (and counted) for `reason`; update_handled follows for updates."""
+
     def before_commit(self, agg: Aggregator, rnd: int, wall_s: float) -> None:
         """The round's aggregate is computed; nothing of it is on disk yet."""
 
@@ -235,6 +238,7 @@ class Aggregator:
     # ------------------------------------------------------------------ messages
     def _reject(self, reason: str, topic: str, message: str) -> None:
         self.counters[f"rejected_{reason}"] += 1
+        self.hooks.message_rejected(self, reason)
         self.log(f"rejected ({reason}) on {topic}: {message}")
 
     def _handle(self, msg: Received) -> None:

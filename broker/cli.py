@@ -22,9 +22,10 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_command
-from fedclip_edge.errors import FedClipError
+from fedclip_edge.errors import ConfigError, FedClipError
 from fedclip_edge.signing import KeyRegistry, load_private_key
 
 broker_app = typer.Typer(
@@ -146,12 +147,14 @@ def aggregate(
         Path | None, typer.Option(help="The aggregator's private key: signs every global.")
     ] = None,
     insecure_unsigned: opt.InsecureUnsigned = False,
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
+    ] = 0,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address for --metrics-port (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the aggregator of a federated job over MQTT."""
-    import sys
-
-    from fedclip_edge.runs import train_config
-
     train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
     cfg = AggregatorConfig(
         job=job,
@@ -194,7 +197,15 @@ def aggregate(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    agg = Aggregator(transport, cfg, log=log, console=console)
+    prom = metrics = None
+    if metrics_port:  # imported only when asked: the exporter's package is needed for it alone
+        from fedclip_edge.broker.prom import PromHooks, serve_metrics
+
+        prom = PromHooks()
+    agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom)
+    if prom is not None:
+        metrics = serve_metrics(agg, prom, metrics_host, metrics_port)
+        log(f"metrics for Prometheus at {metrics.url}")
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # state.json holds the last committed round: --resume goes on
@@ -204,6 +215,70 @@ def aggregate(
         agg.run()
     finally:
         transport.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def status(
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL: read the job's retained topics there.")
+    ] = None,
+    job: Annotated[str | None, typer.Option(help="Job id (with --out: from its state.json).")] = (
+        None
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The aggregator's --out folder: accuracy, latency, bytes, rejections."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = (
+        False
+    ),
+    wait: Annotated[
+        float, typer.Option(help="Seconds without a new retained message that end the read.")
+    ] = 1.0,
+    username: Annotated[str | None, typer.Option(help="MQTT username (read-only is enough).")] = (
+        None
+    ),
+    password: opt.Password = None,
+    ca_certs: opt.CaCerts = None,
+    certfile: opt.Certfile = None,
+    keyfile: opt.Keyfile = None,
+    tls_insecure: opt.TlsInsecure = False,
+    connect_timeout: opt.ConnectTimeout = 10.0,
+) -> None:
+    """Show a job: devices and backends, the round, who answered, accuracy, latency, bytes,
+    rejections; from the broker's retained topics and/or the aggregator's run folder."""
+    import json
+    import os
+
+    if broker is None and out is None:
+        raise ConfigError("give --broker URL --job J, --out DIR, or both")
+    if broker is not None and job is None:
+        raise ConfigError("--broker needs --job")
+    if job is not None:
+        try:
+            P.check_id(job, "job")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    messages = None
+    if broker is not None:
+        assert job is not None
+        transport = MqttTransport(
+            broker,
+            f"status-{os.getpid()}-{os.urandom(3).hex()}",
+            username=username,
+            password=password,
+            tls=TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure),
+            clean_session=True,  # a look, not a member: leave no session behind
+        )
+        try:
+            messages = collect_retained(
+                transport, job, connect_timeout_s=connect_timeout, quiet_s=wait
+            )
+        finally:
+            transport.close()
+    st = build_status(job, messages, out, broker=broker)
+    typer.echo(json.dumps(st, indent=2, allow_nan=False) if as_json else format_status(st))
 
 
 AGGREGATE_INTERRUPTED = (
@@ -215,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (`python -m fedclip_edge.broker.cli run|aggregate ...`): usage errors
     as Typer shows them, a FedClipError as one `error:` line and its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["status"]:
+        return run_command(status, args[1:], "fedclip-edge status")
     if args[:1] == ["aggregate"]:
         return run_command(
             aggregate, args[1:], "fedclip-edge aggregate", interrupted=AGGREGATE_INTERRUPTED

@@ -19,7 +19,7 @@ from fedclip_edge.benchmarks.cli import (
     bench_fedavg,
     bench_soak,
 )
-from fedclip_edge.broker.cli import aggregate, broker_app
+from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
@@ -249,6 +249,7 @@ def _register_parts() -> None:
     app.command("export")(export)
     app.command("agent")(agent)
     app.command("aggregate")(aggregate)
+    app.command("status")(status)
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
     bench_app.command("extractor")(bench_extractor)
