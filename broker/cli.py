@@ -25,6 +25,7 @@ from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_command
+from fedclip_edge.config import train_config
 from fedclip_edge.errors import ConfigError, FedClipError
 from fedclip_edge.signing import KeyRegistry, load_private_key
 
