@@ -6,8 +6,10 @@ in production) with the aggregator as a process (`fedclip_edge.cli aggregate`), 
 rounds go on a schedule drawn from `--seed` kills agents with -9 and restarts them, restarts
 mosquitto, kills the aggregator with -9 and resumes it (`--resume`), and injects garbage and
 replays (an earlier update re-sent by a plain paho client) on the devices' update topics.
-Foreign-signed updates are a kind of their own (`foreign_signed`): skipped, with the reason
-printed, until the aggregator verifies signatures.
+Foreign-signed updates (`foreign_signed`: an update for the open round in a device's name,
+signed with a key the aggregator does not know) are injected once the aggregator verifies
+signatures, and skipped with the reason printed otherwise. Everything is signed as in a
+deployment (artifact, device messages, globals; keys under OUT/keys).
 
 A recorder (a paho client with a persistent session) keeps every payload the broker carried on
 the job's update topics. At the end the run is reconciled from what each side wrote:
@@ -130,11 +132,9 @@ def signing_hook_reason() -> str | None:
     if not re.search(r"\b(signing|signature|verify_message)", src):
         return "the aggregator does not verify update signatures yet (no signing in " \
                "broker/aggregator.py)"
-    if not hasattr(P.Update, "__dataclass_fields__") or not any(
-        "sig" in name for name in P.Update.__dataclass_fields__
-    ):
+    if not any("sig" in name for name in getattr(P.Update, "__dataclass_fields__", {})):
         return "protocol.Update carries no signature field yet"
-    return "signing is wired, but inject_foreign_signed() is not written yet"
+    return None
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -268,14 +268,26 @@ class Soak:
     def _prepare(self) -> None:
         """Synthetic data, the exported artifact and every domain's feature cache, once."""
         from fedclip_edge.device_agent.agent import load_local_features
+        from fedclip_edge.signing import new_keypair
 
-        data, art = self.out / "data", self.out / "artifact"
+        data, art, keys = self.out / "data", self.out / "artifact", self.out / "keys"
+        # signed as a deployment is: the exporter signs the artifact, each device its messages,
+        # the aggregator its globals; `devices/` is the registry of who may take part
+        for key_id in ["aggregator", "exporter", "foreign", *self.clients]:
+            if not (keys / f"{key_id}.key").is_file():
+                new_keypair(keys, key_id, overwrite=True)
+        (keys / "devices").mkdir(exist_ok=True)
+        for c in self.clients:
+            (keys / "devices" / f"{c}.pub").write_bytes((keys / f"{c}.pub").read_bytes())
         if not (data / ".done").is_file():
             _run_step(["data", "synth", "--out", str(data), "--per-class",
                        str(self.cfg.per_class)])
             (data / ".done").write_text("")
         if not (art / "manifest.json").is_file():
-            _run_step(["export", "--out", str(art), "--classes", str(data)])
+            # random weights: the soak tests delivery and bookkeeping, not accuracy, and needs
+            # no pretrained checkpoint (building one costs minutes of CPU)
+            _run_step(["export", "--out", str(art), "--classes", str(data), "--pretrained",
+                       "none", "--sign-key", str(keys / "exporter.key")])
         for d in sorted({self._domain(c) for c in self.clients}):
             load_local_features(data, art, backend="onnxruntime", domain=d,
                                 cache=self.out / "cache" / d, log=lambda line: None)
@@ -289,7 +301,9 @@ class Soak:
                 self.job, "--client-id", client, "--data", str(self.out / "data"), "--domain",
                 d, "--artifacts", str(self.out / "artifact"), "--backend", "onnxruntime",
                 "--cache", str(self.out / "cache" / d), "--idle-timeout", "300",
-                "--connect-timeout", "60"]
+                "--connect-timeout", "60", "--key", str(self.out / "keys" / f"{client}.key"),
+                "--aggregator-key", str(self.out / "keys" / "aggregator.pub"),
+                "--artifact-key", str(self.out / "keys" / "exporter.pub")]
 
     def _agg_cmd(self, resume: bool) -> list[str]:
         return [PY, "-m", "fedclip_edge.cli", "aggregate", "--broker", self.url, "--job",
@@ -297,7 +311,9 @@ class Soak:
                 str(self.cfg.min_clients), "--round-timeout", str(self.cfg.round_timeout_s),
                 "--out", str(self.agg_out), "--preset", "learning", "--seed",
                 str(self.cfg.seed), "--wait-clients", "120", "--connect-timeout", "60",
-                "--max-retries", "5", *(("--resume",) if resume else ())]
+                "--max-retries", "5", "--device-keys", str(self.out / "keys" / "devices"),
+                "--signing-key", str(self.out / "keys" / "aggregator.key"),
+                *(("--resume",) if resume else ())]
 
     @property
     def url(self) -> str:
@@ -365,8 +381,40 @@ class Soak:
                                   "round": _update_round(payload)})
             f.outcome = "injected" if ok else "not acknowledged by the broker"
         elif f.kind == "foreign_signed":
-            f.outcome = "skipped: " + inject_foreign_signed()
+            reason = signing_hook_reason()
+            if reason is not None:
+                f.outcome = "skipped: " + reason
+            else:
+                payload = self._foreign_signed(f, rng, recorder)
+                if payload is None:
+                    f.outcome = "skipped: no update recorded yet to forge from"
+                else:
+                    topic = P.update_topic(self.job, f.target)
+                    ok = injector.publish(topic, payload)
+                    self.injected.append({"kind": "foreign_signed", "topic": topic,
+                                          "round": f.fired_at_round + 1,
+                                          "sha256": hashlib.sha256(payload).hexdigest()})
+                    f.outcome = "injected" if ok else "not acknowledged by the broker"
         self.log(f"fault after round {f.fired_at_round}: {f.kind} {f.target} -> {f.outcome}")
+
+    def _foreign_signed(self, f: Fault, rng: random.Random, recorder: Recorder) -> bytes | None:
+        """An update for the open round in a device's name, carrying a recorded (older) frame
+        and signed with a key the aggregator does not know: it must be refused (as
+        bad_signature, or duplicate/stale if the device or the round got there first)."""
+        import dataclasses
+
+        from fedclip_edge.broker import authn
+        from fedclip_edge.signing import load_private_key
+
+        old = [m for m in recorder.snapshot() if _update_round(m[2])]
+        if not old:
+            return None
+        _, topic, payload = rng.choice(old)
+        up = P.decode_message(payload)
+        assert isinstance(up, P.Update)
+        f.target = up.client
+        forged = dataclasses.replace(up, round=(f.fired_at_round or 0) + 1, sig="")
+        return authn.sign(forged, load_private_key(self.out / "keys" / "foreign.key")).encode()
 
     # ----------------------------------------------------------- main
     def run(self) -> dict[str, Any]:
@@ -450,14 +498,6 @@ def _run_step(args: list[str], timeout: float = 1800) -> None:
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise FedClipError(f"soak preparation `{' '.join(args[:2])}` failed: {tail}")
-
-
-def inject_foreign_signed() -> str:
-    """The hook for updates signed with a key the aggregator does not know: returns why it was
-    skipped. Once the aggregator verifies signatures, publish here a recorded update re-signed
-    with a fresh key (fedclip_edge.signing.new_keypair) and expect `rejected (unknown_key)` or
-    `rejected (bad_signature)`."""
-    return signing_hook_reason() or "not written yet"
 
 
 def _update_round(payload: bytes) -> int | None:
@@ -675,7 +715,10 @@ def reconcile(soak: Soak, recorded_msgs: list[tuple[float, str, bytes]], finishe
     forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
 
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
+    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay"}
     for _, topic, payload in recorded_msgs:
+        if hashlib.sha256(payload).hexdigest() in junk:
+            continue  # an injected forgery must not count as the device's update
         t = _tensors(payload)
         r = _update_round(payload)
         if t is not None and r is not None:

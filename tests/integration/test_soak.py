@@ -66,12 +66,14 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
     assert report["brokers_started"] == 1 + injected["restart_broker"]
     assert report["agent_starts"] == 4 + injected["kill_agent"]
     assert sum(report["rejected_by_reason"].values()) >= injected["garbage"] + injected.get(
-        "replay", 0)
+        "replay", 0) + injected.get("foreign_signed", 0)
     if injected.get("replay"):
         assert report["rejected_by_reason"].get("stale", 0) >= injected["replay"]
     assert report["updates_sent"] >= 6 * 2 and report["accepted"] >= 6 * 2
     if signing_hook_reason() is not None:
         assert report["faults_not_injected"]["foreign_signed"].startswith("skipped: ")
+    else:  # the forged update was refused: nothing was accepted that no device sent
+        assert report["accepted_not_sent"] == []
     assert figures_line(report) == report["line"] and "lost 0" in report["line"]
 
 
