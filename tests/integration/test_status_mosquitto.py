@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import keys
 from support import mqtt as mh
 from support.fleet import local_data
 
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import MqttTransport
 from fedclip_edge.device_agent.agent import Agent, AgentConfig
@@ -71,13 +73,18 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
         url = f"mqtt://127.0.0.1:{port}"
         # the silent device: a hello, then nothing
         silent = mh.connect_client(port, "dev-silent")
-        hello = P.Status("dev-silent", "online", {"train": 5}, "tensorrt", 8, hello=True)
+        hello = P.Status("dev-silent", "online", {"train": 5}, "tensorrt", 8, hello=True,
+                         session="s")
+        hello = authn.sign(hello, keys.key("dev-silent"), job=JOB)
         mh.publish(silent, P.status_topic(JOB, "dev-silent"), hello.encode(), retain=True)
+        kdir = keys.key_files(tmp_path / "keys", ["dev-a", "dev-b", "dev-silent"])
         agents = []
         for c in ("dev-a", "dev-b"):
-            t = MqttTransport(url, c, will=(P.status_topic(JOB, c), P.offline_status(c), True))
-            a = Agent(t, AgentConfig(JOB, c, idle_timeout_s=90, poll_s=0.05), local_data(c),
-                      log=lambda line: None)
+            cfg = AgentConfig(JOB, c, idle_timeout_s=90, poll_s=0.05, key=keys.key(c),
+                              aggregator_key=keys.aggregator_public())
+            will = authn.signed_will(c, JOB, cfg.session, cfg.key)
+            t = MqttTransport(url, c, will=(P.status_topic(JOB, c), will, True))
+            a = Agent(t, cfg, local_data(c), log=lambda line: None)
             th = threading.Thread(target=a.run, daemon=True)
             th.start()
             agents.append((a, th))
@@ -91,7 +98,8 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
             [PY, "-m", "fedclip_edge.cli", "aggregate", "--broker", url, "--job", JOB,
              "--rounds", "2", "--out", str(out), "--min-clients", "2", "--round-timeout", "300",
              "--dim", "8", "--preset", "learning", "--wait-clients", "30",
-             "--metrics-port", str(mport)],
+             "--metrics-port", str(mport), "--device-keys", str(kdir / "devices"),
+             "--signing-key", str(kdir / "aggregator.key")],
             stdout=log, stderr=subprocess.STDOUT, env=ENV, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -117,7 +125,8 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
             assert backends == {"dev-a": "memory", "dev-b": "memory", "dev-silent": "tensorrt"}
 
             # the silent device's last will: the round closes without waiting for it
-            mh.publish(silent, P.status_topic(JOB, "dev-silent"), P.offline_status("dev-silent"),
+            mh.publish(silent, P.status_topic(JOB, "dev-silent"),
+                       authn.signed_will("dev-silent", JOB, "s", keys.key("dev-silent")),
                        retain=True)
             assert agg.wait(120) == 0, logs()
         finally:

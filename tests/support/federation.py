@@ -12,6 +12,7 @@ from pathlib import Path
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
+from support import keys
 from support.fleet import JOB, TRAIN, start_agents
 
 CLIENTS = ["dev-a", "dev-b", "dev-c"]
@@ -65,6 +66,8 @@ def make_federation(
         upload_grace_s=2.0,
         train=TRAIN,
         seed=3,
+        registry=keys.registry(CLIENTS),
+        signing_key=keys.key(keys.AGGREGATOR),
     )
     agg = Aggregator(
         MemoryTransport(broker, "aggregator"),

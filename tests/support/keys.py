@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedclip_edge.signing import KeyRegistry, new_keypair
+from fedclip_edge.signing import KeyRegistry
 
 AGGREGATOR = "aggregator"
 
@@ -30,15 +30,23 @@ def aggregator_public():  # noqa: ANN201 - an Ed25519PublicKey
     return key(AGGREGATOR).public_key()
 
 
-def key_files(folder: Path, devices: list[str]) -> Path:
-    """Key files for subprocess runs: <id>.key/.pub for the aggregator, an exporter and each
-    device, and `folder/devices/` holding the devices' public keys (the registry)."""
-    import shutil
+def key_files(folder: Path, devices: list[str] | tuple[str, ...]) -> Path:
+    """The same keys as files, for subprocess runs: <id>.key (0600) and <id>.pub for the
+    aggregator, an exporter and each device, and `folder/devices/` holding the devices' public
+    keys (the registry `aggregate --device-keys` loads)."""
+    from cryptography.hazmat.primitives import serialization
 
-    for key_id in [AGGREGATOR, "exporter", *devices]:
-        if not (folder / f"{key_id}.key").is_file():
-            new_keypair(folder, key_id, overwrite=True)
     (folder / "devices").mkdir(parents=True, exist_ok=True)
-    for d in devices:
-        shutil.copyfile(folder / f"{d}.pub", folder / "devices" / f"{d}.pub")
+    for key_id in [AGGREGATOR, "exporter", *devices]:
+        k = key(key_id)
+        priv = folder / f"{key_id}.key"
+        priv.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        priv.chmod(0o600)
+        pub = k.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+        (folder / f"{key_id}.pub").write_bytes(pub)
+        if key_id in devices:
+            (folder / "devices" / f"{key_id}.pub").write_bytes(pub)
     return folder
