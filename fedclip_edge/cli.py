@@ -250,6 +250,7 @@ def _register_parts() -> None:
     from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
     from fedclip_edge.broker.cli import broker_app
+    from fedclip_edge.cli_keys import keys_app
     from fedclip_edge.device_agent.cli import agent
     from fedclip_edge.exporters.cli import export
 
@@ -257,6 +258,7 @@ def _register_parts() -> None:
     app.command("agent")(agent)
     app.command("aggregate")(aggregate)
     app.add_typer(broker_app, name="broker")
+    app.add_typer(keys_app, name="keys")
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)

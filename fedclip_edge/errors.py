@@ -50,3 +50,9 @@ class TransportError(FedClipError):
     """Broker unreachable, refused credentials, protocol violations."""
 
     exit_code = 8
+
+
+class SigningError(FedClipError):
+    """Keys that cannot be loaded or made, and signatures that do not verify."""
+
+    exit_code = 9

@@ -10,7 +10,8 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--job JOB] [--days N] [--force] DEVICE_ID...
+usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--job JOB] [--days N] [--force]
+                      [--keys | --no-keys] DEVICE_ID...
 
   DEVICE_ID        one account per device; its username (and MQTT client id) is DEVICE_ID.
                    Letters, digits, '.', '_' and '-' only; 'aggregator' is reserved.
@@ -20,9 +21,13 @@ usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--job JOB] [--days N] [--fo
   --job JOB        pin every account to this one job in the ACL (default: any job name)
   --days N         certificate validity in days (default: 825)
   --force          overwrite an existing PKI in DIR (new CA: every client needs the new ca.crt)
+  --keys           also make the Ed25519 signing keys (make-dev-keys.sh); fail if the
+                   fedclip-edge command is not found. Default: make them when it is found.
+  --no-keys        do not make signing keys
 
 Writes DIR/{ca.crt,ca.key,broker.crt,broker.key,passwd,acl,mosquitto.conf}, DIR/data/ and
-DIR/credentials/<user>.env (FEDCLIP_MQTT_USERNAME, FEDCLIP_MQTT_PASSWORD, FEDCLIP_MQTT_CA_FILE).
+DIR/credentials/<user>.env (FEDCLIP_MQTT_USERNAME, FEDCLIP_MQTT_PASSWORD, FEDCLIP_MQTT_CA_FILE),
+and with keys DIR/keys/ (see make-dev-keys.sh --help).
 Start the broker with:  mosquitto -c DIR/mosquitto.conf
 USAGE
 }
@@ -36,6 +41,7 @@ out="./broker-dev"
 job=""
 days=825
 force=0
+keys=auto
 hosts=()
 devices=()
 
@@ -51,6 +57,8 @@ while [[ $# -gt 0 ]]; do
     --days) [[ $# -ge 2 ]] || die "--days needs a value"; days="$2"; shift 2 ;;
     --days=*) days="${1#*=}"; shift ;;
     --force) force=1; shift ;;
+    --keys) keys=yes; shift ;;
+    --no-keys) keys=no; shift ;;
     --) shift; devices+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) devices+=("$1"); shift ;;
@@ -83,6 +91,14 @@ passwd_bin="$(command -v mosquitto_passwd || true)"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 products=(ca.crt ca.key broker.crt broker.key passwd acl mosquitto.conf credentials)
+[[ $keys == no ]] || products+=(keys)
+read -r -a keys_cli <<< "${FEDCLIP_EDGE:-fedclip-edge}"
+if [[ $keys == auto ]]; then
+  if command -v "${keys_cli[0]}" >/dev/null 2>&1; then keys=yes; else keys=skipped; fi
+elif [[ $keys == yes ]]; then
+  command -v "${keys_cli[0]}" >/dev/null 2>&1 \
+    || die "--keys: ${keys_cli[0]} not found (activate the fedclip-edge environment or set FEDCLIP_EDGE)"
+fi
 if [[ $force -eq 0 ]]; then
   for p in "${products[@]}"; do
     [[ ! -e "$out/$p" ]] || die "$out/$p exists; refusing to overwrite (use --force)"
@@ -159,6 +175,19 @@ if [[ $(id -u) -eq 0 ]] && id mosquitto >/dev/null 2>&1; then
 fi
 chmod 600 "$out/ca.key" "$out/broker.key" "$out/passwd"
 
+# --- signing keys -----------------------------------------------------------------------------
+keys_line="signing keys        $out/keys/  (aggregator ${devices[*]})"
+if [[ $keys == yes ]]; then
+  force_keys=()
+  [[ $force -eq 0 ]] || force_keys=(--force)
+  bash "$here/make-dev-keys.sh" --out "$out" "${force_keys[@]}" "${devices[@]}" >/dev/null
+elif [[ $keys == skipped ]]; then
+  keys_line="signing keys        NOT made: ${keys_cli[0]} not found; run $here/make-dev-keys.sh --out $out ${devices[*]}"
+  echo "make-dev-pki.sh: warning: ${keys_cli[0]} not found, no signing keys made (see --keys)" >&2
+else
+  keys_line="signing keys        not made (--no-keys)"
+fi
+
 cat <<DONE
 development PKI written to $out
   CA certificate      $out/ca.crt   (give this to every client)
@@ -170,5 +199,6 @@ development PKI written to $out
   configuration       $out/mosquitto.conf  (TLS on port 8883)
   persistence         $out/data/
   credentials         $out/credentials/<user>.env
+  $keys_line
 start the broker:     mosquitto -c $out/mosquitto.conf
 DONE

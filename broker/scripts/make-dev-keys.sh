@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Make the Ed25519 signing keys of a development federation with `fedclip-edge keys new`:
+# one key pair for the aggregator and one per device, plus the aggregator's registry of device
+# public keys (the folder of who may take part). make-dev-pki.sh calls this; it also runs alone.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: make-dev-keys.sh [--out DIR] [--force] DEVICE_ID...
+
+  DEVICE_ID   one key pair per device (key id = device id = MQTT username)
+  --out DIR   output folder (default: ./broker-dev); keys go to DIR/keys/
+  --force     replace existing keys (every party then needs the new public keys)
+
+Writes DIR/keys/<id>.key (mode 0600) and DIR/keys/<id>.pub for `aggregator` and each device,
+and DIR/keys/devices/<id>.pub: the device registry the aggregator is given.
+Devices get their own <id>.key and aggregator.pub. Uses $FEDCLIP_EDGE (a command, default:
+fedclip-edge on PATH).
+USAGE
+}
+
+die() { echo "make-dev-keys.sh: $*" >&2; exit 1; }
+
+out="./broker-dev"
+force=()
+devices=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --out) [[ $# -ge 2 ]] || die "--out needs a value"; out="$2"; shift 2 ;;
+    --out=*) out="${1#*=}"; shift ;;
+    --force) force=(--force); shift ;;
+    --) shift; devices+=("$@"); break ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) devices+=("$1"); shift ;;
+  esac
+done
+[[ ${#devices[@]} -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
+for d in "${devices[@]}"; do
+  [[ "$d" != "aggregator" ]] || die "'aggregator' is the aggregator's key, not a device id"
+done
+
+read -r -a cli <<< "${FEDCLIP_EDGE:-fedclip-edge}"
+command -v "${cli[0]}" >/dev/null 2>&1 \
+  || die "${cli[0]} not found: activate the fedclip-edge environment or set FEDCLIP_EDGE"
+
+mkdir -p "$out/keys"
+keys="$(cd "$out/keys" && pwd)"
+ids=(--id aggregator)
+for d in "${devices[@]}"; do ids+=(--id "$d"); done
+"${cli[@]}" keys new --out "$keys" "${ids[@]}" "${force[@]}" >/dev/null
+
+rm -rf "$keys/devices"
+mkdir -p "$keys/devices"
+for d in "${devices[@]}"; do cp "$keys/$d.pub" "$keys/devices/$d.pub"; done
+chmod 644 "$keys"/*.pub "$keys"/devices/*.pub
+
+echo "signing keys written to $keys"
+"${cli[@]}" keys show "$keys" | sed 's/^/  /'
+echo "  aggregator: $keys/aggregator.key, device registry $keys/devices/"
+echo "  each device: $keys/<id>.key and $keys/aggregator.pub"

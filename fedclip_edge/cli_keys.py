@@ -1,0 +1,72 @@
+"""`fedclip-edge keys`: make and inspect the Ed25519 keys that sign updates, globals and
+artifacts. Registered by cli.py; also runnable as `python -m fedclip_edge.cli_keys` (light: no
+torch), which the dev PKI script can use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedclip_edge.errors import SigningError
+from fedclip_edge.signing import (
+    KeyRegistry,
+    check_key_id,
+    fingerprint,
+    load_private_key,
+    load_public_key,
+    new_keypair,
+)
+
+keys_app = typer.Typer(
+    help="Ed25519 keys: who may take part, who signed an update, a global, an artifact.",
+    no_args_is_help=True,
+)
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Annotated[Path, typer.Option(help="Folder for <ID>.key (mode 0600) and <ID>.pub.")],
+    ids: Annotated[
+        list[str],
+        typer.Option("--id", help="Key id = device id (or 'aggregator'); repeat for several."),
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Replace existing keys.")] = False,
+) -> None:
+    """Make one key pair per --id. Give the .pub files to the other side; keep .key private."""
+    for key_id in ids:  # check all first: no half-done batch because of the last id
+        check_key_id(key_id)
+    if len(set(ids)) != len(ids):
+        raise SigningError("an --id is given twice")
+    for key_id in ids:
+        key_path, pub_path = new_keypair(out, key_id, overwrite=force)
+        typer.echo(f"{key_id}  {fingerprint(load_public_key(pub_path))}  {key_path}  {pub_path}")
+
+
+@keys_app.command("show")
+def keys_show(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A .key or .pub file, a folder of .pub files, or a registry file."),
+    ],
+) -> None:
+    """Print key ids and fingerprints (SHA256:..., as ssh-keygen -l) to compare keys by eye."""
+    if path.is_file() and path.suffix == ".key":
+        key = load_private_key(path)
+        typer.echo(f"{path.stem}  {fingerprint(key)}  (private key {path})")
+        return
+    registry = KeyRegistry.load(path)
+    for key_id in registry.ids():
+        typer.echo(f"{key_id}  {fingerprint(registry.get(key_id))}")  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedclip_edge.cli import _run_app
+
+    return _run_app(keys_app, argv, "fedclip-edge keys")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
