@@ -21,7 +21,7 @@ _COMMON = dict(
     print_blob=True,
 )
 settings.register_profile("ci", max_examples=200, **_COMMON)
-settings.register_profile("long", max_examples=20_000, **_COMMON)
+settings.register_profile("long", max_examples=1_000, **_COMMON)
 PROFILE = "long" if os.environ.get("FEDCLIP_FUZZ") == "long" else "ci"
 settings.load_profile(PROFILE)
 
