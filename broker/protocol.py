@@ -44,6 +44,8 @@ MAX_HEADER_BYTES = 256 * 1024
 # MQTT's protocol maximum payload is 268,435,455 bytes; stay well below it by default.
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024  # what a receiver reassembles at most (1 GiB)
+# Chunks of one transfer at most: 1 GiB in 64 KiB chunks (a sender splits into far fewer).
+MAX_CHUNKS = 16384
 AGGREGATOR_ID = "aggregator"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -204,6 +206,88 @@ def _need(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) ->
     return v
 
 
+# Bounds of every number and text in a message: a value outside them is refused at decoding,
+# so nothing downstream (float(), torch.manual_seed, allocations by dim) sees it.
+MAX_ROUND = 2**31 - 1
+MAX_SAMPLES = 10**9
+MAX_DIM = 65536
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+MAX_SECONDS = 1e7
+MAX_METRIC = 1e15  # |value| of a numeric metric (bytes, seconds, accuracies, losses)
+MAX_TEXT = 256
+MAX_ENTRIES = 64  # keys of samples / versions / metrics / train
+MAX_HAVE = 100_000  # client ids a global lists
+# The only metric that may be text; every other metric is a number or null.
+TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype"})
+
+
+def _int_field(header: Mapping[str, Any], key: str, lo: int, hi: int, default: Any = ...) -> int:
+    """An integer in [lo, hi]; `default` (when given) if the key is absent."""
+    v = header.get(key, default) if default is not ... else header.get(key)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise MessageRejected(
+            "fields", f"{header.get('type')} field {key!r} must be an integer in [{lo}, {hi}]"
+        )
+    return v
+
+
+def _text_field(header: Mapping[str, Any], key: str, default: Any = ..., *, ident: bool = False):
+    """A string of at most MAX_TEXT characters; with `ident`, a job or client id."""
+    v = header.get(key, default) if default is not ... else header.get(key)
+    ok = isinstance(v, str) and len(v) <= MAX_TEXT and (not ident or bool(_ID_RE.match(v)))
+    if not ok:
+        what = "an id (1-64 of A-Z a-z 0-9 _ . -)" if ident else f"a string of <= {MAX_TEXT}"
+        raise MessageRejected("fields", f"{header.get('type')} field {key!r} must be {what}")
+    return v
+
+
+def _is_number(v: Any, bound: float) -> bool:
+    """A finite int or float with |v| <= bound (JSON's 1e400 parses to inf; 10**400 is an int)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        return -bound <= v <= bound
+    return math.isfinite(v) and abs(v) <= bound
+
+
+def _flat_object(header: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = header.get(key)
+    if v is None:
+        return {}
+    if (
+        not isinstance(v, dict)
+        or len(v) > MAX_ENTRIES
+        or not all(isinstance(k, str) and 0 < len(k) <= MAX_TEXT for k in v)
+    ):
+        raise MessageRejected(
+            "fields", f"{header.get('type')} field {key!r} must be an object of <= {MAX_ENTRIES}"
+        )
+    return v
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> None:
+    for k, v in metrics.items():
+        if v is None or _is_number(v, MAX_METRIC):
+            continue
+        if k in TEXT_METRICS and isinstance(v, str) and len(v) <= MAX_TEXT:
+            continue
+        raise MessageRejected(
+            "fields", f"update metric {k!r} must be a finite number of magnitude <= {MAX_METRIC:g}"
+        )
+
+
+def _check_train(train: Mapping[str, Any]) -> None:
+    """Training settings as plain values (their meaning is checked by the agent's TrainConfig)."""
+    for k, v in train.items():
+        if v is None or isinstance(v, bool) or _is_number(v, MAX_METRIC):
+            continue
+        if isinstance(v, str) and len(v) <= MAX_TEXT:
+            continue
+        if isinstance(v, list) and len(v) <= 8 and all(_is_number(x, MAX_METRIC) for x in v):
+            continue
+        raise MessageRejected("fields", f"global 'train' setting {k!r} has a value out of range")
+
+
 @dataclass(frozen=True)
 class Status:
     """Hello and presence in one message: every status carries the device's full description,
@@ -334,12 +418,6 @@ def _signed(session: str | None, sig: str) -> dict[str, str]:
     return out
 
 
-def _text_field(header: Mapping[str, Any], key: str, limit: int = 128) -> str:
-    v = header.get(key, "")
-    if not isinstance(v, str) or len(v) > limit:
-        raise MessageRejected("fields", f"'{key}' must be a string of at most {limit} chars")
-    return v
-
 
 def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as strict JSON: NaN/inf become null."""
@@ -348,96 +426,111 @@ def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+
 def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """A whole (reassembled) payload -> a typed message; `MessageRejected` if anything is off.
 
-    The body's frame is left undecoded: only the receiver knows the tensor shapes to expect.
+    Every field is typed and bounded here (numbers finite and in range, texts short, ids valid),
+    so a receiver can use the values without guarding each use. The body's frame is left
+    undecoded: only the receiver knows the tensor shapes to expect.
     """
     header, body = decode_envelope(data, max_bytes)
+    try:
+        return _decode_fields(header, body)
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError, RecursionError) as exc:
+        # a check missed above must still end as a counted rejection, never a crash
+        raise MessageRejected(
+            "fields", f"{header.get('type')} message is malformed: {type(exc).__name__}"
+        ) from None
+
+
+def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
     kind = header["type"]
     if kind in ("hello", "status"):
-        client = _need(header, "client", str)
+        client = _text_field(header, "client", ident=True)
         state = _need(header, "state", str)
         if state not in STATES:
             raise MessageRejected("fields", f"unknown device state {state!r}")
-        samples = header.get("samples") or {}
-        if not isinstance(samples, dict) or not all(
-            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in samples.items()
-        ):
-            raise MessageRejected("fields", "status 'samples' must map names to counts")
-        dim = header.get("dim", 0)
-        rnd = header.get("round", -1)
+        samples = _flat_object(header, "samples")
+        if not all(_is_int(v) and 0 <= v <= MAX_SAMPLES for v in samples.values()):
+            raise MessageRejected(
+                "fields", f"status 'samples' must map names to counts in [0, {MAX_SAMPLES}]"
+            )
+        dim = _int_field(header, "dim", 0, MAX_DIM, 0)
+        rnd = _int_field(header, "round", -1, MAX_ROUND, -1)
         upload_s = header.get("upload_s")
-        if not _is_int(dim) or not _is_int(rnd):
-            raise MessageRejected("fields", "status 'dim' and 'round' must be integers")
-        if upload_s is not None and not isinstance(upload_s, (int, float)):
-            raise MessageRejected("fields", "status 'upload_s' must be a number")
-        versions = header.get("versions") or {}
+        if upload_s is not None and not (_is_number(upload_s, MAX_SECONDS) and upload_s >= 0):
+            raise MessageRejected(
+                "fields", f"status 'upload_s' must be a number of seconds in [0, {MAX_SECONDS:g}]"
+            )
+        versions = _flat_object(header, "versions")
+        if not all(isinstance(v, str) and len(v) <= MAX_TEXT for v in versions.values()):
+            raise MessageRejected("fields", "status 'versions' must map names to short strings")
         return Status(
             client=client,
             state=state,
             samples=dict(samples),
-            backend=str(header.get("backend", "")),
+            backend=_text_field(header, "backend", ""),
             dim=dim,
-            versions={str(k): str(v) for k, v in dict(versions).items()}
-            if isinstance(versions, dict)
-            else {},
+            versions=dict(versions),
             round=rnd,
             upload_s=float(upload_s) if upload_s is not None else None,
             hello=kind == "hello",
-            session=_text_field(header, "session"),
-            sig=_text_field(header, "sig"),
+            session=_text_field(header, "session", ""),
+            sig=_text_field(header, "sig", ""),
         )
     if kind == "global":
         have = header.get("have", [])
-        if not isinstance(have, list) or not all(isinstance(c, str) for c in have):
+        if (
+            not isinstance(have, list)
+            or len(have) > MAX_HAVE
+            or not all(isinstance(c, str) and _ID_RE.match(c) for c in have)
+        ):
             raise MessageRejected("fields", "global 'have' must be a list of client ids")
-        train = header.get("train", {})
-        if not isinstance(train, dict):
-            raise MessageRejected("fields", "global 'train' must be an object")
-        rnd = _need(header, "round", int)
-        if rnd < 0 or not body:
+        train = _flat_object(header, "train") if "train" in header else {}
+        _check_train(train)
+        rnd = _int_field(header, "round", 0, MAX_ROUND)
+        if not body:
             raise MessageRejected("fields", "global needs a round >= 0 and a frame")
         return GlobalModel(
-            job=_need(header, "job", str),
+            job=_text_field(header, "job", ident=True),
             round=rnd,
             frame=body,
-            seed=_need(header, "seed", int),
+            seed=_int_field(header, "seed", *SEED_RANGE),
             train=train,
             have=tuple(have),
-            session=_text_field(header, "session"),
-            rounds=_need(header, "rounds", int),
-            sig=_text_field(header, "sig"),
+            session=_text_field(header, "session", ""),
+            rounds=_int_field(header, "rounds", 0, MAX_ROUND),
+            sig=_text_field(header, "sig", ""),
         )
     if kind == "update":
-        metrics = header.get("metrics", {})
-        if not isinstance(metrics, dict):
-            raise MessageRejected("fields", "update 'metrics' must be an object")
-        samples = _need(header, "samples", int)
-        rnd = _need(header, "round", int)
-        if samples < 0 or rnd < 0 or not body:
+        metrics = _flat_object(header, "metrics") if "metrics" in header else {}
+        _check_metrics(metrics)
+        samples = _int_field(header, "samples", 0, MAX_SAMPLES)
+        rnd = _int_field(header, "round", 0, MAX_ROUND)
+        if not body:
             raise MessageRejected("fields", "update needs samples >= 0, round >= 0 and a frame")
         return Update(
-            job=_need(header, "job", str),
+            job=_text_field(header, "job", ident=True),
             round=rnd,
-            client=_need(header, "client", str),
+            client=_text_field(header, "client", ident=True),
             samples=samples,
             metrics=metrics,
             frame=body,
-            session=_text_field(header, "session"),
-            sig=_text_field(header, "sig"),
+            session=_text_field(header, "session", ""),
+            sig=_text_field(header, "sig", ""),
         )
     if kind == "control":
         state = _need(header, "state", str)
         if state not in CONTROL_STATES:
             raise MessageRejected("fields", f"unknown control state {state!r}")
         return Control(
-            job=_need(header, "job", str),
+            job=_text_field(header, "job", ident=True),
             state=state,
-            round=_need(header, "round", int),
-            rounds=_need(header, "rounds", int),
-            session=_text_field(header, "session"),
-            sig=_text_field(header, "sig"),
+            round=_int_field(header, "round", -1, MAX_ROUND),
+            rounds=_int_field(header, "rounds", 0, MAX_ROUND),
+            session=_text_field(header, "session", ""),
+            sig=_text_field(header, "sig", ""),
         )
     raise MessageRejected("type", f"a bare {kind!r} envelope is not a message")
 
@@ -582,6 +675,8 @@ class Reassembler:
             and 0 <= index < count
             and 0 < total
             and count <= total
+            and count <= MAX_CHUNKS
+            and body  # an empty chunk would grow the bookkeeping without counting as pending bytes
         ):
             raise MessageRejected("chunk", "chunk header fields are missing or inconsistent")
         if total > self.max_bytes:

@@ -207,6 +207,7 @@ class Agent:
         try:
             m = P.decode_message(msg.payload)
         except P.MessageRejected as exc:
+            self.rejected[exc.reason] += 1
             self.log(f"warning: ignored a bad message on {msg.topic}: {exc.message}")
             return
         if isinstance(m, (P.Control, P.GlobalModel)) and self._registry is not None:

@@ -173,6 +173,15 @@ def simulate_cmd(
     personalize_epochs: Annotated[
         int, typer.Option(help="Local fine-tuning epochs of the global adapter before evaluation.")
     ] = 0,
+    strategy: Annotated[
+        str, typer.Option(help="Aggregation: fedavg | clip | trimmed-mean | median.")
+    ] = "fedavg",
+    clip_bound: Annotated[
+        str | None, typer.Option(help="clip: L2 bound of a client's delta, or 'auto' (median).")
+    ] = None,
+    trim: Annotated[
+        float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).")
+    ] = None,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
@@ -197,6 +206,8 @@ def simulate_cmd(
         },
         weighting=weighting,
         personalize_epochs=personalize_epochs,
+        strategy=strategy,
+        strategy_options={"bound": clip_bound, "trim": trim},
     )
 
 

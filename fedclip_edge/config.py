@@ -129,8 +129,17 @@ class SimulationConfig:
     weighting: str = "uniform"
     personalize_epochs: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Aggregation: a name from strategy.STRATEGIES and its options (bound, trim).
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+    def make_strategy(self):  # -> strategy.Strategy (imported late: strategy imports torch)
+        from fedclip_edge.strategy import make_strategy
+
+        return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
     def __post_init__(self) -> None:
+        self.make_strategy()  # a typo in a name or option fails here, before any training
         if self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:

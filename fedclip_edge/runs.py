@@ -67,6 +67,8 @@ def run_simulation(
     overrides: dict[str, Any] | None = None,
     weighting: str = "uniform",
     personalize_epochs: int = 0,
+    strategy: str = "fedavg",
+    strategy_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
 
@@ -78,6 +80,8 @@ def run_simulation(
         weighting=weighting,
         personalize_epochs=personalize_epochs,
         train=train,
+        strategy=strategy,
+        strategy_options=strategy_options or {},
     )
     out = Path(out)
     if features_dir is None:

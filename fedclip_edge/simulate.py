@@ -20,7 +20,6 @@ from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
-from fedclip_edge.strategy import FedAvg
 from fedclip_edge.train import accuracy, train_local
 
 
@@ -70,7 +69,7 @@ def run_seed(
     held = fs.domains[cfg.test_domain]
     torch.manual_seed(seed)
     global_adapter = AttentionAdapter(fs.dim)
-    strategy = FedAvg(cfg.weighting)
+    strategy = cfg.make_strategy()
 
     zero_shot_test = {c: accuracy(None, *splits[c]["test"], text) for c in clients}
     zero_shot_val = {c: accuracy(None, *splits[c]["val"], text) for c in clients}
@@ -98,7 +97,8 @@ def run_seed(
                 generator=_generator(seed, rnd, ci),
             )
             losses[c] = res.loss
-            acc.add(local.state_dict(), res.samples if res.samples else len(labels))
+            n = res.samples if res.samples else len(labels)
+            acc.add(local.state_dict(), n, global_adapter.state_dict())
         global_adapter.load_state_dict(acc.result())
         val = {c: accuracy(global_adapter, *splits[c]["val"], text) for c in clients}
         test = {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients}
@@ -195,6 +195,7 @@ def simulate(
         "seeds": list(cfg.seeds),
         "train": cfg.train.to_dict(),
         "weighting": cfg.weighting,
+        "strategy": cfg.make_strategy().describe(),
         "split": list(cfg.split),
         "personalize_epochs": cfg.personalize_epochs,
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),

@@ -1,16 +1,62 @@
 """Aggregation strategies. A strategy owns aggregation; it never touches a transport.
 
-Aggregation streams: one running sum per round, not one copy of the adapter per client, so a
-round with 1000 devices costs the memory of one adapter.
+Each strategy is a pure function of the round's updates, fed one at a time:
+`acc = strategy.start_round()`, `acc.add(state, num_samples, global_state)` per update, then
+`acc.result()`. FedAvg streams: one running sum per round, not one copy of the adapter per
+client, so a round with 1000 devices costs the memory of one adapter. The robust strategies
+bound what one client can do to the global adapter (docs/strategies.md: cost and memory of each):
+
+- `clip`: each client's delta to the round's global is clipped to an L2 bound over the whole
+  adapter, then averaged (streams with a given bound; `auto` keeps the round's deltas);
+- `trimmed-mean`: coordinate-wise, drops the `trim` fraction of highest and lowest values;
+- `median`: coordinate-wise median.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import statistics
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from fedclip_edge.errors import ConfigError
+
 WEIGHTINGS = ("uniform", "samples")
+DEFAULT_STRATEGY = "fedavg"
+DEFAULT_TRIM = 0.2
+# Values (clients x columns) sorted at once by the coordinate-wise strategies: bounds their
+# scratch memory (sorted values and torch.sort's int64 indices: ~48 MiB) on top of the held updates.
+_SORT_SCRATCH_VALUES = 4 * 1024 * 1024
+
+State = Mapping[str, torch.Tensor]
+
+
+class Accumulator(Protocol):
+    """One round of a strategy: updates in one at a time, the new global out."""
+
+    count: int
+    samples: int
+
+    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None: ...
+
+    def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]: ...
+
+
+def _check_like(state: State, shapes: Mapping[str, torch.Size]) -> None:
+    if set(state) != set(shapes):
+        raise ValueError(f"update tensors {sorted(state)} differ from the round's {sorted(shapes)}")
+    for k, v in state.items():
+        if v.shape != shapes[k]:
+            raise ValueError(f"tensor {k!r} has shape {list(v.shape)}, expected {list(shapes[k])}")
+
+
+def _check_samples(num_samples: int) -> None:
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
 
 
 class RunningMean:
@@ -23,21 +69,15 @@ class RunningMean:
         self.count = 0
         self.samples = 0
 
-    def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None:
+        """`global_state` is accepted for the common accumulator API; the mean does not need it."""
+        _check_samples(num_samples)
         w = 1.0 if self.weighting == "uniform" else float(num_samples)
         if self._sum is None:
             self._sum = {k: v.detach().to(torch.float64) * w for k, v in state.items()}
         else:
-            if set(state) != set(self._sum):
-                raise ValueError(
-                    f"update tensors {sorted(state)} differ from the round's {sorted(self._sum)}"
-                )
+            _check_like(state, {k: v.shape for k, v in self._sum.items()})
             for k, v in state.items():
-                if v.shape != self._sum[k].shape:
-                    want = list(self._sum[k].shape)
-                    raise ValueError(f"tensor {k!r} has shape {list(v.shape)}, expected {want}")
                 self._sum[k].add_(v.detach().to(torch.float64), alpha=w)
         self._weight += w
         self.count += 1
@@ -49,26 +89,284 @@ class RunningMean:
         return {k: (v / self._weight).to(dtype) for k, v in self._sum.items()}
 
 
-class FedAvg:
+class Strategy(ABC):
+    """An aggregation rule: `start_round()` gives a fresh accumulator for each round."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start_round(self) -> Accumulator: ...
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's settings, for summaries and logs."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options()}
+
+    def aggregate(
+        self, updates: list[tuple[State, int]], global_state: State | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The new global from (state, num_samples) pairs, in one call."""
+        acc = self.start_round()
+        for state, n in updates:
+            acc.add(state, n, global_state)
+        return acc.result()
+
+
+def _check_weighting(weighting: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return weighting
+
+
+class FedAvg(Strategy):
     """FedAvg. `uniform` (the reference: 1/K per client) or `samples` (weights by sample count)."""
 
     name = "fedavg"
 
     def __init__(self, weighting: str = "uniform") -> None:
-        if weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}"
-            )
-        self.weighting = weighting
+        self.weighting = _check_weighting(weighting)
+
+    def options(self) -> dict[str, Any]:
+        return {"weighting": self.weighting}
 
     def start_round(self) -> RunningMean:
         return RunningMean(self.weighting)
 
-    def aggregate(
-        self, updates: list[tuple[Mapping[str, torch.Tensor], int]]
-    ) -> dict[str, torch.Tensor]:
-        """Mean of (state, num_samples) pairs."""
-        acc = self.start_round()
-        for state, n in updates:
-            acc.add(state, n)
-        return acc.result()
+
+# ----------------------------------------------------------------------------- clip
+
+
+def _norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm over the whole adapter, in float64 (float32 squares of 1e20 overflow)."""
+    return math.sqrt(sum(float(torch.sum(d.to(torch.float64) ** 2)) for d in delta.values()))
+
+
+class ClippedMean:
+    """Deltas to the global, each clipped to an L2 `bound`, then their weighted mean added to the
+    global. With a fixed bound it streams (one float64 sum); with `auto` it keeps every delta
+    (float32) until `result`, since the bound (the median norm) needs them all first."""
+
+    def __init__(self, weighting: str, bound: float | None) -> None:
+        self.weighting = weighting
+        self.bound = bound  # None: auto
+        self._global: dict[str, torch.Tensor] | None = None
+        self._sum: dict[str, torch.Tensor] | None = None
+        self._held: list[tuple[dict[str, torch.Tensor], float, float]] = []  # delta, norm, weight
+        self._weight = 0.0
+        self.count = 0
+        self.samples = 0
+        self.norms: list[float] = []  # every client's delta norm, for logs
+        self.clipped = 0
+        self.used_bound: float | None = bound
+
+    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None:
+        if global_state is None:
+            raise ValueError("clip needs the round's global state to compute each client's delta")
+        _check_samples(num_samples)
+        if self._global is None:
+            self._global = {k: v.detach().to(torch.float64) for k, v in global_state.items()}
+        shapes = {k: v.shape for k, v in self._global.items()}
+        _check_like(global_state, shapes)
+        _check_like(state, shapes)
+        w = 1.0 if self.weighting == "uniform" else float(num_samples)
+        delta = {k: v.detach().to(torch.float64) - self._global[k] for k, v in state.items()}
+        norm = _norm(delta)
+        self.norms.append(norm)
+        if self.bound is None:
+            self._held.append(({k: d.to(torch.float32) for k, d in delta.items()}, norm, w))
+        else:
+            self._add_clipped(delta, norm, w, self.bound)
+        self.count += 1
+        self.samples += num_samples
+
+    def _add_clipped(
+        self, delta: Mapping[str, torch.Tensor], norm: float, w: float, bound: float
+    ) -> None:
+        scale = 1.0
+        if norm > bound:
+            scale = bound / norm
+            self.clipped += 1
+        if self._sum is None:
+            self._sum = {k: torch.zeros_like(d, dtype=torch.float64) for k, d in delta.items()}
+        for k, d in delta.items():
+            self._sum[k].add_(d.to(torch.float64), alpha=w * scale)
+        self._weight += w
+
+    def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        if self.bound is None and self._held:
+            self.used_bound = statistics.median(n for _, n, _ in self._held)
+            self._sum, self._weight, self.clipped = None, 0.0, 0
+            for delta, norm, w in self._held:
+                self._add_clipped(delta, norm, w, self.used_bound)
+        if self._global is None or self._sum is None or self._weight <= 0:
+            raise ValueError("no update (or only zero-sample updates) to aggregate")
+        return {k: (g + self._sum[k] / self._weight).to(dtype) for k, g in self._global.items()}
+
+
+class Clip(Strategy):
+    """Norm clipping: no client moves the global further than `bound` (L2, whole adapter)."""
+
+    name = "clip"
+
+    def __init__(self, bound: float | str = "auto", weighting: str = "uniform") -> None:
+        self.weighting = _check_weighting(weighting)
+        if bound == "auto":
+            self.bound: float | None = None
+        elif isinstance(bound, (int, float)) and not isinstance(bound, bool):
+            if not (math.isfinite(bound) and bound > 0):
+                raise ValueError(f"clip bound must be a finite number > 0 or 'auto', got {bound}")
+            self.bound = float(bound)
+        else:
+            raise ValueError(f"clip bound must be a number > 0 or 'auto', got {bound!r}")
+
+    def options(self) -> dict[str, Any]:
+        return {"bound": "auto" if self.bound is None else self.bound, "weighting": self.weighting}
+
+    def start_round(self) -> ClippedMean:
+        return ClippedMean(self.weighting, self.bound)
+
+
+# ----------------------------------------------------------------------------- coordinate-wise
+
+
+class _HeldUpdates:
+    """Keeps the round's updates, flattened to float32, for the coordinate-wise strategies."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[str, torch.Size] | None = None
+        self._rows: list[torch.Tensor] = []
+        self.count = 0
+        self.samples = 0
+
+    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None:
+        """`global_state` is not needed: the strategy works on the states themselves."""
+        _check_samples(num_samples)
+        if self._shapes is None:
+            self._shapes = {k: state[k].shape for k in sorted(state)}
+        _check_like(state, self._shapes)
+        self._rows.append(
+            torch.cat([state[k].detach().to(torch.float32).reshape(-1) for k in self._shapes])
+        )
+        self.count += 1
+        self.samples += num_samples
+
+    def _reduce(self, sorted_block: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        if self._shapes is None or not self._rows:
+            raise ValueError("no update to aggregate")
+        total = self._rows[0].numel()
+        out = torch.empty(total, dtype=torch.float64)
+        step = max(1, _SORT_SCRATCH_VALUES // len(self._rows))
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            block = torch.stack([r[start:stop] for r in self._rows])
+            out[start:stop] = self._reduce(torch.sort(block, dim=0).values.to(torch.float64))
+        result: dict[str, torch.Tensor] = {}
+        offset = 0
+        for k, shape in self._shapes.items():
+            n = math.prod(shape)
+            result[k] = out[offset : offset + n].reshape(shape).to(dtype)
+            offset += n
+        return result
+
+
+class _TrimmedMeanRound(_HeldUpdates):
+    def __init__(self, trim: float) -> None:
+        super().__init__()
+        self.trim = trim
+
+    def trimmed(self) -> int:
+        """Values dropped at each end per coordinate: floor(trim x clients)."""
+        return math.floor(self.trim * self.count)
+
+    def _reduce(self, sorted_block: torch.Tensor) -> torch.Tensor:
+        k = self.trimmed()
+        return sorted_block[k : sorted_block.shape[0] - k].mean(dim=0)
+
+
+class _MedianRound(_HeldUpdates):
+    def _reduce(self, sorted_block: torch.Tensor) -> torch.Tensor:
+        n = sorted_block.shape[0]
+        if n % 2:
+            return sorted_block[n // 2]
+        return (sorted_block[n // 2 - 1] + sorted_block[n // 2]) / 2
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean: per parameter, drop the floor(trim*K) highest and lowest
+    values and average the rest (unweighted). Holds the round's updates."""
+
+    name = "trimmed-mean"
+
+    def __init__(self, trim: float = DEFAULT_TRIM) -> None:
+        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
+            raise ValueError(f"trim fraction must be in [0, 0.5), got {trim!r}")
+        self.trim = float(trim)
+
+    def options(self) -> dict[str, Any]:
+        return {"trim": self.trim}
+
+    def start_round(self) -> _TrimmedMeanRound:
+        return _TrimmedMeanRound(self.trim)
+
+
+class Median(Strategy):
+    """Coordinate-wise median (even K: mean of the two middle values). Holds the round's updates."""
+
+    name = "median"
+
+    def start_round(self) -> _MedianRound:
+        return _MedianRound()
+
+
+# ----------------------------------------------------------------------------- registry
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "clip": Clip,
+    "trimmed-mean": TrimmedMean,
+    "median": Median,
+}
+# Options each strategy takes (all optional), as given on the command line.
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("weighting",),
+    "clip": ("bound", "weighting"),
+    "trimmed-mean": ("trim",),
+    "median": (),
+}
+
+
+def make_strategy(name: str, **options: Any) -> Strategy:
+    """A strategy by name; `ConfigError` naming the valid names or options on a mistake.
+
+    Options that are None are left at the strategy's default, so a CLI can pass every flag.
+    `weighting` other than 'uniform' is refused for the coordinate-wise strategies, which are
+    unweighted (a client's sample count is not something they could weigh a rank by).
+    """
+    if name not in STRATEGIES:
+        close = difflib.get_close_matches(str(name), list(STRATEGIES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown strategy {name!r}{hint}; choose one of {', '.join(STRATEGIES)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    allowed = STRATEGY_OPTIONS[name]
+    if name in ("trimmed-mean", "median") and given.get("weighting", "uniform") == "uniform":
+        given.pop("weighting", None)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) if allowed else "no options"
+        raise ConfigError(f"strategy {name!r} does not take {', '.join(unknown)} (takes: {takes})")
+    if name == "clip" and isinstance(given.get("bound"), str) and given["bound"] != "auto":
+        try:
+            given["bound"] = float(given["bound"])
+        except ValueError:
+            raise ConfigError(
+                f"clip bound must be a number > 0 or 'auto', got {given['bound']!r}"
+            ) from None
+    try:
+        return STRATEGIES[name](**given)
+    except ValueError as exc:
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
