@@ -59,7 +59,7 @@ RUN python3 -m pip install --no-deps . \
 RUN useradd --system --uid 10001 --user-group --groups video --create-home \
       --home-dir /home/fedclip fedclip \
  && install -d -o fedclip -g fedclip /var/lib/fedclip-edge/cache
-USER fedclip
+USER 10001:10001
 WORKDIR /home/fedclip
 
 # $FEDCLIP_EDGE_CACHE: the feature cache (agent-features/, re-used after a restart) and ONNX

@@ -39,7 +39,7 @@ RUN python -m pip install --no-deps . \
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/fedclip fedclip \
  && install -d -o fedclip -g fedclip /var/lib/fedclip-edge /var/lib/fedclip-edge/cache
-USER fedclip
+USER 10001:10001
 WORKDIR /var/lib/fedclip-edge
 
 # Aggregator state (--out, --resume), caches; the broker's CA under /keys (read-only).
