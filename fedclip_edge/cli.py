@@ -250,11 +250,12 @@ def _register_parts() -> None:
     from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
     from fedclip_edge.broker.cli import broker_app
-    from fedclip_edge.device_agent.cli import agent
+    from fedclip_edge.device_agent.cli import agent, doctor
     from fedclip_edge.exporters.cli import export
 
     app.command("export")(export)
     app.command("agent")(agent)
+    app.command("doctor")(doctor)
     app.command("aggregate")(aggregate)
     app.add_typer(broker_app, name="broker")
     bench_app.command("extractor")(bench_extractor)
@@ -289,7 +290,13 @@ def _run_app(
     """Run a typer app; a user's mistake becomes one clear line and an exit code."""
     args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
-        application(args=args, prog_name=prog_name, standalone_mode=False)
+        # Recent typer returns an Exit's code (and 130 for Ctrl-C) instead of raising it; no
+        # command returns a value, so a non-zero int here is an exit status.
+        rv = application(args=args, prog_name=prog_name, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                print(interrupted, file=sys.stderr)
+            return rv
     except _EXIT as exc:
         return exc.exit_code
     except _USAGE as exc:
