@@ -416,8 +416,10 @@ def load_local_features(
     if list(names) != list(ds.classes):
         raise DataError(f"the artifact's classes {names} differ from the data's {ds.classes}")
     identity = ExtractorEncoder(ext)
+    from fedclip_edge.models import cache_dir  # honours $FEDCLIP_EDGE_CACHE (containers, units)
+
     cache = Path(cache) if cache else (
-        Path.home() / ".cache" / "fedclip-edge" / "agent-features"
+        cache_dir() / "agent-features"
         / f"{identity.identity['weights_sha256'][:12]}-{ext.precision}"
     )
     t0 = time.monotonic()

@@ -101,6 +101,66 @@ def agent(
     )
 
 
+def doctor(
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Also verify this artifact and run its golden set on "
+                                  "every backend available here.")
+    ] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="Also check this broker: TCP, TLS, MQTT login.")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option(help="MQTT username for the login check.")
+    ] = None,
+    password: opt.Password = None,
+    ca_certs: opt.CaCerts = None,
+    certfile: opt.Certfile = None,
+    keyfile: opt.Keyfile = None,
+    tls_insecure: opt.TlsInsecure = False,
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache folder to check (default: $FEDCLIP_EDGE_CACHE).")
+    ] = None,
+    min_free_gb: Annotated[float, typer.Option(help="Least free space for the cache.")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Seconds for each broker step.")] = 5.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Check that this device can run the agent; exit 1 when any line is red."""
+    import json
+
+    from fedclip_edge.device_agent.doctor import BrokerOptions, failed, run_checks
+
+    opts = None
+    if broker is not None:
+        opts = BrokerOptions(
+            broker, username, password, *(str(p) if p else None for p in (ca_certs, certfile,
+                                                                         keyfile)),
+            insecure=tls_insecure, timeout_s=timeout,
+        )
+    rows = run_checks(artifacts=artifacts, broker=opts, cache=cache,
+                      min_free_bytes=int(min_free_gb * 2**30))
+    if json_out:
+        typer.echo(json.dumps({"ok": not failed(rows), "checks": [r.to_dict() for r in rows]},
+                              indent=2))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+        mark = {"ok": "✓", "warn": "!", "fail": "✗"}
+        table = Table(show_header=False, box=None, pad_edge=False)
+        for r in rows:
+            s = style[r.status]
+            table.add_row(f"[{s}]{mark[r.status]}[/]", f"[{s}]{r.name}[/]", r.detail)
+        Console().print(table)
+    else:
+        mark = {"ok": "✓", "warn": "!", "fail": "✗"}
+        width = max(len(r.name) for r in rows)
+        for r in rows:
+            typer.echo(f"{mark[r.status]} {r.name:<{width}}  {r.detail}")
+    if failed(rows):
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m fedclip_edge.device_agent.cli ...`: errors as one `error:` line."""
     from fedclip_edge.cli_runner import run_command

@@ -41,6 +41,9 @@ def import_tensorrt() -> tuple[Any | None, str]:
         import tensorrt as trt  # type: ignore[import-not-found]
     except Exception as exc:  # ImportError, or a broken install raising OSError
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not hasattr(trt, "Builder"):  # a namespace package: stubs only (tensorrt-stubs), no .so
+        where = ", ".join(getattr(trt, "__path__", [])) or "?"
+        return None, f"{where} holds no TensorRT bindings (type stubs only, or a broken install)"
     return trt, ""
 
 

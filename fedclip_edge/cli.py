@@ -29,7 +29,7 @@ from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported f
     run_command,
 )
 from fedclip_edge.data.synth import write_dataset
-from fedclip_edge.device_agent.cli import agent
+from fedclip_edge.device_agent.cli import agent, doctor
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
@@ -259,6 +259,7 @@ def _register_parts() -> None:
 
     app.command("export")(export)
     app.command("agent")(agent)
+    app.command("doctor")(doctor)
     app.command("aggregate")(aggregate)
     app.command("status")(status)
     app.add_typer(broker_app, name="broker")

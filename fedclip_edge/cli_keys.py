@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge.cli_runner import run_app
 from fedclip_edge.errors import SigningError
 from fedclip_edge.signing import (
     KeyRegistry,
@@ -63,9 +64,7 @@ def keys_show(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedclip_edge.cli import _run_app
-
-    return _run_app(keys_app, argv, "fedclip-edge keys")
+    return run_app(keys_app, argv, "fedclip-edge keys")
 
 
 if __name__ == "__main__":

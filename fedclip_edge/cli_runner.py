@@ -56,7 +56,13 @@ def run_app(
     """Run a typer app; a user's mistake becomes one clear line and an exit code."""
     args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
     try:
-        application(args=args, prog_name=prog_name, standalone_mode=False)
+        # Recent typer returns an Exit's code (and 130 for Ctrl-C) instead of raising it; no
+        # command returns a value, so a non-zero int here is an exit status.
+        rv = application(args=args, prog_name=prog_name, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                print(interrupted, file=sys.stderr)
+            return rv
     except _EXIT as exc:
         return exc.exit_code
     except _USAGE as exc:
