@@ -31,6 +31,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from fedclip_edge.errors import CacheError
+
 # Command-line names, in the order --help lists them.
 CODECS: tuple[str, ...] = ("fp32", "fp16", "delta-fp16", "int8", "topk", "topk-int8")
 DELTA_CODECS: frozenset[str] = frozenset({"delta-fp16", "int8", "topk", "topk-int8"})
@@ -102,7 +104,7 @@ def encode_tensor(
         return EncodedTensor(shape, {"v": flat.astype("<f2")})
     if codec == "int8":
         rows = int8_rows(shape)
-        q, scales = _quantize_rows(flat.reshape(rows, -1) if flat.size else flat.reshape(rows, 0))
+        q, scales = _quantize_rows(flat.reshape(rows, flat.size // rows if rows else 0))
         return EncodedTensor(shape, {"v": q.reshape(-1), "s": scales})
     k = topk_count(flat.size, topk_fraction)
     idx = _topk_indices(flat, k)
@@ -120,11 +122,17 @@ def decode_tensor(codec: str, enc: EncodedTensor) -> torch.Tensor:
     """
     check_codec(codec)
     numel = math.prod(enc.shape)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the wire decoder rejects
+        dense = _dense(codec, enc, numel)
+    return torch.from_numpy(np.ascontiguousarray(dense).reshape(enc.shape))
+
+
+def _dense(codec: str, enc: EncodedTensor, numel: int) -> np.ndarray:
     if codec in ("fp32", "fp16", "delta-fp16"):
         dense = enc.arrays["v"].astype(np.float32)
     elif codec == "int8":
         rows = int8_rows(enc.shape)
-        q = enc.arrays["v"].reshape(rows, -1).astype(np.float32)
+        q = enc.arrays["v"].reshape(rows, numel // rows if rows else 0).astype(np.float32)
         dense = (q * enc.arrays["s"].astype(np.float32)[:, None]).reshape(-1)
     else:
         dense = np.zeros(numel, dtype=np.float32)
@@ -132,7 +140,7 @@ def decode_tensor(codec: str, enc: EncodedTensor) -> torch.Tensor:
         if codec == "topk-int8":
             values = values * np.float32(enc.arrays["s"][0])
         dense[enc.arrays["i"].astype(np.int64)] = values
-    return torch.from_numpy(np.ascontiguousarray(dense).reshape(enc.shape))
+    return dense
 
 
 def encoded_nbytes(enc: EncodedTensor) -> int:
@@ -180,7 +188,10 @@ class ErrorFeedback:
         """delta + residual, tensor by tensor (a tensor without a residual yet gets none)."""
         extra = sorted(set(self.residual) - set(delta))
         if extra:
-            raise ValueError(f"error-feedback residual has tensors the update lacks: {extra}")
+            raise CacheError(
+                f"error-feedback residual has tensors the update lacks: {extra} (a residual of "
+                "another model: delete its file)"
+            )
         out = {}
         for name, d in delta.items():
             d = d.detach().to(dtype=torch.float32, device="cpu")
@@ -189,9 +200,9 @@ class ErrorFeedback:
                 out[name] = d.clone()
                 continue
             if r.shape != d.shape:
-                raise ValueError(
+                raise CacheError(
                     f"error-feedback residual of {name!r} has shape {list(r.shape)}, "
-                    f"the update {list(d.shape)}"
+                    f"the update {list(d.shape)} (a residual of another model: delete its file)"
                 )
             out[name] = d + r
         return out
@@ -229,8 +240,9 @@ class ErrorFeedback:
         try:
             tensors = safetensors.torch.load_file(str(path))
         except Exception as exc:  # any parser failure: the file is not ours or is corrupt
-            raise ValueError(f"error-feedback file {path} is unreadable: {exc}") from None
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CacheError(f"error-feedback file {path} is unreadable: {first}") from None
         for name, t in tensors.items():
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"error-feedback file {path}: tensor {name!r} is not finite float")
+                raise CacheError(f"error-feedback file {path}: tensor {name!r} is not finite float")
         return cls(tensors)

@@ -297,6 +297,7 @@ def decode_frame(
         client=header["client"],
         dtype=dtype,
         tensors=result,
+        codec="fp16" if dtype == "float16" else "fp32",
     )
 
 
