@@ -15,6 +15,7 @@ import typer
 
 from fedclip_edge import __version__
 from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.options import CodecName, TopkFraction, UpdateCodec
 
 # Recent typer carries its own copy of click (typer._click) with its own exception classes;
 # older typer raises click's. Catch both, so a usage error is one message, not a traceback.
@@ -170,6 +171,8 @@ def simulate_cmd(
     personalize_epochs: Annotated[
         int, typer.Option(help="Local fine-tuning epochs of the global adapter before evaluation.")
     ] = 0,
+    update_codec: UpdateCodec = CodecName.fp32,
+    topk_fraction: TopkFraction = 0.01,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
     from fedclip_edge.pipeline import run_simulation
@@ -195,6 +198,8 @@ def simulate_cmd(
         },
         weighting=weighting,
         personalize_epochs=personalize_epochs,
+        update_codec=update_codec.value,
+        topk_fraction=topk_fraction,
     )
 
 

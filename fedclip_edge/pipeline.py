@@ -70,6 +70,8 @@ def run_simulation(
     overrides: dict[str, Any] | None = None,
     weighting: str = "uniform",
     personalize_epochs: int = 0,
+    update_codec: str = "fp32",
+    topk_fraction: float = 0.01,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
     from fedclip_edge.simulate import simulate
@@ -82,6 +84,8 @@ def run_simulation(
         weighting=weighting,
         personalize_epochs=personalize_epochs,
         train=train,
+        update_codec=update_codec,
+        topk_fraction=topk_fraction,
     )
     out = Path(out)
     if features_dir is None:

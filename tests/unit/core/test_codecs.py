@@ -29,7 +29,11 @@ from fedclip_edge.codecs import (
     encode_tensor,
     topk_count,
 )
-from fedclip_edge.errors import CacheError
+from fedclip_edge.config import SimulationConfig, TrainConfig
+from fedclip_edge.errors import CacheError, ConfigError
+from fedclip_edge.features import DomainFeatures, FeatureSet
+from fedclip_edge.simulate import simulate
+from fedclip_edge.strategy import RunningMean
 from fedclip_edge.wire import (
     DENSE_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -513,3 +517,77 @@ def test_fuzz_encode_decode_round_trip_of_random_tensors(codec, values, fraction
         k = topk_count(len(values), fraction)
         assert int((got != 0).sum()) <= k
         assert math.isfinite(float(got.abs().sum()))
+
+
+# --- simulate --update-codec --------------------------------------------------------------------
+
+
+def tiny_features(dim: int = 16, n: int = 30) -> FeatureSet:
+    """Three domains of random features over two classes: enough for a few rounds."""
+    gen = torch.Generator().manual_seed(0)
+    domains = {}
+    for name in ("a", "b", "c"):
+        domains[name] = DomainFeatures(
+            name,
+            torch.randn(n, dim, generator=gen),
+            torch.arange(n) % 2,
+            [f"{name}{i}" for i in range(n)],
+            torch.zeros(n, 32, dtype=torch.uint8),
+        )
+    return FeatureSet({}, ["x", "y"], torch.randn(2, dim, generator=gen), 10.0, domains)
+
+
+def sim_config(codec: str, **kw) -> SimulationConfig:
+    return SimulationConfig(
+        test_domain="c",
+        rounds=kw.pop("rounds", 2),
+        seeds=(0,),
+        train=TrainConfig(lr=1e-2, weight_decay=0.0, loss="ce"),
+        update_codec=codec,
+        **kw,
+    )
+
+
+def test_simulate_aggregates_what_the_codec_decodes(monkeypatch) -> None:
+    """With topk, every update the server averages in round 1 differs from the round's global
+    in at most k entries per tensor: the server adds decoded sparse deltas, not the local state."""
+    fs = tiny_features()
+    added: list[dict] = []
+    real_add = RunningMean.add
+
+    def spy(self, state, num_samples):
+        added.append({k: v.clone() for k, v in state.items()})
+        real_add(self, state, num_samples)
+
+    monkeypatch.setattr(RunningMean, "add", spy)
+    summary = simulate(fs, sim_config("topk", rounds=1, topk_fraction=0.05), log=lambda _: None)
+    torch.manual_seed(0)  # run_seed's global at round 1
+    start = AttentionAdapter(fs.dim).state_dict()
+    assert len(added) == 2  # two clients, one round
+    for state in added:
+        for name, tensor in state.items():
+            changed = int((tensor != start[name]).sum())
+            assert 0 < changed <= topk_count(tensor.numel(), 0.05)
+    assert summary["update_codec"] == "topk"
+
+
+def test_simulate_reports_bytes_per_client_per_round() -> None:
+    fs = tiny_features()
+    fp32 = len(encode_update(AttentionAdapter(16).state_dict(), None, codec="fp32", **META))
+    lines: list[str] = []
+    dense = simulate(fs, sim_config("fp32"), log=lines.append)
+    sparse = simulate(fs, sim_config("topk-int8", topk_fraction=0.02), log=lambda _: None)
+    # the header names job/round/client, so sizes differ from META's frame by a few bytes
+    assert abs(dense["up_bytes_per_client_per_round"] - fp32) < 32
+    assert sparse["up_bytes_per_client_per_round"] < 0.5 * fp32  # ~1 kB is framing at d=16
+    assert dense["down_bytes_per_client_per_round"] > 0.95 * fp32
+    for h in dense["history"]:
+        assert set(h["up_bytes"]) == {"a", "b"}
+    assert "update codec fp32" in lines[-1] and "bytes per client per round" in lines[-1]
+
+
+def test_simulate_refuses_unknown_codec_and_bad_fraction() -> None:
+    with pytest.raises(ConfigError, match="topk-int8"):
+        sim_config("zip")
+    with pytest.raises(ConfigError, match="fraction"):
+        sim_config("topk", topk_fraction=0.0)
