@@ -252,6 +252,7 @@ def _register_parts() -> None:
     """Commands whose options live with their part of the toolkit (imported here, at start)."""
     from fedclip_edge.aggregator import aggregate
     from fedclip_edge.benchmarks.aggregator import bench_aggregator
+    from fedclip_edge.benchmarks.cli_codecs import bench_codecs
     from fedclip_edge.benchmarks.extractor import bench_extractor
     from fedclip_edge.benchmarks.fedavg import bench_fedavg
     from fedclip_edge.broker.cli import broker_app
@@ -265,6 +266,7 @@ def _register_parts() -> None:
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)
+    bench_app.command("codecs")(bench_codecs)
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:

@@ -464,7 +464,7 @@ def encode_update(
             raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         if not tensor.is_floating_point():
             raise TypeError(f"tensor {name!r} has non-floating dtype {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
+        if not np.isfinite(_np32(tensor)).all():  # numpy: see decode_frame's finiteness check
             raise FrameRejected("nonfinite", f"tensor {name!r} has NaN or Inf values")
 
     delta = codec in codecs.DELTA_CODECS
@@ -474,10 +474,7 @@ def encode_update(
         diff = _names_shapes_diff(state, global_state)
         if diff:
             raise ValueError(f"update and global differ: {diff}")
-        source = {
-            n: state[n].detach().cpu().float() - global_state[n].detach().cpu().float()
-            for n in names
-        }
+        source = {n: torch.from_numpy(_np32(state[n]) - _np32(global_state[n])) for n in names}
         if feedback is not None:
             source = feedback.corrected(source)
     else:
@@ -747,8 +744,7 @@ def _decode_codec_frame(
             raise FrameRejected("nonfinite", f"tensor {name!r} has NaN or Inf values")
         tensor = codecs.decode_tensor(codec, codecs.EncodedTensor(shape, arrays, k=k))
         if global_state is not None and codec in codecs.DELTA_CODECS:
-            base = global_state[name].detach().to(device="cpu", dtype=torch.float32)
-            tensor = base + tensor
+            tensor = torch.from_numpy(_np32(global_state[name]) + tensor.numpy())
         if not np.isfinite(tensor.numpy()).all():
             raise FrameRejected("nonfinite", f"tensor {name!r} has NaN or Inf values once decoded")
         result[name] = tensor
@@ -761,6 +757,11 @@ def _decode_codec_frame(
         tensors=result,
         codec=codec,
     )
+
+
+def _np32(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view/copy on the CPU (numpy: torch's thread pool is slow when busy)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
 def _role_count(codec: str, role: str, shape: tuple[int, ...], k: int | None) -> int:

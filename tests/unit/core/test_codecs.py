@@ -591,3 +591,37 @@ def test_simulate_refuses_unknown_codec_and_bad_fraction() -> None:
         sim_config("zip")
     with pytest.raises(ConfigError, match="fraction"):
         sim_config("topk", topk_fraction=0.0)
+
+
+# --- bench codecs -----------------------------------------------------------------------------
+
+
+def test_bench_codecs_reports_every_codec_with_real_frame_sizes(tmp_path) -> None:
+    from fedclip_edge.benchmarks.codecs import META as BENCH_META
+    from fedclip_edge.benchmarks.codecs import _update, run_codec_bench
+
+    lines: list[str] = []
+    report = run_codec_bench(dim=32, repeats=1, tower=False, out=tmp_path, log=lines.append)
+    assert [r["codec"] for r in report["rows"]] == list(CODECS)
+    g, local = _update(32, 0)
+    by = {r["codec"]: r for r in report["rows"]}
+    for codec in CODECS:
+        frame = encode_update(local, g, codec=codec, topk_fraction=0.01, **BENCH_META)
+        assert by[codec]["bytes"] == len(frame)
+        assert by[codec]["ratio_vs_fp32"] == pytest.approx(by["fp32"]["bytes"] / len(frame))
+    assert by["fp32"]["relative_error_one_round"] == 0.0
+    assert 0 < by["int8"]["relative_error_one_round"] < by["topk"]["relative_error_one_round"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "topk-int8" in lines[0] and "not measured" in lines[0]
+
+
+def test_simulate_help_lists_every_codec(capsys, monkeypatch) -> None:
+    from fedclip_edge.cli import main
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps the choice list at the terminal width
+    assert main(["simulate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<" + "|".join(CODECS) + ">" in out
+    assert main(["bench", "codecs", "--help"]) == 0
+    assert "--topk-fraction" in capsys.readouterr().out
