@@ -158,6 +158,17 @@ def test_topk_int8_by_hand() -> None:
     np.testing.assert_allclose(decode_tensor("topk-int8", enc), [0, 1.27, -0.5, 0], rtol=1e-6)
 
 
+def test_fp16_conversions_match_numpy_bit_for_bit_including_subnormals() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(70_000) * 10.0 ** rng.uniform(-9, 5, 70_000)).astype(np.float32)
+    x = np.concatenate([x, np.array([0.0, -0.0, 65504, 65520, 6e-8, -3e-5], np.float32)])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert np.array_equal(codecs.to_fp16(x).view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(codecs.to_fp32(want), want.astype(np.float32))
+    assert codecs.to_fp16(np.zeros((2, 0), np.float32)).shape == (2, 0)
+
+
 def test_topk_count() -> None:
     assert topk_count(10, 0.2) == 2
     assert topk_count(3, 0.01) == 1  # at least one entry of a non-empty tensor
