@@ -636,3 +636,24 @@ def test_simulate_help_lists_every_codec(capsys, monkeypatch) -> None:
     assert "<" + "|".join(CODECS) + ">" in out
     assert main(["bench", "codecs", "--help"]) == 0
     assert "--topk-fraction" in capsys.readouterr().out
+
+
+def test_codecs_accuracy_reads_simulate_runs_into_table_and_plot(tmp_path, capsys) -> None:
+    from fedclip_edge.benchmarks.codecs_accuracy import main as accuracy_main
+
+    fs = tiny_features()
+    for codec in ("fp32", "topk"):
+        simulate(fs, sim_config(codec, topk_fraction=0.05), tmp_path / codec, log=lambda _: None)
+    assert (
+        accuracy_main([str(tmp_path / "fp32"), str(tmp_path / "topk"), "--out", str(tmp_path)]) == 0
+    )
+    rows = json.loads((tmp_path / "codecs_accuracy.json").read_text())
+    assert [r["codec"] for r in rows] == ["fp32", "topk"]
+    fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
+    assert rows[0]["up_bytes_per_client_per_round"] == fp32["up_bytes_per_client_per_round"]
+    curve = rows[1]["curve"]["cumulative_up_bytes"]
+    assert len(curve) == 2 and curve[1] > curve[0] > 0
+    out = capsys.readouterr().out
+    assert "| fp32 |" in out and "| topk 0.05 |" in out and "+0.00" in out
+    assert (tmp_path / "codecs_accuracy.png").stat().st_size > 10_000
+    assert accuracy_main([str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
