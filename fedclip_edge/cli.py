@@ -19,7 +19,9 @@ from fedclip_edge.benchmarks.cli import (
     bench_fedavg,
     bench_soak,
 )
+from fedclip_edge.benchmarks.cli_codecs import bench_codecs
 from fedclip_edge.broker.cli import aggregate, broker_app, status
+from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
@@ -182,6 +184,8 @@ def simulate_cmd(
     trim: Annotated[
         float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).")
     ] = None,
+    update_codec: UpdateCodec = CodecName.fp32,
+    topk_fraction: TopkFraction = 0.01,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
@@ -208,6 +212,8 @@ def simulate_cmd(
         personalize_epochs=personalize_epochs,
         strategy=strategy,
         strategy_options={"bound": clip_bound, "trim": trim},
+        update_codec=update_codec.value,
+        topk_fraction=topk_fraction,
     )
 
 
@@ -268,6 +274,7 @@ def _register_parts() -> None:
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)
     bench_app.command("soak")(bench_soak)
+    bench_app.command("codecs")(bench_codecs)
 
 
 def main(argv: list[str] | None = None) -> int:

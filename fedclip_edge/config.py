@@ -138,10 +138,24 @@ class SimulationConfig:
 
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
+    # How each client's update travels (fedclip_edge.codecs); fp32 is lossless, today's frames.
+    update_codec: str = "fp32"
+    topk_fraction: float = 0.01
+
     def __post_init__(self) -> None:
+        from fedclip_edge.codecs import CODECS, check_topk_fraction
+
         self.make_strategy()  # a typo in a name or option fails here, before any training
         if self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.update_codec not in CODECS:
+            raise ConfigError(
+                f"unknown update codec {self.update_codec!r}; choose one of {', '.join(CODECS)}"
+            )
+        try:
+            check_topk_fraction(self.topk_fraction)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
             raise ConfigError(f"split fractions must be positive and sum to 1, got {self.split}")
 

@@ -69,6 +69,8 @@ def run_simulation(
     personalize_epochs: int = 0,
     strategy: str = "fedavg",
     strategy_options: dict[str, Any] | None = None,
+    update_codec: str = "fp32",
+    topk_fraction: float = 0.01,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
 
@@ -82,6 +84,8 @@ def run_simulation(
         train=train,
         strategy=strategy,
         strategy_options=strategy_options or {},
+        update_codec=update_codec,
+        topk_fraction=topk_fraction,
     )
     out = Path(out)
     if features_dir is None:

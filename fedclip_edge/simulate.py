@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.codecs import ErrorFeedback
 from fedclip_edge.config import SimulationConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
 from fedclip_edge.train import accuracy, train_local
+from fedclip_edge.wire import decode_update, encode_frame, encode_update
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -80,12 +82,18 @@ def run_seed(
         f"seed {seed}: clients {', '.join(clients)}; held out {cfg.test_domain}; "
         f"zero-shot test " + ", ".join(f"{c} {a:.1%}" for c, a in zero_shot_test.items())
     )
+    # Each client's update goes through the wire codec as on a device: encoded against the
+    # round's global with the client's own error feedback, decoded by the server.
+    feedback = {c: ErrorFeedback() for c in clients}
+    down_bytes = len(encode_frame(global_adapter.state_dict(), job="simulate", round=0, client="s"))
     for rnd in range(1, cfg.rounds + 1):
         acc = strategy.start_round()
         losses = {}
+        up_bytes: dict[str, int] = {}
+        global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
         for ci, c in enumerate(clients):
             local = AttentionAdapter(fs.dim)
-            local.load_state_dict(global_adapter.state_dict())
+            local.load_state_dict(global_state)
             feats, labels = splits[c]["train"]
             res = train_local(
                 local,
@@ -97,8 +105,19 @@ def run_seed(
                 generator=_generator(seed, rnd, ci),
             )
             losses[c] = res.loss
-            n = res.samples if res.samples else len(labels)
-            acc.add(local.state_dict(), n, global_adapter.state_dict())
+            frame = encode_update(
+                local.state_dict(),
+                global_state,
+                codec=cfg.update_codec,
+                job="simulate",
+                round=rnd,
+                client=c,
+                feedback=feedback[c],
+                topk_fraction=cfg.topk_fraction,
+            )
+            up_bytes[c] = len(frame)
+            update = decode_update(frame, global_state).tensors
+            acc.add(update, res.samples if res.samples else len(labels), global_state)
         global_adapter.load_state_dict(acc.result())
         val = {c: accuracy(global_adapter, *splits[c]["val"], text) for c in clients}
         test = {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients}
@@ -109,6 +128,7 @@ def run_seed(
             "val_acc": val,
             "test_acc": test,
             "generalization_acc": gen,
+            "up_bytes": up_bytes,
         }
         history.append(entry)
         mean_val = _mean(list(val.values()))
@@ -137,6 +157,11 @@ def run_seed(
         "generalization_acc": gen,
         "personalization_acc": pers,
         "zero_shot_test": zero_shot_test,
+        "update_codec": cfg.update_codec,
+        "up_bytes_per_client_per_round": _mean(
+            [float(b) for h in history for b in h["up_bytes"].values()]
+        ),
+        "down_bytes_per_client_per_round": down_bytes,
         "history": history,
     }
     if cfg.personalize_epochs > 0:
@@ -198,6 +223,10 @@ def simulate(
         "strategy": cfg.make_strategy().describe(),
         "split": list(cfg.split),
         "personalize_epochs": cfg.personalize_epochs,
+        "update_codec": cfg.update_codec,
+        "topk_fraction": cfg.topk_fraction,
+        "up_bytes_per_client_per_round": _mean([r["up_bytes_per_client_per_round"] for r in runs]),
+        "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"],
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
         "zero_shot": {
             d: accuracy(None, v.features, v.labels, fs.text_features) for d, v in fs.domains.items()
@@ -221,6 +250,17 @@ def simulate(
         loc_mean, loc_std = _per_client_stats(runs, "personalization_acc_local")
         summary["personalization_acc_local"] = loc_mean
         summary["std"]["personalization_acc_local"] = loc_std
+    up = summary["up_bytes_per_client_per_round"]
+    fp32 = len(
+        encode_update(
+            AttentionAdapter(fs.dim).state_dict(), None, codec="fp32", job="s", round=0, client="s"
+        )
+    )
+    log(
+        f"update codec {cfg.update_codec}: {up:,.0f} bytes per client per round up "
+        f"({fp32 / up:.1f}x fewer than fp32's {fp32:,}); "
+        f"{summary['down_bytes_per_client_per_round']:,} down (the dense fp32 global)"
+    )
     if out is not None:
         write_json(Path(out) / "summary.json", summary)
     return summary

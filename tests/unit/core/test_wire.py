@@ -18,7 +18,6 @@ from fedclip_edge.errors import FedClipError, FrameError
 from fedclip_edge.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     FIXED_OVERHEAD,
-    FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
     REASONS,
@@ -28,6 +27,7 @@ from fedclip_edge.wire import (
     encode_frame,
     expected_shapes,
 )
+from fedclip_edge.wire import DENSE_FORMAT_VERSION as FORMAT_VERSION
 
 META = {"job": "job-1", "round": 3, "client": "dev-a"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -231,8 +231,8 @@ def test_reject_magic() -> None:
 
 def test_reject_version() -> None:
     header, payload = parts()
-    message = rejected(assemble(header, payload, version=2), "version")
-    assert "2" in message
+    message = rejected(assemble(header, payload, version=3), "version")
+    assert "3" in message
 
 
 def test_reject_oversize_before_anything_else() -> None:
@@ -374,4 +374,5 @@ def test_every_reason_is_tested() -> None:
         "truncated", "magic", "version", "oversize", "header", "hash",
         "names", "shape", "dtype", "nonfinite", "meta",
     }  # fmt: skip
-    assert REASONS == tested
+    codec_frames = {"codec", "k", "indices", "scales"}  # tested in tests/unit/core/test_codecs.py
+    assert REASONS == tested | codec_frames
