@@ -18,6 +18,7 @@ from fedclip_edge.tables import finite as _num
 from fedclip_edge.tables import human_bytes, percentile, seconds
 
 MAX_PLOTTED_CLIENTS = 12
+MARKERS = "osD^v<>pPhX*"
 
 
 def client_rows(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -73,14 +74,13 @@ def plot(records: list[dict[str, Any]], out: Path) -> Path | None:
     rounds = sorted({int(r["round"]) for rows in by_client.values() for r in rows})
     plotted: list[float] = []
     if len(names) <= MAX_PLOTTED_CLIENTS:
-        markers = "osD^v<>pPhX*"
         # identical values must not hide each other: each client is drawn a little apart
         width = 0.5 / max(1, len(names))
         for i, name in enumerate(names):
             rows = by_client[name]
             xs = [int(r["round"]) + (i - (len(names) - 1) / 2) * width for r in rows]
             ys = [_num(r.get("update_latency_s")) for r in rows]
-            ax1.plot(xs, ys, marker=markers[i % len(markers)], ls="-", lw=1, label=name)
+            ax1.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], ls="-", lw=1, label=name)
             plotted += [y for y in ys if y is not None]
     else:  # hundreds of devices: the spread per round, not one line each
         for q, style in ((50, "o-"), (90, "s--"), (100, "^:")):
@@ -190,16 +190,19 @@ def plot_accuracy(
     drawn: list[float] = []
     dashed = False
     if has_client_acc and len(by_client) <= MAX_PLOTTED_CLIENTS:
+        width = 0.4 / max(1, len(by_client))  # equal accuracies must not hide each other
         for i, (name, rows) in enumerate(by_client.items()):
             color = colors[i % len(colors)]
             pts = [(int(r["round"]), _num(r.get("local_test_acc"))) for r in rows]
             pts = [(x, y) for x, y in pts if y is not None]
+            dx = (i - (len(by_client) - 1) / 2) * width
             ax.plot(
-                [x for x, _ in pts],
+                [x + dx for x, _ in pts],
                 [y for _, y in pts],
-                "o-",
+                marker=MARKERS[i % len(MARKERS)],
+                ls="-",
                 color=color,
-                ms=4,
+                ms=5,
                 label=f"{name} (own test split)",
             )
             drawn += [y for _, y in pts]
