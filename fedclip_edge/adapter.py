@@ -17,9 +17,11 @@ class AttentionAdapter(nn.Module):
     Initialised as the reference does (PyTorch's default Linear init, seeded), so runs match it
     weight for weight. That start is *near* zero-shot, not at it: the softmax's weights per
     channel are about 1/d but not equal, so the untrained adapter reweights the channels a
-    little. Measured on fedclip-tiny's synthetic domains (seed 0, all images of each domain):
-    UNTRAINED_VS_ZERO_SHOT. Zero-initialising W2 would start exactly at zero-shot (uniform
-    attention), but would depart from the reference's training trajectory, so it is not done.
+    little. Measured on fedclip-tiny's synthetic domains (800 images each), untrained (seed 0)
+    vs zero-shot: photo 51.9% vs 53.5%, art_painting 41.8% vs 42.0%, cartoon 90.5% vs 91.3%,
+    sketch 59.0% vs 59.8%; 1.6-12.4% of the images change prediction (seeds 1 and 2: from 1.9
+    points below to 0.1 above). Zero-initialising W2 would start exactly at zero-shot (uniform
+    attention) but would leave the reference's training trajectory, so it is not done.
 
     The reference keeps these layers in a bare `nn.Sequential` (`img_adap`) and saves no
     checkpoint; its state dict (`0.weight`, `0.bias`, `2.weight`, `2.bias`, with or without an
