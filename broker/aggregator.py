@@ -169,6 +169,7 @@ class Aggregator:
         self.global_state: dict[str, torch.Tensor] | None = None
         self.session = uuid.uuid4().hex[:12]
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""
         self._epoch_seen = 0
         self.history: list[dict[str, Any]] = []
@@ -194,6 +195,7 @@ class Aggregator:
         fs = load_feature_cache(Path(self.cfg.eval_features), [str(self.cfg.eval_domain)])
         d = fs.domains[str(self.cfg.eval_domain)]
         self._eval = (d.features, d.labels, fs.text_features)
+        self.heldout_zero_shot = accuracy(None, *self._eval)
         if self.cfg.dim is None:
             self.cfg.dim = fs.dim
 
@@ -503,6 +505,8 @@ class Aggregator:
                 "completed_round": self.completed,
                 "rounds": self.cfg.rounds,
                 "counters": dict(self.counters),
+                "eval_domain": self.cfg.eval_domain,
+                "heldout_zero_shot": self.heldout_zero_shot,
             },
             draw=plot,
             log=self.log,
@@ -545,6 +549,12 @@ class Aggregator:
         self._publish_control("done")
         self._round = 0
         assert self.global_state is not None
+        for line in M.final_table(
+            M.read_metrics(self.out / "metrics.jsonl"),
+            heldout_name=self.cfg.eval_domain,
+            heldout_zero_shot=self.heldout_zero_shot,
+        ):
+            self.log(line)
         self.log(
             f"job {self.cfg.job} done: {self.completed} rounds; accepted "
             f"{self.counters['accepted']} updates, rejected "

@@ -1,4 +1,5 @@
-"""Latency and bandwidth bookkeeping for a federated run: metrics.jsonl, summary.json, a plot.
+"""Latency and bandwidth bookkeeping for a federated run: metrics.jsonl, summary.json, the
+end-of-run table and round lines (the plots are drawn by plots.py).
 
 `OUT/metrics.jsonl` holds one JSON object per line: `kind: "client"` (one per client per round)
 and `kind: "round"` (one per round). Durations are each side's own monotonic clock: devices
@@ -11,13 +12,20 @@ timestamps taken on different machines.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedclip_edge.broker.plots import (
+    client_rows,
+    plot,
+    plot_accuracy,
+    zero_shot,
+)
 from fedclip_edge.io import atomic_write_json, jsonable
+from fedclip_edge.tables import finite as _num
+from fedclip_edge.tables import human_bytes, pct, percentile, points, seconds, text_table
 
 CLIENT_FIELDS = (
     "bytes_down",
@@ -29,27 +37,6 @@ CLIENT_FIELDS = (
     "upload_s",
     "update_latency_s",
 )
-
-
-def _num(v: Any) -> float | None:
-    """A finite number, or None: metrics come from devices, so 10**400 or "x" are possible."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
-
-
-def percentile(xs: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default) without numpy; None when empty."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def stats(xs: Iterable[Any]) -> dict[str, float | int | None]:
@@ -129,75 +116,112 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-MAX_PLOTTED_CLIENTS = 12
+def final_rows(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per client, the end-of-run figures: zero-shot, the global adapter and the client's own
+    adapter after local training in its last round (each on its own test split), the gain,
+    mean bytes per round and latency percentiles. summary.json and the table share it."""
+    out = {}
+    for name, rows in client_rows(records).items():
+        last = rows[-1]
+        zs = zero_shot(rows)
+        local = _num(last.get("local_test_acc"))
+        # the first round includes feature extraction on the device: reported apart
+        lat_all = [_num(r.get("update_latency_s")) for r in rows]
+        first = lat_all[0]
+        lat = [v for v in (lat_all[1:] if len(rows) > 1 else lat_all) if v is not None]
 
+        def mean(key: str, rows: list[dict[str, Any]] = rows) -> float | None:
+            vals = [v for r in rows if (v := _num(r.get(key))) is not None]
+            return sum(vals) / len(vals) if vals else None
 
-def plot(records: list[dict[str, Any]], out: Path) -> Path | None:
-    """PNG: per-round update latency and bytes (down/up) for each client."""
-    clients = [r for r in records if r.get("kind") == "client"]
-    if not clients:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    names = sorted({c["client"] for c in clients})
-    if len(names) <= MAX_PLOTTED_CLIENTS:
-        for name in names:
-            rows = sorted((c for c in clients if c["client"] == name), key=lambda c: c["round"])
-            xs = [c["round"] for c in rows]
-            ax1.plot(xs, [_num(c.get("update_latency_s")) for c in rows], marker="o", label=name)
-            ax2.plot(
-                xs, [_num(c.get("bytes_down")) for c in rows], marker="v", label=f"{name} down"
-            )
-            ax2.plot(
-                xs, [_num(c.get("bytes_up")) for c in rows], marker="^", ls="--", label=f"{name} up"
-            )
-    else:  # hundreds of devices: per-round spread, not one line each
-        by_round: dict[int, list[dict[str, Any]]] = {}
-        for c in clients:
-            by_round.setdefault(c["round"], []).append(c)
-        xs = sorted(by_round)
-
-        def stat(key: str, q: float) -> list[float]:
-            out = []
-            for r in xs:
-                vals = sorted(v for v in (_num(c.get(key)) for c in by_round[r]) if v == v)
-                out.append(vals[min(len(vals) - 1, int(q * len(vals)))] if vals else float("nan"))
-            return out
-
-        for q, style in ((0.5, "o-"), (0.9, "s--"), (1.0, "^:")):
-            ax1.plot(
-                xs,
-                stat("update_latency_s", q),
-                style,
-                label=f"p{int(q * 100)} of {len(names)} clients",
-            )
-            ax2.plot(xs, stat("bytes_up", q), style, label=f"up p{int(q * 100)}")
-    ax1.set_ylabel("update latency (s)\nglobal publish -> update")
-    ax2.set_ylabel("MQTT payload bytes")
-    ax2.set_xlabel("round")
-    ax1.legend(fontsize="small")
-    ax2.legend(fontsize="x-small", ncol=2)
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+        out[name] = {
+            "rounds": len(rows),
+            "last_round": int(last.get("round", 0)),
+            "zero_shot_acc": zs,
+            "global_test_acc": _num(last.get("global_test_acc")),
+            "local_test_acc": local,
+            "gain": None if zs is None or local is None else local - zs,
+            "bytes_down_per_round": mean("bytes_down"),
+            "bytes_up_per_round": mean("bytes_up"),
+            "latency_p50_s": percentile(lat, 50),
+            "latency_p95_s": percentile(lat, 95),
+            "latency_first_s": first,
+        }
     return out
 
 
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+def final_table(
+    records: list[dict[str, Any]],
+    *,
+    heldout_name: str | None = None,
+    heldout_zero_shot: float | None = None,
+) -> list[str]:
+    """The table a run ends with (plain text: it reads the same in a terminal and a log)."""
+    rows = final_rows(records)
+    if not rows:
+        return ["no client finished a round: nothing to report"]
+    last = max(r["last_round"] for r in rows.values())
+    body = [
+        [
+            name,
+            pct(r["zero_shot_acc"]),
+            pct(r["global_test_acc"]),
+            pct(r["local_test_acc"]),
+            points(r["gain"]),
+            human_bytes(r["bytes_down_per_round"]),
+            human_bytes(r["bytes_up_per_round"]),
+            seconds(r["latency_p50_s"]),
+            seconds(r["latency_p95_s"]),
+            seconds(r["latency_first_s"]),
+        ]
+        for name, r in rows.items()
+    ]
+    heldout = [
+        v
+        for r in records
+        if r.get("kind") == "round" and (v := _num(r.get("heldout_acc"))) is not None
+    ]
+    if heldout_name is not None and heldout:
+        final = heldout[-1]
+        gain = None if heldout_zero_shot is None else final - heldout_zero_shot
+        body.append(
+            [
+                f"{heldout_name} (held out)",
+                pct(heldout_zero_shot),
+                pct(final),
+                "-",
+                points(gain),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+            ]
+        )
+    lines = text_table(
+        [
+            "client",
+            "zero-shot",
+            "global",
+            "local",
+            "gain",
+            "down/round",
+            "up/round",
+            "latency p50",
+            "p95",
+            "first round",
+        ],
+        body,
+    )
+    return [
+        f"result after round {last}, test accuracy on each client's own test split:",
+        *lines,
+        "global: the global adapter the client received for its last round; local: after its "
+        "local training; gain: local - zero-shot, in points",
+        "down/round, up/round: MQTT bytes per client per round (mean); latency: global "
+        "published -> update arrived, over the client's rounds after its first (the first "
+        "includes the device's feature extraction)",
+    ]
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -231,8 +255,8 @@ def round_table(rnd: int, rows: list[dict[str, Any]]) -> Any:
             _fmt(r.get("loss"), ".4f"),
             _fmt(r.get("global_test_acc"), ".1%"),
             _fmt(r.get("local_test_acc"), ".1%"),
-            _fmt_bytes(_num(r.get("bytes_down"))),
-            _fmt_bytes(_num(r.get("bytes_up"))),
+            human_bytes(r.get("bytes_down")),
+            human_bytes(r.get("bytes_up")),
             _fmt(r.get("extract_s"), ".2f"),
             _fmt(r.get("train_s"), ".3f"),
             _fmt(r.get("upload_s"), ".3f"),
@@ -280,23 +304,31 @@ def round_record(
     }
 
 
+def _per_client(total: Any, n: int) -> str:
+    """'133 kB/client (399 kB total)': a total over clients is never mistaken for one's."""
+    x = _num(total)
+    if x is None or n < 1:
+        return "-"
+    if n == 1:
+        return f"{human_bytes(x)}/client"
+    return f"{human_bytes(x / n)}/client ({human_bytes(x)} total)"
+
+
 def round_line(row: dict[str, Any], rounds: int) -> str:
     """The one line per round an operator reads in a log."""
-
-    def pct(v: Any) -> str:
-        return "-" if _num(v) is None else f"{v:.1%}"
 
     def num(v: Any, spec: str) -> str:
         return "-" if _num(v) is None else format(v, spec)
 
     rej = sum(row["rejected"].values())
+    n = len(row["clients"])
     return (
-        f"round {row['round']}/{rounds} | clients {len(row['clients'])}/"
-        f"{len(row['active']) or len(row['clients'])} | loss {num(row['mean_loss'], '.4f')}"
-        f" | pers {pct(row['personalization_acc'])} | global {pct(row['global_test_acc'])}"
-        f" | held-out {pct(row['heldout_acc'])} | latency p50 "
-        f"{num(row['latency_p50_s'], '.3f')}s max {num(row['latency_max_s'], '.3f')}s"
-        f" | down {_fmt_bytes(row['bytes_down'])} up {_fmt_bytes(row['bytes_up'])}"
+        f"round {row['round']}/{rounds} | clients {n}/"
+        f"{len(row['active']) or n} | loss {num(row['mean_loss'], '.4f')}"
+        f" | acc local {pct(row['personalization_acc'])} global {pct(row['global_test_acc'])}"
+        f" held-out {pct(row['heldout_acc'])} | latency p50 "
+        f"{seconds(row['latency_p50_s'])} max {seconds(row['latency_max_s'])}"
+        f" | down {_per_client(row['bytes_down'], n)} up {_per_client(row['bytes_up'], n)}"
         f" | wall {row['round_wall_s']:.2f}s | rejected {rej}"
     )
 
@@ -307,11 +339,24 @@ def write_reports(
     """OUT/summary.json from metrics.jsonl, and the plot when asked (never stops a run)."""
     records = read_metrics(Path(out) / "metrics.jsonl")
     summary = summarize(records)
+    summary["final"] = final_rows(records)
     summary.update(extra)
     atomic_write_json(Path(out) / "summary.json", summary)
     if not draw:
         return
-    try:
-        plot(records, Path(out) / "latency.png")
-    except Exception as exc:  # a plot must never stop a federated run
-        log(f"warning: could not draw latency.png: {exc}")
+    for name, draw_it in (
+        ("latency.png", lambda p: plot(records, p)),
+        (
+            "accuracy.png",
+            lambda p: plot_accuracy(
+                records,
+                p,
+                heldout_zero_shot=_num(extra.get("heldout_zero_shot")),
+                heldout_name=str(extra.get("eval_domain") or "held-out"),
+            ),
+        ),
+    ):
+        try:
+            draw_it(Path(out) / name)
+        except Exception as exc:  # a plot must never stop a federated run
+            log(f"warning: could not draw {name}: {exc}")

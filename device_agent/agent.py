@@ -299,8 +299,9 @@ class Agent:
                 "backend": self.data.backend,
             }
         )
-        if not self._extract_reported:
+        if not self._extract_reported:  # once per agent process, with its first update
             metrics["extract_s"] = self.data.extract_s
+            metrics["zero_shot_acc"] = accuracy(None, *splits["test"], text)
             self._extract_reported = True
         frame = encode_frame(adapter.state_dict(), job=self.cfg.job, round=g.round,
                              client=self.cfg.client_id, dtype=self.cfg.update_dtype)

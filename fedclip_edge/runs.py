@@ -16,7 +16,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet, TorchEncoder, extract_features, load_feature_cache
 from fedclip_edge.models import encode_prompts, load_model
 from fedclip_edge.models.tiny import ensure_pretrained
-from fedclip_edge.simulate import simulate, write_json
+from fedclip_edge.simulate import result_table, simulate, write_json
 
 
 def build_features(
@@ -96,6 +96,8 @@ def run_simulation(
         fs = load_feature_cache(features_dir)
     t0 = time.perf_counter()
     summary = simulate(fs, cfg, out)
+    for line in result_table(summary):
+        print(line)
     print(f"summary: {out / 'summary.json'} ({time.perf_counter() - t0:.1f}s)")
     return summary
 

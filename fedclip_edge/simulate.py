@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
+from fedclip_edge.tables import points, text_table
 from fedclip_edge.train import accuracy, train_local
 from fedclip_edge.wire import decode_update, encode_frame, encode_update
 
@@ -39,6 +40,44 @@ def _mean(xs: list[float]) -> float:
 
 def _std(xs: list[float]) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+
+
+def _better(candidate: float, best: float) -> bool:
+    """Strictly higher wins, so the earliest round wins ties; a nan (empty validation) never
+    wins over a number."""
+    if math.isnan(candidate):
+        return False
+    return math.isnan(best) or candidate > best
+
+
+def select_round(mean_val_accs: Sequence[float]) -> int:
+    """The round (1-based) that the reference selects: the best mean validation accuracy among
+    the trained rounds, the earliest on ties. Zero-shot is not a candidate: it is reported
+    beside the selection, never instead of a trained adapter. Round 1 when nothing is finite."""
+    if not mean_val_accs:
+        raise ValueError("no trained round to select from")
+    best, best_val = 1, float("nan")
+    for rnd, v in enumerate(mean_val_accs, start=1):
+        if _better(v, best_val):
+            best, best_val = rnd, v
+    return best
+
+
+def selection_line(seed: int, rounds: int, selection: dict[str, Any]) -> str:
+    """Says which round was selected and why, with zero-shot beside it."""
+    v, z = selection["mean_val_acc"], selection["zero_shot_mean_val_acc"]
+    verdict = "above zero-shot" if selection["beats_zero_shot_on_val"] else "not above zero-shot"
+    return (
+        f"seed {seed}: selected round {selection['round']}/{rounds}: best mean validation "
+        f"accuracy among the trained rounds, {v:.1%} ({verdict}: zero-shot {z:.1%} on validation)"
+    )
+
+
+def _movement(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far training moved the adapter from its start: Adam moves each weight by about lr
+    per step at most, so max_abs is bounded by about lr x local steps (README explains)."""
+    diffs = torch.cat([(after[k].float() - before[k].float()).abs().flatten() for k in before])
+    return {"max_abs": float(diffs.max()), "mean_abs": float(diffs.mean())}
 
 
 def _client_splits(
@@ -76,8 +115,11 @@ def run_seed(
     zero_shot_test = {c: accuracy(None, *splits[c]["test"], text) for c in clients}
     zero_shot_val = {c: accuracy(None, *splits[c]["val"], text) for c in clients}
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"round": 0, "val": _mean(list(zero_shot_val.values()))}
+    zs_val_mean = _mean(list(zero_shot_val.values()))
+    best: dict[str, Any] = {"round": 0, "val": float("nan")}
     best_state = copy.deepcopy(global_adapter.state_dict())
+    init_state = copy.deepcopy(best_state)
+    steps: dict[str, int] = {c: 0 for c in clients}
     log(
         f"seed {seed}: clients {', '.join(clients)}; held out {cfg.test_domain}; "
         f"zero-shot test " + ", ".join(f"{c} {a:.1%}" for c, a in zero_shot_test.items())
@@ -105,6 +147,7 @@ def run_seed(
                 generator=_generator(seed, rnd, ci),
             )
             losses[c] = res.loss
+            steps[c] += res.steps
             frame = encode_update(
                 local.state_dict(),
                 global_state,
@@ -126,13 +169,14 @@ def run_seed(
             "round": rnd,
             "train_loss": losses,
             "val_acc": val,
+            "mean_val_acc": _mean(list(val.values())),
             "test_acc": test,
             "generalization_acc": gen,
             "up_bytes": up_bytes,
         }
         history.append(entry)
-        mean_val = _mean(list(val.values()))
-        if mean_val > best["val"]:
+        mean_val = entry["mean_val_acc"]
+        if best["round"] == 0 or _better(mean_val, best["val"]):  # as select_round()
             best = {"round": rnd, "val": mean_val}
             best_state = copy.deepcopy(global_adapter.state_dict())
         log(
@@ -143,18 +187,25 @@ def run_seed(
         )
 
     best_round = best["round"]
+    moved = _movement(init_state, global_adapter.state_dict())
     global_adapter.load_state_dict(best_state)
-    if best_round:
-        pers = dict(history[best_round - 1]["test_acc"])
-        gen = history[best_round - 1]["generalization_acc"]
-    else:  # no round beat zero-shot on validation: the untrained adapter is the selected model
-        pers = {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients}
-        gen = accuracy(global_adapter, held.features, held.labels, text)
+    pers = dict(history[best_round - 1]["test_acc"])
+    gen = history[best_round - 1]["generalization_acc"]
+    zero_shot_heldout = accuracy(None, held.features, held.labels, text)
+    selection = {
+        "rule": "best mean validation accuracy among trained rounds (earliest on ties)",
+        "round": best_round,
+        "mean_val_acc": history[best_round - 1]["mean_val_acc"],
+        "zero_shot_mean_val_acc": zs_val_mean,
+        "beats_zero_shot_on_val": bool(history[best_round - 1]["mean_val_acc"] > zs_val_mean),
+    }
     result: dict[str, Any] = {
         "seed": seed,
         "best_round": best_round,
-        "best_mean_val_acc": best["val"],
+        "best_mean_val_acc": selection["mean_val_acc"],
+        "selection": selection,
         "generalization_acc": gen,
+        "zero_shot_heldout": zero_shot_heldout,
         "personalization_acc": pers,
         "zero_shot_test": zero_shot_test,
         "update_codec": cfg.update_codec,
@@ -162,8 +213,16 @@ def run_seed(
             [float(b) for h in history for b in h["up_bytes"].values()]
         ),
         "down_bytes_per_client_per_round": down_bytes,
+        "local_steps": steps,
+        "adapter_change": moved,
         "history": history,
     }
+    log(selection_line(seed, cfg.rounds, selection))
+    log(
+        f"seed {seed}: round {best_round} test "
+        + ", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
+        + f" | held-out {cfg.test_domain} {gen:.1%} (zero-shot {zero_shot_heldout:.1%})"
+    )
     if cfg.personalize_epochs > 0:
         local_cfg = cfg.train.with_overrides(epochs=cfg.personalize_epochs)
         local_acc = {}
@@ -237,6 +296,12 @@ def simulate(
         "personalization_acc_mean": _mean(list(pers_mean.values())),
         "gain_over_zero_shot": gain_mean,
         "best_round": runs[0]["best_round"] if len(runs) == 1 else [r["best_round"] for r in runs],
+        "selection": runs[0]["selection"] if len(runs) == 1 else [r["selection"] for r in runs],
+        "zero_shot_heldout": runs[0]["zero_shot_heldout"],
+        "adapter_change": runs[0]["adapter_change"]
+        if len(runs) == 1
+        else [r["adapter_change"] for r in runs],
+        "adam_bound_lr_x_steps": cfg.train.lr * max(runs[0]["local_steps"].values()),
         "history": runs[0]["history"] if len(runs) == 1 else None,
         "std": {
             "generalization_acc": _std(gen),
@@ -264,6 +329,51 @@ def simulate(
     if out is not None:
         write_json(Path(out) / "summary.json", summary)
     return summary
+
+
+def result_table(summary: dict[str, Any]) -> list[str]:
+    """The lines `simulate` ends with: which round was selected (per seed), and per client the
+    zero-shot and selected-round test accuracy and the gain; the held-out domain likewise."""
+    runs = summary["per_seed"]
+    rounds = ", ".join(
+        f"{r['best_round']}" + ("" if r["selection"]["beats_zero_shot_on_val"] else "*")
+        for r in runs
+    )
+    many = len(runs) > 1
+
+    def cell(mean: float, std: float | None = None) -> str:
+        return f"{mean:.1%}" + (f" ± {std:.1%}" if many and std is not None else "")
+
+    std = summary["std"]
+    rows = [
+        [
+            c,
+            cell(summary["zero_shot_test"][c], std["zero_shot_test"][c]),
+            cell(summary["personalization_acc"][c], std["personalization_acc"][c]),
+            points(summary["gain_over_zero_shot"][c]),
+        ]
+        for c in summary["clients"]
+    ]
+    zs_held = _mean([r["zero_shot_heldout"] for r in runs])
+    rows.append(
+        [
+            f"{summary['test_domain']} (held out)",
+            cell(zs_held),
+            cell(summary["generalization_acc"], std["generalization_acc"]),
+            points(summary["generalization_acc"] - zs_held),
+        ]
+    )
+    seeds = "seed" + ("s " if many else " ") + ", ".join(str(r["seed"]) for r in runs)
+    lines = [
+        f"selected round{'s' if many else ''} ({seeds}): {rounds} of {summary['rounds']}; rule: "
+        "best mean validation accuracy among the trained rounds"
+        + ("; * = no trained round beat zero-shot on validation" if "*" in rounds else ""),
+        *text_table(["client", "zero-shot", "selected round", "gain"], rows),
+        "test accuracy on each client's own test split"
+        + (", mean ± std over seeds" if many else "")
+        + "; gain in points",
+    ]
+    return lines
 
 
 def write_json(path: Path, data: Any) -> None:
