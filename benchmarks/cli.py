@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -252,6 +253,10 @@ def bench_soak(
 
     from fedclip_edge.benchmarks.soak import FAULT_KINDS, SoakConfig, run_soak
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the soak's cleanup stops and reaps every child it started
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     cfg = SoakConfig(out=out, agents=agents, rounds=rounds, seed=seed, per_class=per_class,
                      min_clients=min_clients, kinds=tuple(kinds or FAULT_KINDS),
                      timeout_s=timeout)

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 DOMAINS = {"dev-a": "art_painting", "dev-b": "cartoon", "dev-c": "photo"}
 PY = sys.executable
+TESTS = Path(__file__).resolve().parents[1]  # for `python -m support.agent_launcher`
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +61,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def agent_cmd(fed: dict[str, Path], url: str, job: str, client: str) -> list[str]:
-    return [PY, "-m", "fedclip_edge.device_agent.cli", "--broker", url, "--job", job,
+    # the agent with a 600 s keepalive (support/agent_launcher.py): a device frozen by SIGSTOP
+    # stays connected, so it holds a round open for as long as the test needs
+    return [PY, "-m", "support.agent_launcher", "--broker", url, "--job", job,
             "--client-id", client, "--data", str(fed["data"]), "--domain", DOMAINS[client],
             "--artifacts", str(fed["artifact"]), "--backend", "onnxruntime", "--cache",
             str(fed["cache"] / DOMAINS[client]), "--idle-timeout", "300",
@@ -88,7 +91,8 @@ class Procs:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                              stdin=subprocess.DEVNULL)
         log.close()
