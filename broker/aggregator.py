@@ -27,6 +27,7 @@ import torch
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
+from fedclip_edge.broker.hierarchy import SITE_BACKEND, read_site_weight
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
@@ -279,7 +280,14 @@ class Aggregator:
             raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
         if (frame.job, frame.round, frame.client) != (up.job, up.round, up.client):
             raise P.MessageRejected("fields", "frame job/round/client differ from the envelope")
-        self._acc.add(frame.tensors, up.samples)
+        dev = self.roster.get(client)
+        # a site's update is the mean of its devices: it weighs what they would together
+        weight = (
+            read_site_weight(up.metrics, up.samples, self.cfg.weighting)
+            if dev is not None and dev.backend == SITE_BACKEND
+            else None
+        )
+        self._acc.add(frame.tensors, up.samples, weight=weight)
         latency = self.clock() - self._published_at
         self.counters["accepted"] += 1
         rec = {k: v for k, v in up.metrics.items() if isinstance(k, str)}
@@ -312,6 +320,7 @@ class Aggregator:
             have=tuple(sorted(self._answered)) if have is None else have,
             session=self.session,
             rounds=self.cfg.rounds,
+            weighting=self.cfg.weighting,
         )
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)

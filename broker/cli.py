@@ -92,8 +92,10 @@ def run(
 def aggregate(
     broker: Annotated[str, typer.Option(help="Broker URL: mqtt://host:port or mqtts://host:port")],
     job: Annotated[str, typer.Option(help="Job id (a topic level: A-Z a-z 0-9 _ . -).")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds to run.")],
     out: Annotated[Path, typer.Option(help="Output folder: state, adapters, metrics, plot.")],
+    rounds: Annotated[
+        int | None, typer.Option(help="Federated rounds to run (a site: the central's).")
+    ] = None,
     min_clients: Annotated[int, typer.Option(help="Updates needed to aggregate a round.")] = 1,
     round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/state.json.")] = False,
@@ -134,16 +136,44 @@ def aggregate(
             min=1,
         ),
     ] = DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="Run as a SITE aggregator under the central job at this broker URL (the "
+            "central's broker, or this site's own when a bridge carries the central's topics: "
+            "see --upstream-prefix and docs/hierarchy.md)."
+        ),
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(help="Site id: this site's client id (and bridge username) upstream."),
+    ] = None,
+    upstream_prefix: Annotated[
+        str,
+        typer.Option(help="Topic prefix of the central job's topics on the --upstream broker."),
+    ] = P.PREFIX,
+    upstream_username: Annotated[
+        str | None, typer.Option(help="MQTT username upstream (default: --site).")
+    ] = None,
+    upstream_password: Annotated[
+        str | None,
+        typer.Option(help="MQTT password upstream.", envvar="FEDCLIP_UPSTREAM_PASSWORD"),
+    ] = None,
 ) -> None:
-    """Run the aggregator of a federated job over MQTT."""
+    """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
     import sys
 
+    from fedclip_edge.errors import ConfigError
     from fedclip_edge.runs import train_config
 
+    if (upstream is None) != (site is None):
+        raise ConfigError("give --upstream and --site together (a site aggregator)")
+    if upstream is None and rounds is None:
+        raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
     train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
     cfg = AggregatorConfig(
         job=job,
-        rounds=rounds,
+        rounds=rounds or 1,
         out=out,
         min_clients=min_clients,
         round_timeout_s=round_timeout,
@@ -175,7 +205,25 @@ def aggregate(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    agg = Aggregator(transport, cfg, log=log, console=console)
+    agg: Aggregator
+    up_transport = None
+    if upstream is not None and site is not None:
+        from fedclip_edge.broker.remap import RemappedMqttTransport
+        from fedclip_edge.broker.site import SiteAggregator
+
+        up_transport = RemappedMqttTransport(
+            upstream,
+            site,
+            username=upstream_username or site,
+            password=upstream_password,
+            tls=tls,
+            max_payload=max_payload,
+            topic_prefix=upstream_prefix,
+            will=(P.status_topic(job, site), P.offline_status(site), True),
+        )
+        agg = SiteAggregator(transport, up_transport, cfg, site=site, log=log, console=console)
+    else:
+        agg = Aggregator(transport, cfg, log=log, console=console)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # state.json holds the last committed round: --resume goes on
@@ -185,6 +233,8 @@ def aggregate(
         agg.run()
     finally:
         transport.close()
+        if up_transport is not None:
+            up_transport.close()
 
 
 AGGREGATE_INTERRUPTED = (

@@ -249,10 +249,13 @@ class GlobalModel:
     have: tuple[str, ...] = ()
     session: str = ""
     rounds: int = 0  # the job's last round: a global with round > rounds is the final adapter
+    weighting: str = ""  # the job's FedAvg weighting, which a site applies to its devices
 
     def encode(self) -> bytes:
+        extra = {"weighting": self.weighting} if self.weighting else {}
         return encode_envelope(
             {
+                **extra,
                 "type": "global",
                 "rounds": self.rounds,
                 "job": self.job,
@@ -375,6 +378,7 @@ def decode_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             have=tuple(have),
             session=str(header.get("session", "")),
             rounds=_need(header, "rounds", int),
+            weighting=str(header.get("weighting", "")),
         )
     if kind == "update":
         metrics = header.get("metrics", {})

@@ -23,10 +23,19 @@ class RunningMean:
         self.count = 0
         self.samples = 0
 
-    def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:
+    def add(
+        self, state: Mapping[str, torch.Tensor], num_samples: int, weight: float | None = None
+    ) -> None:
+        """`weight` overrides the weighting rule: a site's partial mean stands for all the
+        devices behind it (broker/site.py), so it weighs what they would together."""
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        w = 1.0 if self.weighting == "uniform" else float(num_samples)
+        if weight is not None and not 0 <= weight < float("inf"):
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        if weight is not None:
+            w = float(weight)
+        else:
+            w = 1.0 if self.weighting == "uniform" else float(num_samples)
         if self._sum is None:
             self._sum = {k: v.detach().to(torch.float64) * w for k, v in state.items()}
         else:
