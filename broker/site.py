@@ -92,6 +92,10 @@ class SiteAggregator(Aggregator):
         finally:
             self._closed = True
 
+    def _write_reports(self, plot: bool = True) -> None:
+        # drawing the plot takes seconds: never between a round and its upstream send
+        super()._write_reports(plot=False)
+
     def _site_dim(self) -> int:
         if self.cfg.dim is not None:
             return int(self.cfg.dim)
@@ -236,6 +240,8 @@ class SiteAggregator(Aggregator):
             self._publish_global(have=())
         self._round = 0
         self._publish_control("done")
+        if self.completed:
+            super()._write_reports(plot=True)
 
     def _init_state(self) -> None:
         # the seed is the central's (it came with the global): resume with the one on disk
