@@ -177,7 +177,8 @@ def decode_frame(
         raise FrameRejected(
             "oversize", f"frame is {len(data)} bytes, above the {max_bytes}-byte limit"
         )
-    data = bytes(data)
+    # a view, not a copy: the hash and the slices below read the caller's bytes in place
+    data = memoryview(data).cast("B")
     if len(data) < FIXED_OVERHEAD:
         raise FrameRejected(
             "truncated",
@@ -203,7 +204,7 @@ def decode_frame(
     if hashlib.sha256(body).digest() != digest:
         raise FrameRejected("hash", "frame hash mismatch: payload corrupted or tampered")
 
-    header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len])
+    header = _parse_header(bytes(body[_PREFIX.size : _PREFIX.size + header_len]))
     dtype: str = header["dtype"]
     declared: dict[str, tuple[int, ...]] = {t["name"]: tuple(t["shape"]) for t in header["tensors"]}
 
@@ -216,7 +217,7 @@ def decode_frame(
         )
 
     try:
-        views = safetensors.deserialize(payload)
+        views = safetensors.deserialize(bytes(payload))  # the one copy of the payload
     except Exception as exc:  # any parser failure means a bad payload, whatever its type
         raise FrameRejected(
             "header", f"payload is not valid safetensors: {_first_line(exc)}"
