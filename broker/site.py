@@ -151,17 +151,22 @@ class SiteAggregator(Aggregator):
             sum(losses) / len(losses) if losses else None,
         )
 
-    def _answer(self, g: P.GlobalModel, state: dict[str, torch.Tensor]) -> None:
-        """Run central round g.round on this site's devices and send the partial upstream."""
+    def _adopt(self, g: P.GlobalModel) -> bool:
+        """The central's job settings (weighting, seed, training, rounds) become this site's;
+        False when its weighting is one this build does not know."""
         if g.weighting:
             if g.weighting not in WEIGHTINGS:
                 self.log(f"site {self.site}: central weighting {g.weighting!r} unknown; ignored")
-                return
+                return False
             if g.weighting != self.cfg.weighting:
                 self.log(f"site {self.site}: weighting {g.weighting} (the central's)")
                 self.cfg.weighting = g.weighting
                 self.strategy = type(self.strategy)(g.weighting)
         self.cfg.seed, self.cfg.train, self.cfg.rounds = g.seed, dict(g.train), g.rounds
+        return True
+
+    def _answer(self, g: P.GlobalModel, state: dict[str, torch.Tensor]) -> None:
+        """Run central round g.round on this site's devices and send the partial upstream."""
         self.global_state = state
         if not self._run_round(g.round):
             self.log(
@@ -195,6 +200,8 @@ class SiteAggregator(Aggregator):
             self.log(f"site {self.site}: the central says job {self.cfg.job} is done")
             return True
         if not isinstance(m, P.GlobalModel) or m.job != self.cfg.job:
+            return False
+        if m.round <= m.rounds and not self._adopt(m):
             return False
         if 0 < m.round <= m.rounds and m.round == self.completed:
             # this site committed that round: the central may lack it (lost, or the central

@@ -315,3 +315,57 @@ def test_central_checks_a_sites_weight() -> None:
         with pytest.raises(P.MessageRejected) as exc:
             read_site_weight(metrics, samples, weighting)
         assert exc.value.reason == "fields"
+
+
+def test_a_resumed_site_resends_its_committed_partial_without_retraining(tmp_path: Path) -> None:
+    """The site crashes after sending round 1; the central (restarted: a new session) still
+    waits for round 1; the resumed site rebuilds that partial from its run folder."""
+    from fedclip_edge.errors import FedClipError
+    from fedclip_edge.wire import decode_frame
+
+    central, site_broker = MemoryBroker(), MemoryBroker()
+    devs = [FakeDevice(site_broker, c, lambda r, b=b: b + 10 * r, s) for c, b, s in SITES["siteA"]]
+    for d in devs:
+        d.start()
+    hub = MemoryTransport(central, "aggregator")
+    hub.subscribe(P.update_filter(JOB))
+    hub.connect()
+    frame = encode_frame(const_state(0.5), job=JOB, round=1, client=P.AGGREGATOR_ID)
+
+    def publish_global(session: str) -> None:
+        g = P.GlobalModel(JOB, 1, frame, seed=3, rounds=1, session=session, weighting="samples")
+        hub.publish(P.global_topic(JOB), g.encode(), retain=True)
+
+    def site(resume: bool) -> SiteAggregator:
+        up = MemoryTransport(central, "siteA",
+                             will=(P.status_topic(JOB, "siteA"), P.offline_status("siteA"), True))
+        return SiteAggregator(
+            MemoryTransport(site_broker, "aggregator"), up,
+            agg_cfg(tmp_path / "siteA", rounds=1, min_clients=2, resume=resume),
+            site="siteA", log=lambda s: None, idle_timeout_s=1.0,
+        )
+
+    publish_global("s1")
+    first = site(False)
+    with pytest.raises(FedClipError, match="nothing from the central"):
+        first.run()  # answers round 1, then hears nothing: the "crash"
+    got1 = hub.recv(1)
+    assert got1 is not None and first.central_rounds == [1]
+    trained = [len(d.seen) for d in devs]
+
+    publish_global("s2")  # the central restarted: round 1 again, nobody listed
+    second = site(True)
+    with pytest.raises(FedClipError, match="nothing from the central"):
+        second.run()
+    got2 = hub.recv(1)
+    assert got2 is not None and second.up_counters["updates_resent"] == 1
+    assert second.central_rounds == []  # no local round was run again
+    assert [len(d.seen) for d in devs] == trained
+    u1, u2 = P.decode_message(got1.payload), P.decode_message(got2.payload)
+    assert isinstance(u1, P.Update) and isinstance(u2, P.Update)
+    assert (u2.samples, u2.metrics["site_weight"], u2.metrics["site_weighting"]) == (
+        8, 8.0, "samples")
+    a, b = decode_frame(u1.frame).tensors, decode_frame(u2.frame).tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    want = flat_mean(SITES["siteA"], 1, "samples")
+    assert all(torch.allclose(v, torch.full(v.shape, want)) for v in b.values())
