@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedclip_edge.benchmarks.agg_child import BenchHooks, RxTransport
+from fedclip_edge.benchmarks.agg_child import BenchHooks, RxPrevalidating
 from fedclip_edge.benchmarks.procstats import proc_status
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import AggregatorConfig
@@ -34,7 +34,7 @@ def serve(spec_path: Path) -> int:
     )
     result: dict[str, Any] = {"ok": False}
     hooks = BenchHooks()
-    local = RxTransport(spec["url"], f"aggregator-{site}", manual_ack=True)
+    local = RxPrevalidating(spec["url"], f"aggregator-{site}", manual_ack=True)
     up = RemappedMqttTransport(
         spec["url"], site, topic_prefix=spec["prefix"],
         will=(P.status_topic(job, site), P.offline_status(site), True),

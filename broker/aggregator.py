@@ -134,6 +134,7 @@ class Aggregator:
         self._answered: dict[str, dict[str, Any]] = {}
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
+        self._expected: dict[str, tuple[int, ...]] = {}
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -253,8 +254,32 @@ class Aggregator:
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s
 
+    def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
+        """On the transport's validation thread (`prevalidate.py`): the pure part of
+        `_on_update`, (update or its exception, frame or its exception)."""
+        if "/update/" not in msg.topic:
+            return None
+        try:
+            up: Any = P.decode_message(msg.payload, self.cfg.max_update_bytes + 1024 * 1024)
+        except P.MessageRejected as exc:
+            return exc, None
+        if not isinstance(up, P.Update):
+            return up, None
+        try:
+            frame: Any = decode_frame(
+                up.frame, expected=self._expected, max_bytes=self.cfg.max_update_bytes
+            )
+        except FrameRejected as exc:
+            frame = exc
+        return up, frame
+
     def _on_update(self, client: str, msg: Received) -> None:
-        up = P.decode_message(msg.payload, self.cfg.max_update_bytes + 1024 * 1024)
+        pre = getattr(msg, "decoded", None)  # set by a prevalidating transport
+        if pre is not None and isinstance(pre[0], Exception):
+            raise pre[0]
+        up = pre[0] if pre is not None else P.decode_message(
+            msg.payload, self.cfg.max_update_bytes + 1024 * 1024
+        )
         if not isinstance(up, P.Update):
             raise P.MessageRejected("type", "an update topic carries only updates")
         if up.job != self.cfg.job:
@@ -271,11 +296,16 @@ class Aggregator:
             raise P.MessageRejected("duplicate", f"second update of {client} for round {up.round}")
         assert self.global_state is not None
         try:
-            frame = decode_frame(
-                up.frame,
-                expected=frame_shapes(self.global_state),
-                max_bytes=self.cfg.max_update_bytes,
-            )
+            if pre is not None and pre[1] is not None:
+                if isinstance(pre[1], Exception):
+                    raise pre[1]
+                frame = pre[1]
+            else:
+                frame = decode_frame(
+                    up.frame,
+                    expected=frame_shapes(self.global_state),
+                    max_bytes=self.cfg.max_update_bytes,
+                )
         except FrameRejected as exc:
             raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
         if (frame.job, frame.round, frame.client) != (up.job, up.round, up.client):
@@ -457,6 +487,14 @@ class Aggregator:
             log=self.log,
         )
 
+    def _start_prevalidation(self) -> None:
+        """With a prevalidating transport, updates are decoded on its worker thread."""
+        assert self.global_state is not None
+        self._expected = frame_shapes(self.global_state)
+        set_decoder = getattr(self.t, "set_decoder", None)
+        if set_decoder is not None:
+            set_decoder(self._predecode)
+
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, torch.Tensor]:
         """The whole job; raises FedClipError when it stops short (policy `stop` or retries)."""
@@ -474,6 +512,7 @@ class Aggregator:
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
         self._make_initial()
+        self._start_prevalidation()
         self.log(
             f"job {self.cfg.job}: {self.roster.active_count} device(s) online "
             f"({', '.join(sorted(self.active)) or 'none'}), rounds "

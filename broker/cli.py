@@ -22,7 +22,7 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
-from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
+from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, TlsOptions
 from fedclip_edge.cli_runner import run_command
 from fedclip_edge.errors import FedClipError
 
@@ -190,7 +190,9 @@ def aggregate(
         connect_timeout_s=connect_timeout,
     )
     tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
-    transport = MqttTransport(
+    from fedclip_edge.broker.prevalidate import PrevalidatingMqttTransport
+
+    transport = PrevalidatingMqttTransport(
         broker,
         f"{P.AGGREGATOR_ID}-{job}",
         username=username,

@@ -274,6 +274,9 @@ class SiteAggregator(Aggregator):
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
         dim = self._site_dim()
+        if self.global_state is None:
+            self.global_state = self._template()
+        self._start_prevalidation()
         self.up.subscribe(P.global_topic(self.cfg.job), P.control_topic(self.cfg.job))
         self.up.connect(self.cfg.connect_timeout_s)
         self._up_epoch = self.up.epoch

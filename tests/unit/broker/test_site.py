@@ -22,6 +22,7 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
 from fedclip_edge.broker.hierarchy import read_site_weight, site_metrics
+from fedclip_edge.broker.prevalidate import PrevalidateMixin
 from fedclip_edge.broker.remap import RemappedMemoryTransport, remap_in, remap_out
 from fedclip_edge.broker.site import SiteAggregator
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
@@ -86,6 +87,10 @@ def agg_cfg(out: Path, **kw: Any) -> AggregatorConfig:
     )
 
 
+class PrevalidatingMemory(PrevalidateMixin, MemoryTransport):
+    """The in-memory transport with the validation worker thread (as `aggregate` runs)."""
+
+
 class Hierarchy:
     """A central broker and aggregator, and one broker + site aggregator per site."""
 
@@ -93,11 +98,12 @@ class Hierarchy:
                  weighting: str = "uniform", central_kw: dict[str, Any] | None = None,
                  site_kw: dict[str, Any] | None = None, hooks: AggregatorHooks | None = None,
                  upstream: Callable[[MemoryBroker, str, Any], Any] | None = None,
-                 before_send: Callable[[str, int], None] | None = None) -> None:
+                 before_send: Callable[[str, int], None] | None = None,
+                 local: type[MemoryTransport] = MemoryTransport) -> None:
         self.central_broker = MemoryBroker()
         self.lines: list[str] = []
         self.central = Aggregator(
-            MemoryTransport(self.central_broker, "aggregator"),
+            local(self.central_broker, "aggregator"),
             agg_cfg(tmp / "central", weighting=weighting,
                     **{"min_clients": len(sites), **(central_kw or {})}),
             log=self.lines.append, hooks=hooks,
@@ -115,7 +121,7 @@ class Hierarchy:
             will = (P.status_topic(JOB, name), P.offline_status(name), True)
             make_up = upstream or (lambda broker, cid, w: MemoryTransport(broker, cid, will=w))
             self.sites.append(SiteAggregator(
-                MemoryTransport(b, "aggregator"),
+                local(b, "aggregator"),
                 make_up(self.central_broker, name, will),
                 agg_cfg(tmp / name, rounds=1, min_clients=len(devs), **(site_kw or {})),
                 site=name, log=self.lines.append,
@@ -158,9 +164,15 @@ def flat_mean(devs: list[tuple[str, float, int]], rnd: int, weighting: str) -> f
     return sum(wi * (b + 10 * rnd) for wi, (_, b, _) in zip(w, devs, strict=True)) / sum(w)
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "samples"])
-def test_central_over_two_sites_equals_flat_fedavg(tmp_path: Path, weighting: str) -> None:
-    h = Hierarchy(tmp_path, SITES, weighting=weighting)
+@pytest.mark.parametrize(
+    ("weighting", "local"),
+    [("uniform", MemoryTransport), ("samples", MemoryTransport),
+     ("samples", PrevalidatingMemory)],
+)
+def test_central_over_two_sites_equals_flat_fedavg(
+    tmp_path: Path, weighting: str, local: type[MemoryTransport]
+) -> None:
+    h = Hierarchy(tmp_path, SITES, weighting=weighting, local=local)
     final = h.run()
     everyone = [d for devs in SITES.values() for d in devs]
     want = flat_mean(everyone, 2, weighting)  # constant adapters: the last round's mean
