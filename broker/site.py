@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
-from fedclip_edge.broker.hierarchy import SITE_BACKEND, site_metrics
+from fedclip_edge.broker.hierarchy import DEVICES_KEY, SITE_BACKEND, site_metrics
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.strategy import WEIGHTINGS
@@ -147,7 +147,8 @@ class SiteAggregator(Aggregator):
             return None
         losses = [r["loss"] for r in mine if isinstance(r.get("loss"), (int, float))]
         return self._partial_payload(
-            rnd, load_file(str(gfile)), len(mine), sum(int(r.get("samples") or 0) for r in mine),
+            rnd, load_file(str(gfile)), self._devices_behind({r["client"]: r for r in mine}),
+            sum(int(r.get("samples") or 0) for r in mine),
             sum(losses) / len(losses) if losses else None,
         )
 
@@ -165,6 +166,17 @@ class SiteAggregator(Aggregator):
         self.cfg.seed, self.cfg.train, self.cfg.rounds = g.seed, dict(g.train), g.rounds
         return True
 
+    def _devices_behind(self, rows: dict[str, dict[str, Any]]) -> int:
+        """Devices behind this round's answers: 1 per device, a site's own count for a site
+        (a regional aggregator over sites weighs all their devices under `uniform`)."""
+        n = 0
+        for client, rec in rows.items():
+            dev = self.roster.get(client)
+            behind = rec.get(DEVICES_KEY)
+            is_site = dev is not None and dev.backend == SITE_BACKEND
+            n += int(behind) if is_site and isinstance(behind, int) and behind > 0 else 1
+        return n
+
     def _answer(self, g: P.GlobalModel, state: dict[str, torch.Tensor]) -> None:
         """Run central round g.round on this site's devices and send the partial upstream."""
         self.global_state = state
@@ -178,14 +190,14 @@ class SiteAggregator(Aggregator):
         losses = [r["loss"] for r in self._answered.values()
                   if isinstance(r.get("loss"), (int, float))]
         payload = self._partial_payload(
-            g.round, self.global_state, acc.count, acc.samples,
+            g.round, self.global_state, self._devices_behind(self._answered), acc.samples,
             sum(losses) / len(losses) if losses else None,
         )
         self._send_up(g.round, payload)
         self.central_rounds.append(g.round)
         self.log(
             f"site {self.site}: round {g.round}/{g.rounds} sent upstream: mean of {acc.count} "
-            f"device(s), {acc.samples} samples"
+            f"update(s), {acc.samples} samples"
         )
 
     def _on_central(self, msg: Received) -> bool:

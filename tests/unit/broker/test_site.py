@@ -381,3 +381,48 @@ def test_a_resumed_site_resends_its_committed_partial_without_retraining(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     want = flat_mean(SITES["siteA"], 1, "samples")
     assert all(torch.allclose(v, torch.full(v.shape, want)) for v in b.values())
+
+
+def test_three_levels_region_over_sites_equals_flat_fedavg(tmp_path: Path) -> None:
+    """central <- region <- (siteA, siteB) <- devices: the region weighs each site by the
+    devices behind it, so uniform weighting stays flat over all five devices."""
+    central_b, region_b = MemoryBroker(), MemoryBroker()
+    lines: list[str] = []
+    central = Aggregator(MemoryTransport(central_b, "aggregator"),
+                         agg_cfg(tmp_path / "central", min_clients=1, rounds=1), log=lines.append)
+
+    def up(broker: MemoryBroker, cid: str) -> MemoryTransport:
+        return MemoryTransport(broker, cid,
+                               will=(P.status_topic(JOB, cid), P.offline_status(cid), True))
+
+    region = SiteAggregator(MemoryTransport(region_b, "aggregator"), up(central_b, "region"),
+                            agg_cfg(tmp_path / "region", rounds=1, min_clients=2),
+                            site="region", log=lines.append)
+    sites, devices = [], []
+    for name, devs in SITES.items():
+        b = MemoryBroker()
+        devices += [FakeDevice(b, c, lambda r, base=base: base + 10 * r, s) for c, base, s in devs]
+        sites.append(SiteAggregator(MemoryTransport(b, "aggregator"), up(region_b, name),
+                                    agg_cfg(tmp_path / name, rounds=1, min_clients=len(devs)),
+                                    site=name, log=lines.append))
+    errors: list[BaseException] = []
+
+    def run(s: SiteAggregator) -> None:
+        try:
+            s.run()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in (*sites, region)]
+    for th in [*devices, *threads]:
+        th.start()
+    final = central.run()
+    for th in threads:
+        th.join(30)
+    assert not errors, (errors, lines)
+    want = flat_mean([d for devs in SITES.values() for d in devs], 1, "uniform")
+    for v in final.values():
+        assert torch.allclose(v.double(), torch.full(v.shape, want, dtype=torch.float64),
+                              atol=1e-6, rtol=0)
+    (row,) = [r for r in jsonl(tmp_path / "central" / "metrics.jsonl") if r["kind"] == "client"]
+    assert (row["client"], row["site_devices"], row["site_weight"]) == ("region", 5, 5.0)
