@@ -170,6 +170,11 @@ def aggregate(
         raise ConfigError("give --upstream and --site together (a site aggregator)")
     if upstream is None and rounds is None:
         raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
+    if site is not None:
+        try:
+            P.check_id(site, "--site")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
     cfg = AggregatorConfig(
         job=job,

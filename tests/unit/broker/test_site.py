@@ -426,3 +426,25 @@ def test_three_levels_region_over_sites_equals_flat_fedavg(tmp_path: Path) -> No
                               atol=1e-6, rtol=0)
     (row,) = [r for r in jsonl(tmp_path / "central" / "metrics.jsonl") if r["kind"] == "client"]
     assert (row["client"], row["site_devices"], row["site_weight"]) == ("region", 5, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--upstream", "mqtt://127.0.0.1:1"], "give --upstream and --site together"),
+        ([], "--rounds is required"),
+        (["--upstream", "mqtt://127.0.0.1:1", "--site", "a b"], "--site 'a b' must be"),
+        (["--upstream", "mqtt://127.0.0.1:1", "--site", "s", "--upstream-prefix", "a/+"],
+         "topic prefix 'a/+' must be"),
+    ],
+)
+def test_site_options_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    from fedclip_edge.broker.cli import main
+
+    rc = main(["aggregate", "--broker", "mqtt://127.0.0.1:1", "--job", "j",
+               "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.startswith("error: ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
