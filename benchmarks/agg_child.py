@@ -18,6 +18,7 @@ from typing import Any
 
 from fedclip_edge.benchmarks.procstats import proc_status, reset_peak_rss
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
+from fedclip_edge.broker.prevalidate import PrevalidateMixin
 from fedclip_edge.broker.transport import MqttTransport
 from fedclip_edge.errors import FedClipError
 
@@ -40,6 +41,10 @@ class RxTransport(MqttTransport):
             self.update_bytes_rx += len(payload)
         super()._on_raw(topic, payload, retained, *rest)
         self.max_inbox = max(self.max_inbox, self._inbox.qsize())
+
+
+class RxPrevalidating(PrevalidateMixin, RxTransport):
+    """RxTransport with the validation worker thread (what `aggregate` uses)."""
 
 
 class BenchHooks(AggregatorHooks):
@@ -116,7 +121,9 @@ def serve(spec_path: Path) -> int:
     hooks = BenchHooks()
     with open(spec["log"], "a", buffering=1) as log_fh:
         tracemalloc.start()
-        transport = RxTransport(spec["url"], f"aggregator-{spec['job']}", username="aggregator")
+        cls = RxPrevalidating if spec.get("prevalidate", True) else RxTransport
+        transport = cls(spec["url"], f"aggregator-{spec['job']}", username="aggregator",
+                        manual_ack=True)
         agg = Aggregator(transport, cfg, log=lambda s: log_fh.write(s + "\n"), hooks=hooks)
         t0 = time.monotonic()
         try:

@@ -197,6 +197,14 @@ def bench_aggregator(
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the global adapter and the updates.")] = 0,
     keep: Annotated[bool, typer.Option(help="Keep the aggregator's folders and logs.")] = False,
+    sites: Annotated[
+        int,
+        typer.Option(help="Through this many site brokers bridged to a central one, a site "
+                     "aggregator each (0: one broker, one aggregator).", min=0),
+    ] = 0,
+    publishers_per_site: Annotated[
+        int, typer.Option(help="--sites: MQTT connections per site broker.", min=1)
+    ] = 2,
 ) -> None:
     """N simulated devices, one round each, through a real broker: loss, updates/s, memory."""
     from rich.console import Console
@@ -206,6 +214,21 @@ def bench_aggregator(
         raise ConfigError("--broker-kind must be auto, mosquitto or amqtt")
     err = Console(stderr=True)
     start = time.monotonic()
+    if sites:
+        from fedclip_edge.benchmarks.hierarchy import run_hierarchy_bench
+
+        if broker is not None:
+            raise ConfigError("--sites starts its own brokers: drop --broker")
+        rep = run_hierarchy_bench(
+            list(devices or DEFAULT_DEVICES), sites, out, dim=dim, seed=seed,
+            publishers_per_site=publishers_per_site, window=window, timeout_s=timeout,
+            keep=keep,
+            log=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {escape(m)}"),
+        )
+        print(json.dumps(rep["rows"], indent=2, default=str))
+        if not rep["zero_loss"]:
+            raise FedClipError("devices' updates were lost or an aggregator failed")
+        return
     report = aggregator_bench(
         list(devices or DEFAULT_DEVICES),
         out,

@@ -32,7 +32,8 @@ def aggregator_table(report: dict[str, Any]) -> Any:
         f" ({m['cpu']}, {m['cpu_count']} cores)"
     )
     cols = (
-        "N", "accepted", "loss", "upd/s", "round s", "xfer s", "overhead s", "ms/upd",
+        "N", "accepted", "loss", "upd/s", "broker raw/s", "ratio", "round s", "xfer s",
+        "overhead s", "ms/upd",
         "commit s", "peak RSS MiB", "round +RSS MiB", "N x frame MiB", "backlog", "others CPU",
     )
     for c in cols:
@@ -44,6 +45,8 @@ def aggregator_table(report: dict[str, Any]) -> Any:
             f"{r['accepted']}/{r['sent']}",
             str(r["loss"]),
             _num(r["updates_per_s"], ".1f"),
+            _num(r.get("raw_delivery_per_s"), ".1f"),
+            _num(r.get("ratio_to_raw"), ".2f"),
             _num(r["round_wall_s"], ".2f"),
             _num(r["transfer_s"], ".2f"),
             _num(r["overhead_s"], ".2f"),

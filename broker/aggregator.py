@@ -29,6 +29,7 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
+from fedclip_edge.broker.hierarchy import SITE_BACKEND, read_site_weight
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
@@ -47,7 +48,7 @@ MAX_SAMPLES = 10**9
 # What a device's metrics may carry into metrics.jsonl: finite numbers within this bound, short
 # strings; everything else is dropped, so no device value can break a commit or a report.
 _MAX_METRIC = 1e15
-_TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype"})
+_TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype", "site_weighting"})
 
 
 def device_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +180,7 @@ class Aggregator:
         self._answered: dict[str, dict[str, Any]] = {}
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
+        self._expected: dict[str, tuple[int, ...]] = {}
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -305,8 +307,32 @@ class Aggregator:
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s
 
+    def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
+        """On the transport's validation thread (`prevalidate.py`): the pure part of
+        `_on_update`, (update or its exception, frame or its exception)."""
+        if "/update/" not in msg.topic:
+            return None
+        try:
+            up: Any = P.decode_message(msg.payload, self.cfg.max_update_bytes + 1024 * 1024)
+        except P.MessageRejected as exc:
+            return exc, None
+        if not isinstance(up, P.Update):
+            return up, None
+        try:
+            frame: Any = decode_frame(
+                up.frame, expected=self._expected, max_bytes=self.cfg.max_update_bytes
+            )
+        except FrameRejected as exc:
+            frame = exc
+        return up, frame
+
     def _on_update(self, client: str, msg: Received) -> None:
-        up = P.decode_message(msg.payload, self.cfg.max_update_bytes + 1024 * 1024)
+        pre = getattr(msg, "decoded", None)  # set by a prevalidating transport
+        if pre is not None and isinstance(pre[0], Exception):
+            raise pre[0]
+        up = pre[0] if pre is not None else P.decode_message(
+            msg.payload, self.cfg.max_update_bytes + 1024 * 1024
+        )
         if not isinstance(up, P.Update):
             raise P.MessageRejected("type", "an update topic carries only updates")
         if up.job != self.cfg.job:
@@ -326,11 +352,16 @@ class Aggregator:
             authn.verify(up, self.cfg.registry)
         assert self.global_state is not None
         try:
-            frame = decode_frame(
-                up.frame,
-                expected=frame_shapes(self.global_state),
-                max_bytes=self.cfg.max_update_bytes,
-            )
+            if pre is not None and pre[1] is not None:
+                if isinstance(pre[1], Exception):
+                    raise pre[1]
+                frame = pre[1]
+            else:
+                frame = decode_frame(
+                    up.frame,
+                    expected=frame_shapes(self.global_state),
+                    max_bytes=self.cfg.max_update_bytes,
+                )
         except FrameRejected as exc:
             raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
         if (frame.job, frame.round, frame.client) != (up.job, up.round, up.client):
@@ -338,7 +369,17 @@ class Aggregator:
         if not 0 <= up.samples <= MAX_SAMPLES:
             raise P.MessageRejected("fields", f"update claims {up.samples} samples")
         rec = device_metrics(up.metrics)
-        self._acc.add(frame.tensors, up.samples)
+        dev = self.roster.get(client)
+        # a site's update is the mean of its devices: it weighs what they would together
+        weight = (
+            read_site_weight(up.metrics, up.samples, self.cfg.weighting)
+            if dev is not None and dev.backend == SITE_BACKEND
+            else None
+        )
+        if weight is None:
+            self._acc.add(frame.tensors, up.samples, self.global_state)
+        else:
+            self._acc.add(frame.tensors, up.samples, self.global_state, weight=weight)
         latency = self.clock() - self._published_at
         self.counters["accepted"] += 1
         rec.update(
@@ -370,6 +411,7 @@ class Aggregator:
             have=tuple(sorted(self._answered)) if have is None else have,
             session=self.session,
             rounds=self.cfg.rounds,
+            weighting=self.cfg.weighting,
         )
         if self.cfg.signing_key is not None:
             msg = authn.sign(msg, self.cfg.signing_key)
@@ -512,6 +554,14 @@ class Aggregator:
             log=self.log,
         )
 
+    def _start_prevalidation(self) -> None:
+        """With a prevalidating transport, updates are decoded on its worker thread."""
+        assert self.global_state is not None
+        self._expected = frame_shapes(self.global_state)
+        set_decoder = getattr(self.t, "set_decoder", None)
+        if set_decoder is not None:
+            set_decoder(self._predecode)
+
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, torch.Tensor]:
         """The whole job; raises FedClipError when it stops short (policy `stop` or retries)."""
@@ -529,6 +579,7 @@ class Aggregator:
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
         self._make_initial()
+        self._start_prevalidation()
         self.log(
             f"job {self.cfg.job}: {self.roster.active_count} device(s) online "
             f"({', '.join(sorted(self.active)) or 'none'}), rounds "

@@ -12,12 +12,14 @@ import ipaddress
 import logging
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
@@ -27,7 +29,7 @@ from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransp
 from fedclip_edge.cli_runner import run_command
 from fedclip_edge.config import train_config
 from fedclip_edge.errors import ConfigError, FedClipError
-from fedclip_edge.signing import KeyRegistry, load_private_key
+from fedclip_edge.signing import KeyRegistry, load_private_key, load_public_key
 
 broker_app = typer.Typer(
     help="MQTT broker: an embedded one for local runs, demos and tests (production: mosquitto, "
@@ -95,8 +97,10 @@ def run(
 def aggregate(
     broker: Annotated[str, typer.Option(help="Broker URL: mqtt://host:port or mqtts://host:port")],
     job: Annotated[str, typer.Option(help="Job id (a topic level: A-Z a-z 0-9 _ . -).")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds to run.")],
     out: Annotated[Path, typer.Option(help="Output folder: state, adapters, metrics, plot.")],
+    rounds: Annotated[
+        int | None, typer.Option(help="Federated rounds to run (a site: the central's).")
+    ] = None,
     min_clients: Annotated[int, typer.Option(help="Updates needed to aggregate a round.")] = 1,
     round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/state.json.")] = False,
@@ -154,12 +158,49 @@ def aggregate(
     metrics_host: Annotated[
         str, typer.Option(help="Address for --metrics-port (0.0.0.0: every interface).")
     ] = "127.0.0.1",
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="Run as a SITE aggregator under the central job at this broker URL (the "
+            "central's broker, or this site's own when a bridge carries the central's topics: "
+            "see --upstream-prefix and docs/hierarchy.md)."
+        ),
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(help="Site id: this site's client id (and bridge username) upstream."),
+    ] = None,
+    upstream_prefix: Annotated[
+        str,
+        typer.Option(help="Topic prefix of the central job's topics on the --upstream broker."),
+    ] = P.PREFIX,
+    upstream_username: Annotated[
+        str | None, typer.Option(help="MQTT username upstream (default: --site).")
+    ] = None,
+    upstream_password: Annotated[
+        str | None,
+        typer.Option(help="MQTT password upstream.", envvar="FEDCLIP_UPSTREAM_PASSWORD"),
+    ] = None,
+    upstream_key: Annotated[
+        Path | None,
+        typer.Option(help="Site: the central aggregator's public key (its globals are signed)."),
+    ] = None,
 ) -> None:
-    """Run the aggregator of a federated job over MQTT."""
+    """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
+    if (upstream is None) != (site is None):
+        raise ConfigError("give --upstream and --site together (a site aggregator)")
+    if upstream is None and rounds is None:
+        raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
+    if site is not None:
+        try:
+            P.check_id(site, "--site")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    site_session = uuid.uuid4().hex[:12]
     train = train_config(preset, {"lr": lr, "epochs": epochs, "batch_size": batch_size}).to_dict()
     cfg = AggregatorConfig(
         job=job,
-        rounds=rounds,
+        rounds=rounds or 1,
         out=out,
         min_clients=min_clients,
         round_timeout_s=round_timeout,
@@ -181,7 +222,9 @@ def aggregate(
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)
     tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
-    transport = MqttTransport(
+    from fedclip_edge.broker.prevalidate import PrevalidatingMqttTransport
+
+    transport = PrevalidatingMqttTransport(
         broker,
         f"{P.AGGREGATOR_ID}-{job}",
         username=username,
@@ -198,12 +241,37 @@ def aggregate(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
+    agg: Aggregator
+    up_transport = None
     prom = metrics = None
     if metrics_port:  # imported only when asked: the exporter's package is needed for it alone
         from fedclip_edge.broker.prom import PromHooks, serve_metrics
 
         prom = PromHooks()
-    agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom)
+    if upstream is not None and site is not None:
+        from fedclip_edge.broker.remap import RemappedMqttTransport
+        from fedclip_edge.broker.site import SiteAggregator
+
+        if upstream_key is None and not insecure_unsigned:
+            raise ConfigError("a site checks the central's signed globals: give --upstream-key")
+        up_transport = RemappedMqttTransport(
+            upstream,
+            site,
+            username=upstream_username or site,
+            password=upstream_password,
+            tls=tls,
+            max_payload=max_payload,
+            topic_prefix=upstream_prefix,
+            will=(P.status_topic(job, site),
+                  authn.signed_will(site, job, site_session, cfg.signing_key), True),
+        )
+        agg = SiteAggregator(
+            transport, up_transport, cfg, site=site, log=log, console=console, hooks=prom,
+            upstream_key=load_public_key(upstream_key) if upstream_key else None,
+            session=site_session,
+        )
+    else:
+        agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom)
     if prom is not None:
         metrics = serve_metrics(agg, prom, metrics_host, metrics_port)
         log(f"metrics for Prometheus at {metrics.url}")
@@ -218,6 +286,8 @@ def aggregate(
         transport.close()
         if metrics is not None:
             metrics.close()
+        if up_transport is not None:
+            up_transport.close()
 
 
 def status(

@@ -162,7 +162,9 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def decode_envelope(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict, bytes]:
+def decode_envelope(
+    data: bytes, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[dict, bytes | memoryview]:
     """(header, body) of an untrusted envelope; `MessageRejected('envelope')` if malformed."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MessageRejected("envelope", f"payload is a {type(data).__name__}, not bytes")
@@ -188,7 +190,8 @@ def decode_envelope(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[di
         raise MessageRejected("envelope", "header is not a JSON object")
     if header.get("type") not in MESSAGE_TYPES:
         raise MessageRejected("type", f"unknown message type {header.get('type')!r}")
-    return header, bytes(data[_PREFIX.size + hlen :])
+    # the body as a view of the payload, not a 2 MB copy per update (the frame decoder reads it)
+    return header, memoryview(data)[_PREFIX.size + hlen :]
 
 
 # ----------------------------------------------------------------------------- messages
@@ -218,7 +221,7 @@ MAX_TEXT = 256
 MAX_ENTRIES = 64  # keys of samples / versions / metrics / train
 MAX_HAVE = 100_000  # client ids a global lists
 # The only metric that may be text; every other metric is a number or null.
-TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype"})
+TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype", "site_weighting"})
 
 
 def _int_field(header: Mapping[str, Any], key: str, lo: int, hi: int, default: Any = ...) -> int:
@@ -341,10 +344,13 @@ class GlobalModel:
     session: str = ""
     rounds: int = 0  # the job's last round: a global with round > rounds is the final adapter
     sig: str = ""
+    weighting: str = ""  # the job's FedAvg weighting, which a site applies to its devices
 
     def encode(self) -> bytes:
+        extra = {"weighting": self.weighting} if self.weighting else {}
         return encode_envelope(
             {
+                **extra,
                 "type": "global",
                 "rounds": self.rounds,
                 "job": self.job,
@@ -502,6 +508,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             session=_text_field(header, "session", ""),
             rounds=_int_field(header, "rounds", 0, MAX_ROUND),
             sig=_text_field(header, "sig", ""),
+            weighting=_text_field(header, "weighting", ""),
         )
     if kind == "update":
         metrics = _flat_object(header, "metrics") if "metrics" in header else {}

@@ -27,6 +27,7 @@ from fedclip_edge.broker import report as M
 from fedclip_edge.broker.store import METRICS_FILE, STATE_FILE
 from fedclip_edge.broker.transport import Transport
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.tables import human_bytes
 
 SCHEMA = "fedclip-edge/status/v1"
 
@@ -371,7 +372,7 @@ def _sec(v: Any) -> str:
 
 def _bytes(v: Any) -> str:
     x = _num(v)
-    return "-" if x is None else M._fmt_bytes(x)
+    return "-" if x is None else human_bytes(x)
 
 
 def format_status(s: Mapping[str, Any]) -> str:

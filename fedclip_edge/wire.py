@@ -190,7 +190,8 @@ def decode_frame(
         raise FrameRejected(
             "oversize", f"frame is {len(data)} bytes, above the {max_bytes}-byte limit"
         )
-    data = bytes(data)
+    # a view, not a copy: the hash and the slices below read the caller's bytes in place
+    data = memoryview(data).cast("B")
     if len(data) < FIXED_OVERHEAD:
         raise FrameRejected(
             "truncated",
@@ -219,7 +220,7 @@ def decode_frame(
     if version == FORMAT_VERSION:
         return _decode_codec_frame(body, header_len, expected=expected, global_state=None)
 
-    header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len])
+    header = _parse_header(bytes(body[_PREFIX.size : _PREFIX.size + header_len]))
     dtype: str = header["dtype"]
     declared: dict[str, tuple[int, ...]] = {t["name"]: tuple(t["shape"]) for t in header["tensors"]}
 
@@ -232,7 +233,7 @@ def decode_frame(
         )
 
     try:
-        views = safetensors.deserialize(payload)
+        views = safetensors.deserialize(bytes(payload))  # the one copy of the payload
     except Exception as exc:  # any parser failure means a bad payload, whatever its type
         raise FrameRejected(
             "header", f"payload is not valid safetensors: {_first_line(exc)}"

@@ -22,6 +22,7 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.prevalidate import PrevalidateMixin
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.errors import FedClipError
 from fedclip_edge.wire import encode_frame
@@ -97,7 +98,13 @@ class FakeDevice(threading.Thread):
                     self.extra(self, m.round, payload)
 
 
-def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
+class PrevalidatingMemory(PrevalidateMixin, MemoryTransport):
+    """Updates decoded on the validation worker thread, as `aggregate` runs."""
+
+
+def make_agg(
+    broker: MemoryBroker, out: Path, transport_cls: type = MemoryTransport, **kw
+) -> Aggregator:
     cfg = AggregatorConfig(
         job=JOB,
         rounds=kw.pop("rounds", 2),
@@ -112,7 +119,7 @@ def make_agg(broker: MemoryBroker, out: Path, **kw) -> Aggregator:
         **kw,
     )
     lines: list[str] = []
-    agg = Aggregator(MemoryTransport(broker, "aggregator"), cfg, log=lines.append)
+    agg = Aggregator(transport_cls(broker, "aggregator"), cfg, log=lines.append)
     agg.lines = lines  # type: ignore[attr-defined]
     return agg
 
@@ -152,7 +159,10 @@ def _nan_frame(client: str, rnd: int) -> bytes:
     return bytes(body) + hashlib.sha256(bytes(body)).digest()
 
 
-def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport_cls", [MemoryTransport, PrevalidatingMemory])
+def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(
+    tmp_path: Path, transport_cls: type
+) -> None:
     broker = MemoryBroker()
     evil = MemoryTransport(broker, "evil")
     evil.connect()
@@ -188,7 +198,7 @@ def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(tmp_path: Path
 
     b.t._on_raw = slow  # type: ignore[method-assign]
     b.start()
-    agg = make_agg(broker, tmp_path, rounds=2)
+    agg = make_agg(broker, tmp_path, transport_cls, rounds=2)
     final = agg.run()
     for v in final.values():
         assert torch.allclose(v, torch.full(v.shape, 2.0))  # the attacks changed nothing
