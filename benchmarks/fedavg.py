@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.config import TrainConfig
-from fedclip_edge.errors import ConfigError
+from fedclip_edge.errors import ConfigError, Interrupted
 from fedclip_edge.losses import get_loss
 from fedclip_edge.strategy import FedAvg
 from fedclip_edge.train import accuracy, train_local
@@ -297,6 +297,10 @@ def run_bench(
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is visible to torch here")
+    for flag, value in (("--rounds", rounds), ("--clients", clients), ("--local-epochs",
+                                                                        local_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if transport not in ("inproc", "mqtt"):
         raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
     max_payload = max_payload or DEFAULT_MAX_PAYLOAD
@@ -866,6 +870,10 @@ def bench_fedavg(
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
 ) -> None:
     """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
+    for flag, value in (("--rounds", rounds), ("--clients", clients), ("--local-epochs",
+                                                                        local_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if transport not in ("inproc", "mqtt"):
         raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
     if broker is not None and transport != "mqtt":
@@ -892,8 +900,7 @@ def bench_fedavg(
             max_payload=max_payload,
         )
     except KeyboardInterrupt:
-        print(f"interrupted: what was measured so far is in {Path(out) / 'bench.json'}")
-        raise
+        raise Interrupted(f"what was measured so far is in {Path(out) / 'bench.json'}") from None
     print((Path(out) / "bench.md").read_text())
     s = report["speedups"]
     if not all(math.isfinite(v) for v in (s["compute_per_round"], s["bytes_per_round"])):

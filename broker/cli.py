@@ -23,8 +23,8 @@ from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from fedclip_edge.broker.transport import MqttTransport, TlsOptions
-from fedclip_edge.cli_runner import run_command
-from fedclip_edge.errors import FedClipError
+from fedclip_edge.cli_runner import run_app, run_command
+from fedclip_edge.errors import Interrupted
 
 broker_app = typer.Typer(
     help="MQTT broker: an embedded one for local runs, demos and tests (production: mosquitto, "
@@ -126,6 +126,7 @@ def aggregate(
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
     connect_timeout: opt.ConnectTimeout = 30.0,
+    config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT."""
     import sys
@@ -173,13 +174,13 @@ def aggregate(
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         agg.run()
+    except KeyboardInterrupt:
+        raise Interrupted(AGGREGATE_INTERRUPTED) from None
     finally:
         transport.close()
 
 
-AGGREGATE_INTERRUPTED = (
-    "interrupted: state of the last completed round is kept; re-run with --resume"
-)
+AGGREGATE_INTERRUPTED = "state of the last completed round is kept; re-run with --resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,19 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     as Typer shows them, a FedClipError as one `error:` line and its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["aggregate"]:
-        return run_command(
-            aggregate, args[1:], "fedclip-edge aggregate", interrupted=AGGREGATE_INTERRUPTED
-        )
-    try:
-        broker_app(args=args, prog_name="fedclip-edge broker", standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except FedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return run_command(aggregate, args[1:], "fedclip-edge aggregate")
+    return run_app(broker_app, args, "fedclip-edge broker")
 
 
 if __name__ == "__main__":

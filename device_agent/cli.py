@@ -52,6 +52,7 @@ def agent(
     certfile: opt.Certfile = None,
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
+    config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
     from fedclip_edge.broker.transport import TlsOptions

@@ -50,3 +50,9 @@ class TransportError(FedClipError):
     """Broker unreachable, refused credentials, protocol violations."""
 
     exit_code = 8
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what is kept and how to go on (e.g. "re-run with --resume"). The CLI
+    prints it as one `interrupted: ...` line and exits 130; a plain KeyboardInterrupt gets the
+    generic line."""

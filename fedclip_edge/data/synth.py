@@ -25,6 +25,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from fedclip_edge.data.shapes import SHAPES, Poly
 from fedclip_edge.data.shapes import place as _place
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.names import unknown_name
 
 DOMAINS: tuple[str, ...] = ("photo", "art_painting", "cartoon", "sketch")
 # Sorted, so a class's index here equals its label from scan_dataset (sorted folder names).
@@ -323,7 +324,7 @@ _STYLES = {"photo": _photo, "sketch": _sketch, "cartoon": _cartoon, "art_paintin
 
 def _check(domain: str, class_name: str, seed: int, index: int, size: int) -> None:
     if domain not in _STYLES:
-        raise ConfigError(f"unknown synthetic domain {domain!r}; choose from {', '.join(DOMAINS)}")
+        raise ConfigError(unknown_name("synthetic domain", domain, DOMAINS))
     if class_name not in SHAPES:
         raise ConfigError(
             f"unknown synthetic class {class_name!r}; choose from {', '.join(CLASSES)}"
@@ -404,7 +405,7 @@ def caption(domain: str, class_name: str, rng: random.Random, color: str | None 
     mentioned only when given, so captions never describe a colour that is not in the image.
     """
     if domain not in _TEMPLATES:
-        raise ConfigError(f"unknown synthetic domain {domain!r}; choose from {', '.join(DOMAINS)}")
+        raise ConfigError(unknown_name("synthetic domain", domain, DOMAINS))
     noun = class_name
     if color and color != "pencil" and rng.random() < 0.4:
         noun = f"{color} {class_name}"
@@ -440,6 +441,8 @@ def write_dataset(
         for c in classes:
             _check(d, c, seed, 0, size)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     for d in domains:
         for c in classes:
             folder = out / d / c
