@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import random
-import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -443,22 +442,26 @@ def write_dataset(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    for d in domains:
-        for c in classes:
-            folder = out / d / c
-            folder.mkdir(parents=True, exist_ok=True)
-            prefix, suffix = _name_pattern(d, c)
-            for i in range(per_class):
-                target = folder / f"{prefix}{i:04d}{suffix}"
-                tmp = folder / f".{target.name}.tmp"
-                render(d, c, seed, i, size).save(tmp, format="PNG", compress_level=1)
-                os.replace(tmp, target)
-            for stale in folder.glob(f"{prefix}*{suffix}"):
-                stem = stale.name[len(prefix) : -len(suffix)]
-                if stem.isdigit() and int(stem) >= per_class:
-                    stale.unlink()
-        if progress:
-            print(f"synth: {d}: {len(classes) * per_class} images", file=sys.stderr)
+    from fedclip_edge.progress import progress as track
+
+    total = len(domains) * len(classes) * per_class
+    with track("synth", total, "images", enabled=progress) as bar:
+        for d in domains:
+            bar.describe(d)
+            for c in classes:
+                folder = out / d / c
+                folder.mkdir(parents=True, exist_ok=True)
+                prefix, suffix = _name_pattern(d, c)
+                for i in range(per_class):
+                    target = folder / f"{prefix}{i:04d}{suffix}"
+                    tmp = folder / f".{target.name}.tmp"
+                    render(d, c, seed, i, size).save(tmp, format="PNG", compress_level=1)
+                    os.replace(tmp, target)
+                    bar.advance(1)
+                for stale in folder.glob(f"{prefix}*{suffix}"):
+                    stem = stale.name[len(prefix) : -len(suffix)]
+                    if stem.isdigit() and int(stem) >= per_class:
+                        stale.unlink()
     return {
         "root": str(out),
         "domains": list(domains),
