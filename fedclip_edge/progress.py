@@ -56,6 +56,7 @@ class LineProgress:
         return f"{self.label}: {self.done}/{self.total} {self.unit}{pct}{rate}{note}"
 
     def _print(self) -> None:
+        self._printed = self.done
         print(self.line(), file=self.stream, flush=True)
 
     def advance(self, n: int = 1, note: str | None = None) -> None:
@@ -72,7 +73,9 @@ class LineProgress:
         self.note = text
 
     def close(self) -> None:
-        self._print()
+        """The final count, unless the last line already said it."""
+        if self.done != self._printed:
+            self._print()
 
 
 class _RichProgress:
