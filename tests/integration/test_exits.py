@@ -107,6 +107,9 @@ def test_mistyped_names_get_a_suggestion(small_data: Path, tmp_path: Path) -> No
     r = run_cli("simulate", "--data", str(small_data), "--out", str(tmp_path / "s"),
                 "--test-domain", "photo", "--preset", "lerning")
     assert_one_error_line(r, "'lerning'", "did you mean 'learning'")
+    r = run_cli("simulate", "--data", str(small_data), "--out", str(tmp_path / "s"),
+                "--test-domain", "skech")
+    assert_one_error_line(r, "'skech'", "did you mean 'sketch'")
     r = run_cli("demo", "--out", str(tmp_path / "d"), "--test-domain", "phot")
     assert_one_error_line(r, "'phot'", "did you mean 'photo'")
 
