@@ -37,6 +37,7 @@ import typer
 
 from fedclip_edge.broker.procs import stop_process
 from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.names import unknown_name
 
 SCHEMA = "fedclip-edge/bench-aggregator/v1"
 DEFAULT_DEVICES = (10, 100, 1000)
@@ -816,7 +817,8 @@ def bench_aggregator(
     from rich.markup import escape
 
     if broker_kind not in ("auto", "mosquitto", "amqtt"):
-        raise ConfigError("--broker-kind must be auto, mosquitto or amqtt")
+        kinds = ("auto", "mosquitto", "amqtt")
+        raise ConfigError(unknown_name("--broker-kind", broker_kind, kinds))
     err = Console(stderr=True)
     start = time.monotonic()
     report = run_bench(
