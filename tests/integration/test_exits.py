@@ -23,6 +23,9 @@ import pytest
 from support import mqtt as mh
 
 pytestmark = pytest.mark.integration
+# Commands run with `--pretrained none` (fedclip-tiny, random init) where the weights do not
+# matter, so no test waits for the offline model's pretraining (or for another process's lock
+# on it in the shared cache).
 
 PY = sys.executable
 CLI = [PY, "-m", "fedclip_edge.cli"]
@@ -265,12 +268,17 @@ def assert_interrupted(c: Child, rc: int, *needles: str) -> str:
 @pytest.mark.parametrize(
     ("name", "target", "args"),
     [
-        ("features", "fedclip_edge.features:file_sha256", ["features", "--out", "{tmp}/c"]),
+        (
+            "features",
+            "fedclip_edge.features:file_sha256",
+            ["features", "--out", "{tmp}/c", "--pretrained", "none"],
+        ),
         ("synth", "fedclip_edge.data.synth:render", ["data", "synth", "--out", "{tmp}/d"]),
         (
             "simulate",
             "fedclip_edge.simulate:train_local",
-            ["simulate", "--test-domain", "photo", "--out", "{tmp}/s", "--rounds", "2"],
+            ["simulate", "--test-domain", "photo", "--out", "{tmp}/s", "--rounds", "2",
+             "--pretrained", "none"],
         ),
         (
             "export",
@@ -296,7 +304,7 @@ def test_sigint_mid_work(
 def test_sigint_features_keeps_resumable_cache(small_data: Path, tmp_path: Path) -> None:
     """Interrupted after the first domain is written: a re-run re-uses it."""
     out = tmp_path / "cache"
-    args = ["features", "--data", str(small_data), "--out", str(out)]
+    args = ["features", "--data", str(small_data), "--out", str(out), "--pretrained", "none"]
     per_domain = 8 * 2
     # file_sha256 runs once per image: the barrier sits at the second domain's first image
     with child(blocked("fedclip_edge.features:file_sha256", *args, after=per_domain)) as c:
