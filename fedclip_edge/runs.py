@@ -97,7 +97,7 @@ def run_simulation(
 
 def _check_test_domain(test_domain: str, domains: Any) -> None:
     if test_domain not in domains:
-        raise ConfigError(unknown_name("--test-domain", test_domain, list(domains)))
+        raise ConfigError(unknown_name("test domain", test_domain, list(domains)))
 
 
 def run_demo(
