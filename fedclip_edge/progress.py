@@ -25,6 +25,11 @@ def _every_s() -> float:
         return DEFAULT_EVERY_S
 
 
+def _rate(per_s: float) -> str:
+    """35.2, or 0.042 for slow work (a loaded machine must not read as 0.0)."""
+    return f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2g}"
+
+
 class LineProgress:
     """Periodic one-line reports; `clock` and `stream` are injectable so tests are exact."""
 
@@ -51,7 +56,7 @@ class LineProgress:
     def line(self) -> str:
         pct = f" ({self.done / self.total:.0%})" if self.total else ""
         elapsed = self.clock() - self.t0
-        rate = f", {self.done / elapsed:.1f} {self.unit}/s" if self.done and elapsed > 0 else ""
+        rate = f", {_rate(self.done / elapsed)} {self.unit}/s" if self.done and elapsed > 0 else ""
         note = f", {self.note}" if self.note else ""
         return f"{self.label}: {self.done}/{self.total} {self.unit}{pct}{rate}{note}"
 
@@ -89,7 +94,7 @@ class _RichProgress:
     def advance(self, n: int = 1, note: str | None = None) -> None:
         self.done += n
         elapsed = time.monotonic() - self.t0
-        rate = f"{self.done / elapsed:.1f} {self.unit}/s" if elapsed > 0 else ""
+        rate = f"{_rate(self.done / elapsed)} {self.unit}/s" if elapsed > 0 else ""
         fields: dict[str, Any] = {"rate": rate}
         if note is not None:
             fields["note"] = note
