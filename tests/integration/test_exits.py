@@ -322,7 +322,7 @@ def test_sigint_aggregate_waiting_for_devices(tmp_path: Path) -> None:
         cmd = [*CLI, "aggregate", "--broker", broker.url, "--job", "exits", "--rounds", "2",
                "--out", str(tmp_path / "agg"), "--wait-clients", "600", "--connect-timeout", "20"]
         with child(cmd) as c:
-            c.wait_line("connected to the broker")
+            c.wait_line("waiting up to 600s for 1 device(s)")
             rc = c.interrupt()
     assert_interrupted(c, rc, "--resume")
 
