@@ -20,6 +20,10 @@ def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=3, cutoff=cutoff)
     if not close:
         return ""
+    # only the near-ties of the best match: 'min_client' -> 'min_clients', not 'wait_clients'
+    score = {c: difflib.SequenceMatcher(None, str(name).lower(), c).ratio() for c in close}
+    best = max(score.values())
+    close = [c for c in close if score[c] >= best - 0.05]
     quoted = " or ".join(f"'{by_lower[c]}'" for c in close)
     return f" (did you mean {quoted}?)"
 
