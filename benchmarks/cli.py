@@ -24,7 +24,8 @@ from fedclip_edge.benchmarks.extractor import DEFAULT_BACKENDS, DEFAULT_BATCHES,
 from fedclip_edge.benchmarks.fedavg import run_bench as fedavg_bench
 from fedclip_edge.benchmarks.render import CONTENTION_WARN, aggregator_table, extractor_table
 from fedclip_edge.config import TrainConfig
-from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.errors import ConfigError, FedClipError, Interrupted
+from fedclip_edge.names import unknown_name
 
 
 def bench_extractor(
@@ -133,6 +134,11 @@ def bench_fedavg(
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
 ) -> None:
     """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
+    for flag, value in (
+        ("--rounds", rounds), ("--clients", clients), ("--local-epochs", local_epochs)
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if transport not in ("inproc", "mqtt"):
         raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
     if broker is not None and transport != "mqtt":
@@ -159,8 +165,7 @@ def bench_fedavg(
             max_payload=max_payload,
         )
     except KeyboardInterrupt:
-        print(f"interrupted: what was measured so far is in {Path(out) / 'bench.json'}")
-        raise
+        raise Interrupted(f"what was measured so far is in {Path(out) / 'bench.json'}") from None
     print((Path(out) / "bench.md").read_text())
     s = report["speedups"]
     if not all(math.isfinite(v) for v in (s["compute_per_round"], s["bytes_per_round"])):
@@ -211,7 +216,7 @@ def bench_aggregator(
     from rich.markup import escape
 
     if broker_kind not in KINDS:
-        raise ConfigError("--broker-kind must be auto, mosquitto or amqtt")
+        raise ConfigError(unknown_name("--broker-kind", broker_kind, KINDS))
     err = Console(stderr=True)
     start = time.monotonic()
     if sites:

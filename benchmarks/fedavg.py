@@ -79,6 +79,10 @@ def run_bench(
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is visible to torch here")
+    for flag, value in (("--rounds", rounds), ("--clients", clients), ("--local-epochs",
+                                                                        local_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if transport not in ("inproc", "mqtt"):
         raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
     max_payload = max_payload or DEFAULT_MAX_PAYLOAD

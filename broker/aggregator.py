@@ -572,6 +572,10 @@ class Aggregator:
         self._epoch_seen = self.t.epoch
         if self.completed < self.cfg.rounds:
             self._publish_control("running")
+            self.log(
+                f"connected to the broker; job {self.cfg.job}: waiting up to "
+                f"{self.cfg.wait_clients_s:g}s for {self.cfg.min_clients} device(s)"
+            )
         # devices' retained statuses arrive first; then wait for enough of them (bounded)
         self._pump(self.clock() + 0.3, lambda: False)
         self._pump(

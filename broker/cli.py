@@ -26,9 +26,9 @@ from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
-from fedclip_edge.cli_runner import run_command
+from fedclip_edge.cli_runner import run_app, run_command
 from fedclip_edge.config import train_config
-from fedclip_edge.errors import ConfigError, FedClipError
+from fedclip_edge.errors import ConfigError, Interrupted
 from fedclip_edge.signing import KeyRegistry, load_private_key, load_public_key
 
 broker_app = typer.Typer(
@@ -185,6 +185,7 @@ def aggregate(
         Path | None,
         typer.Option(help="Site: the central aggregator's public key (its globals are signed)."),
     ] = None,
+    config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
     if (upstream is None) != (site is None):
@@ -282,6 +283,8 @@ def aggregate(
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         agg.run()
+    except KeyboardInterrupt:
+        raise Interrupted(AGGREGATE_INTERRUPTED) from None
     finally:
         transport.close()
         if metrics is not None:
@@ -352,9 +355,7 @@ def status(
     typer.echo(json.dumps(st, indent=2, allow_nan=False) if as_json else format_status(st))
 
 
-AGGREGATE_INTERRUPTED = (
-    "interrupted: state of the last completed round is kept; re-run with --resume"
-)
+AGGREGATE_INTERRUPTED = "state of the last completed round is kept; re-run with --resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,19 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["status"]:
         return run_command(status, args[1:], "fedclip-edge status")
     if args[:1] == ["aggregate"]:
-        return run_command(
-            aggregate, args[1:], "fedclip-edge aggregate", interrupted=AGGREGATE_INTERRUPTED
-        )
-    try:
-        broker_app(args=args, prog_name="fedclip-edge broker", standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except FedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return run_command(aggregate, args[1:], "fedclip-edge aggregate")
+    return run_app(broker_app, args, "fedclip-edge broker")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,3 +53,27 @@ TopkFraction = Annotated[
         help="topk codecs: fraction (0, 1] of each tensor's entries sent per round.",
     ),
 ]
+
+
+def config_option(command: str) -> Any:
+    """`--config FILE` for `command`: an eager option whose callback puts the file's values in
+    click's default map, so they fill the options the command line left out (flags and
+    environment variables still win) and satisfy required ones."""
+    from fedclip_edge.jobconfig import load_job_config
+
+    def load(ctx: typer.Context, value: Path | None) -> Path | None:
+        if value is not None:
+            values = load_job_config(value).options(command)
+            ctx.default_map = {**(ctx.default_map or {}), **values}
+        return value
+
+    return Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Job config file (TOML: [broker] [job] [train] [aggregator] [agent] [demo]); "
+            "flags override it. See examples/job.toml.",
+            is_eager=True,
+            callback=load,
+        ),
+    ]

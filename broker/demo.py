@@ -9,6 +9,7 @@ aggregator's state, metrics.jsonl, summary.json and the latency/bytes plot.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,10 +23,11 @@ from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import EmbeddedBroker
 from fedclip_edge.broker.transport import MqttTransport
 from fedclip_edge.data.synth import DOMAINS, write_dataset
-from fedclip_edge.errors import ConfigError, TransportError
+from fedclip_edge.errors import ConfigError, Interrupted, TransportError
 from fedclip_edge.exporters.export import export_artifact
 from fedclip_edge.exporters.manifest import verify_artifact
 from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.names import unknown_name
 from fedclip_edge.runs import build_features, train_config
 from fedclip_edge.signing import KeyRegistry, load_private_key, new_keypair, sign_artifact
 
@@ -124,12 +126,20 @@ def run_mqtt_demo(
     preset: str = "learning",
     round_timeout: float = 60.0,
     seed: int = 0,
+    job: str | None = None,
+    resume: bool = False,
+    train_overrides: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Run the federation end to end and return the aggregator's summary."""
+    """Run the federation end to end and return the aggregator's summary.
+
+    Re-runnable: data, artifact and feature caches are re-used; an earlier run's aggregator
+    folder and agent logs move to OUT/runs/<time> and a fresh job starts, or `resume`
+    continues the earlier job from its last committed round.
+    """
 
     if test_domain not in DOMAINS:
-        raise ConfigError(f"--test-domain must be one of {', '.join(DOMAINS)}")
+        raise ConfigError(unknown_name("--test-domain", test_domain, DOMAINS))
     out = Path(out)
     t0 = time.perf_counter()
     log("1/5 offline default model (fedclip-tiny, pretrained here on synthetic data)")
@@ -149,7 +159,7 @@ def run_mqtt_demo(
     log(f"    signing keys in {keys}; artifact signed by the exporter key")
     eval_dir = out / "eval-features"
     build_features(data, eval_dir, domains=[test_domain], progress=False)
-    job = f"demo-{int(time.time())}"
+    job, resume = _earlier_run(out, job, resume, seed, log)
     with contextlib.ExitStack() as stack:
         if broker is None:
 
@@ -178,10 +188,11 @@ def run_mqtt_demo(
             min_clients=len(clients),
             round_timeout_s=round_timeout,
             seed=seed,
-            train=train_config(preset).to_dict(),
+            train=train_config(preset, train_overrides).to_dict(),
             wait_clients_s=300.0,
             eval_features=eval_dir,
             eval_domain=test_domain,
+            resume=resume,
             registry=KeyRegistry.load(keys / "devices"),
             signing_key=load_private_key(keys / "aggregator.key"),
         )
@@ -193,8 +204,9 @@ def run_mqtt_demo(
         try:
             agg.run()
         except KeyboardInterrupt:
-            log(f"interrupted: the last completed round is kept in {cfg.out}")
-            raise
+            raise Interrupted(
+                f"the last completed round is kept in {cfg.out}; `demo --resume` continues it"
+            ) from None
         deadline = time.monotonic() + 30
         for proc in agents:
             try:
@@ -213,6 +225,55 @@ def run_mqtt_demo(
         f"metrics.jsonl, accuracy.png and latency.png in {cfg.out}"
     )
     return {"out": str(cfg.out), "job": job}
+
+
+def _earlier_run(
+    out: Path, job: str | None, resume: bool, seed: int, log
+) -> tuple[str, bool]:
+    """The job id to run and whether to resume. A fresh run moves an earlier one aside (its
+    aggregator folder and agent logs to OUT/runs/<time>) instead of refusing to start."""
+    agg_dir = out / "aggregator"
+    state_path = agg_dir / "state.json"
+    earlier: dict[str, Any] | None = None
+    if state_path.is_file():
+        try:
+            earlier = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+    if resume:
+        if earlier is None or not isinstance(earlier.get("job"), str):
+            log(f"    nothing to resume in {agg_dir} (no readable state.json): a fresh run")
+            resume = False
+        else:
+            if job is not None and job != earlier["job"]:
+                raise ConfigError(
+                    f"--resume continues job {earlier['job']!r} in {agg_dir}, not --job {job!r}"
+                )
+            if earlier.get("seed") != seed:
+                raise ConfigError(
+                    f"the run in {agg_dir} was made with seed {earlier.get('seed')}, not {seed}: "
+                    "pass the same --seed to resume it"
+                )
+            log(
+                f"    resuming job {earlier['job']} after round "
+                f"{earlier.get('completed_round', 0)} ({agg_dir})"
+            )
+            return str(earlier["job"]), True
+    if agg_dir.exists() and any(agg_dir.iterdir()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = out / "runs" / stamp
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = out / "runs" / f"{stamp}-{n}"
+        dest.mkdir(parents=True)
+        os.replace(agg_dir, dest / "aggregator")
+        agents = out / "agents"
+        for logfile in sorted(agents.glob("*.log")) if agents.is_dir() else ():
+            (dest / "agents").mkdir(exist_ok=True)
+            os.replace(logfile, dest / "agents" / logfile.name)
+        log(f"    the earlier run moved to {dest} (pass --resume to continue a run instead)")
+    return job or f"demo-{int(time.time())}", False
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedclip_edge.errors import TransportError
+from fedclip_edge.errors import Interrupted, TransportError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
@@ -328,9 +328,14 @@ def run_broker(
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         installed: list[int] = []
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal, sig)
                 installed.append(sig)
             except (ValueError, RuntimeError, NotImplementedError):
                 pass  # not the main thread, or no signal support: stop with KeyboardInterrupt
@@ -348,4 +353,7 @@ def run_broker(
                 loop.remove_signal_handler(sig)
             await _cancel_pending(loop)
 
+    received: list[int] = []
     asyncio.run(main())
+    if signal.SIGINT in received:  # Ctrl-C: stopped cleanly, and the exit code says why
+        raise Interrupted("broker stopped")

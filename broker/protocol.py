@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedclip_edge.errors import FrameError
+from fedclip_edge.errors import ConfigError, FrameError
 
 PREFIX = "fedclip"
 QOS = 1
@@ -94,10 +94,15 @@ class MessageRejected(FrameError):
 # ----------------------------------------------------------------------------- topics
 
 
+class BadId(ConfigError, ValueError):
+    """A job or client id that cannot be a topic level: a user's mistake (one `error:` line),
+    still a ValueError for code that checks ids as values."""
+
+
 def check_id(value: str, what: str) -> str:
     """Job and client ids become topic levels: no '/', '+', '#', no spaces, at most 64 chars."""
     if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ValueError(f"{what} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise BadId(f"{what} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 
 

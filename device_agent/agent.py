@@ -36,7 +36,13 @@ from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import Delivery, Received, Transport
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.data.split import split_indices
-from fedclip_edge.errors import ConfigError, DataError, FrameError, TransportError
+from fedclip_edge.errors import (
+    ConfigError,
+    DataError,
+    FrameError,
+    Interrupted,
+    TransportError,
+)
 from fedclip_edge.signing import (
     KeyRegistry,
     load_private_key,
@@ -417,12 +423,13 @@ def load_local_features(
     if list(names) != list(ds.classes):
         raise DataError(f"the artifact's classes {names} differ from the data's {ds.classes}")
     identity = ExtractorEncoder(ext)
-    from fedclip_edge.models import cache_dir  # honours $FEDCLIP_EDGE_CACHE (containers, units)
+    if cache is None:  # the project's cache folder, so FEDCLIP_EDGE_CACHE/XDG_CACHE_HOME apply
+        from fedclip_edge.models.registry import cache_dir
 
-    cache = Path(cache) if cache else (
-        cache_dir() / "agent-features"
-        / f"{identity.identity['weights_sha256'][:12]}-{ext.precision}"
-    )
+        cache = cache_dir() / "agent-features" / (
+            f"{identity.identity['weights_sha256'][:12]}-{ext.precision}"
+        )
+    cache = Path(cache)
     t0 = time.monotonic()
     fs, report = extract_features(
         ds, identity, torch.from_numpy(text), float(ext.manifest["model"]["logit_scale"]), cache,
@@ -493,8 +500,11 @@ def run_agent(
     )
     agent = Agent(transport, cfg, local, log=log)
 
+    received: list[int] = []
+
     def on_signal(signum: int, frame: Any) -> None:
         log(f"signal {signum}: finishing cleanly")
+        received.append(signum)
         agent.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -505,4 +515,6 @@ def run_agent(
         raise TransportError(f"protocol error: {exc}") from None
     log(f"agent {client_id}: {n} round(s) trained; "
         f"{transport.counters.bytes_down} B down, {transport.counters.bytes_up} B up")
+    if signal.SIGINT in received:  # Ctrl-C (SIGTERM is an orderly stop: exit 0)
+        raise Interrupted("the feature cache is kept; the agent rejoins the job when re-run")
     return n

@@ -64,6 +64,7 @@ def agent(
         typer.Option(help="The exporting key's public half: the artifact must be signed by it."),
     ] = None,
     insecure_unsigned: opt.InsecureUnsigned = False,
+    config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
     from fedclip_edge.broker.transport import TlsOptions

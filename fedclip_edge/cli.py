@@ -21,7 +21,7 @@ from fedclip_edge.benchmarks.cli import (
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
 from fedclip_edge.broker.cli import aggregate, broker_app, status
-from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec
+from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
@@ -243,8 +243,29 @@ def demo(
     personalize_epochs: Annotated[
         int, typer.Option(help="--inproc: local epochs on the global adapter (learning).")
     ] = 5,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the earlier run in OUT/aggregator from its last committed round "
+            "(default: a fresh job; an earlier run moves to OUT/runs/<time>)."
+        ),
+    ] = False,
+    job: Annotated[
+        str | None, typer.Option(help="Job id (default: demo-<unix time>).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Local training preset: learning | reference.")] = (
+        "learning"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed: initial adapter and devices' training.")] = 0,
+    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
+    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
+    config: config_option("demo") = None,
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
+    if inproc and resume:
+        raise ConfigError("--resume continues an MQTT demo run; --inproc runs are quick to redo")
     if inproc:
 
         run_demo(
@@ -257,7 +278,19 @@ def demo(
         )
         return
 
-    run_mqtt_demo(out, rounds=rounds, per_class=per_class, test_domain=test_domain, broker=broker)
+    run_mqtt_demo(
+        out,
+        rounds=rounds,
+        per_class=per_class,
+        test_domain=test_domain,
+        broker=broker,
+        preset=preset,
+        round_timeout=round_timeout,
+        seed=seed,
+        job=job,
+        resume=resume,
+        train_overrides={"lr": lr, "epochs": epochs, "batch_size": batch_size},
+    )
 
 
 def _register_parts() -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 import typer
+import typer.main
 
-from fedclip_edge.errors import FedClipError
+from fedclip_edge.errors import FedClipError, Interrupted
 
 # Recent typer carries its own copy of click (typer._click) with its own exception classes;
 # older typer raises click's. Catch both, so a usage error is one message, not a traceback.
@@ -26,22 +27,47 @@ _EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
 _USAGE = (click.ClickException, _TyperClickException)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
 
-# Options that take several values after one flag (`--seeds 0 1 2`), as users type them.
-MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends"}
+# Options that take several values after one flag (`--seeds 0 1 2`), as users type them. The
+# runner adds every list-typed option of the app it runs (`multi_value_options`), so a new
+# `list[...]` option behaves like these in every command without being listed here.
+MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends", "--devices"}
 
-def expand_multi_values(argv: list[str]) -> list[str]:
+
+def expand_multi_values(argv: list[str], multi: set[str] | None = None) -> list[str]:
     """`--seeds 0 1 2` -> `--seeds 0 --seeds 1 --seeds 2` (click wants one value per flag)."""
+    names = MULTI_VALUE_OPTIONS if multi is None else multi
     out: list[str] = []
     current: str | None = None
     for arg in argv:
-        if arg.startswith("-"):
-            current = arg if arg in MULTI_VALUE_OPTIONS else None
+        if arg.startswith("-") and not _is_number(arg):
+            current = arg if arg in names else None
             out.append(arg)
-        elif current is not None and out and out[-1] != current and not out[-1].startswith("-"):
-            out.extend([current, arg])
+        elif current is not None and out and out[-1] != current:
+            out.extend([current, arg])  # a second value (negative numbers are values)
         else:
             out.append(arg)
     return out
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+def multi_value_options(command: click.Command | Any) -> set[str]:
+    """Every option name that takes several values (`multiple=True`) in `command`'s tree."""
+    names: set[str] = set()
+    stack = [command]
+    while stack:
+        cmd = stack.pop()
+        for param in getattr(cmd, "params", ()):
+            if getattr(param, "multiple", False):
+                names.update(o for o in getattr(param, "opts", ()) if o.startswith("--"))
+        stack.extend(getattr(cmd, "commands", {}).values())
+    return names
 
 
 INTERRUPTED = (
@@ -50,19 +76,35 @@ INTERRUPTED = (
 )
 
 
+def _interrupted_line(exc: BaseException, default: str) -> str:
+    if isinstance(exc, Interrupted) and str(exc):
+        return f"interrupted: {exc}"
+    return default
+
+
 def run_app(
     application: typer.Typer, argv: list[str] | None, prog_name: str, interrupted: str = INTERRUPTED
 ) -> int:
-    """Run a typer app; a user's mistake becomes one clear line and an exit code."""
-    args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
+    """Run a typer app; a user's mistake becomes one clear line and an exit code, Ctrl-C one
+    `interrupted` line and 130.
+
+    The click command is driven directly (not through typer's `main`), because typer turns
+    Ctrl-C into `Exit(130)` and, outside standalone mode, returns that code as if it were the
+    command's result, where it was lost.
+    """
+    command = typer.main.get_command(application)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command))
     try:
-        # Recent typer returns an Exit's code (and 130 for Ctrl-C) instead of raising it; no
-        # command returns a value, so a non-zero int here is an exit status.
-        rv = application(args=args, prog_name=prog_name, standalone_mode=False)
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-            if rv == 130:
-                print(interrupted, file=sys.stderr)
-            return rv
+        try:
+            with command.make_context(prog_name, args) as ctx:
+                command.invoke(ctx)
+        except KeyboardInterrupt as exc:
+            print(_interrupted_line(exc, interrupted), file=sys.stderr, flush=True)
+            return 130
+        except EOFError:
+            print("aborted", file=sys.stderr)
+            return 1
     except _EXIT as exc:
         return exc.exit_code
     except _USAGE as exc:
@@ -70,9 +112,6 @@ def run_app(
         return exc.exit_code
     except _ABORT:
         print("aborted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
         return 130
     except FedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.losses import LOSSES
+from fedclip_edge.names import unknown_name
 
 
 @dataclass(frozen=True)
@@ -169,5 +170,5 @@ PRESETS: dict[str, dict[str, Any]] = {"reference": {}, "learning": LEARNING_PRES
 def train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A preset's TrainConfig with the user's overrides (None = keep the preset's value)."""
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(unknown_name("preset", preset, PRESETS))
     return TrainConfig().with_overrides(**PRESETS[preset]).with_overrides(**(overrides or {}))

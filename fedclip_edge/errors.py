@@ -56,3 +56,9 @@ class SigningError(FedClipError):
     """Keys that cannot be loaded or made, and signatures that do not verify."""
 
     exit_code = 9
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what is kept and how to go on (e.g. "re-run with --resume"). The CLI
+    prints it as one `interrupted: ...` line and exits 130; a plain KeyboardInterrupt gets the
+    generic line."""

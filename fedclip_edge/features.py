@@ -349,30 +349,15 @@ def extract_features(
         dict(encoder.identity), class_names, text_features.float().cpu(), float(logit_scale)
     )
     total = sum(len(v) for v in dataset.records.values())
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from fedclip_edge.progress import progress as track
 
-    columns = (
-        TextColumn("[bold]encode[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=total, rate="")
+    with track("features", total, "images", enabled=progress) as bar:
 
         def advance(n: int) -> None:
-            rate = f"{report.images_per_second:.1f} img/s" if report.encoded else ""
-            bar.update(task, advance=n, rate=rate)
+            bar.advance(n)
 
         for domain in dataset.domains:
-            bar.update(task, description=domain)
+            bar.describe(domain)
             fs.domains[domain] = _encode_domain(
                 domain,
                 dataset.records[domain],

@@ -16,6 +16,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet, TorchEncoder, extract_features, load_feature_cache
 from fedclip_edge.models import encode_prompts, load_model
 from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.names import unknown_name
 from fedclip_edge.simulate import result_table, simulate, write_json
 
 
@@ -91,15 +92,22 @@ def run_simulation(
     if features_dir is None:
         if data is None:
             raise ConfigError("give --data DIR or --features CACHE_DIR")
+        _check_test_domain(test_domain, scan_dataset(Path(data)).domains)  # before any work
         fs = build_features(data, out / "features", model=model, pretrained=pretrained)
     else:
         fs = load_feature_cache(features_dir)
+    _check_test_domain(test_domain, fs.domains)
     t0 = time.perf_counter()
     summary = simulate(fs, cfg, out)
     for line in result_table(summary):
         print(line)
     print(f"summary: {out / 'summary.json'} ({time.perf_counter() - t0:.1f}s)")
     return summary
+
+
+def _check_test_domain(test_domain: str, domains: Any) -> None:
+    if test_domain not in domains:
+        raise ConfigError(unknown_name("test domain", test_domain, list(domains)))
 
 
 def run_demo(

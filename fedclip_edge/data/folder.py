@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from fedclip_edge.errors import DataError
+from fedclip_edge.names import did_you_mean
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 
@@ -108,8 +109,8 @@ def scan_dataset(root: Path, domains: Sequence[str] | None = None) -> DomainData
         missing = [d for d in chosen if d not in available]
         if missing:
             raise DataError(
-                f"domain {', '.join(missing)} not found in {root}; "
-                f"available: {', '.join(available)}"
+                f"domain {', '.join(missing)} not found in {root}"
+                f"{did_you_mean(missing[0], available)}; available: {', '.join(available)}"
             )
 
     per_domain: dict[str, list[str]] = {}

@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import random
-import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from fedclip_edge.data.shapes import SHAPES, Poly
 from fedclip_edge.data.shapes import place as _place
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.names import unknown_name
 
 DOMAINS: tuple[str, ...] = ("photo", "art_painting", "cartoon", "sketch")
 # Sorted, so a class's index here equals its label from scan_dataset (sorted folder names).
@@ -323,7 +323,7 @@ _STYLES = {"photo": _photo, "sketch": _sketch, "cartoon": _cartoon, "art_paintin
 
 def _check(domain: str, class_name: str, seed: int, index: int, size: int) -> None:
     if domain not in _STYLES:
-        raise ConfigError(f"unknown synthetic domain {domain!r}; choose from {', '.join(DOMAINS)}")
+        raise ConfigError(unknown_name("synthetic domain", domain, DOMAINS))
     if class_name not in SHAPES:
         raise ConfigError(
             f"unknown synthetic class {class_name!r}; choose from {', '.join(CLASSES)}"
@@ -404,7 +404,7 @@ def caption(domain: str, class_name: str, rng: random.Random, color: str | None 
     mentioned only when given, so captions never describe a colour that is not in the image.
     """
     if domain not in _TEMPLATES:
-        raise ConfigError(f"unknown synthetic domain {domain!r}; choose from {', '.join(DOMAINS)}")
+        raise ConfigError(unknown_name("synthetic domain", domain, DOMAINS))
     noun = class_name
     if color and color != "pencil" and rng.random() < 0.4:
         noun = f"{color} {class_name}"
@@ -440,22 +440,28 @@ def write_dataset(
         for c in classes:
             _check(d, c, seed, 0, size)
     out = Path(out)
-    for d in domains:
-        for c in classes:
-            folder = out / d / c
-            folder.mkdir(parents=True, exist_ok=True)
-            prefix, suffix = _name_pattern(d, c)
-            for i in range(per_class):
-                target = folder / f"{prefix}{i:04d}{suffix}"
-                tmp = folder / f".{target.name}.tmp"
-                render(d, c, seed, i, size).save(tmp, format="PNG", compress_level=1)
-                os.replace(tmp, target)
-            for stale in folder.glob(f"{prefix}*{suffix}"):
-                stem = stale.name[len(prefix) : -len(suffix)]
-                if stem.isdigit() and int(stem) >= per_class:
-                    stale.unlink()
-        if progress:
-            print(f"synth: {d}: {len(classes) * per_class} images", file=sys.stderr)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    from fedclip_edge.progress import progress as track
+
+    total = len(domains) * len(classes) * per_class
+    with track("synth", total, "images", enabled=progress) as bar:
+        for d in domains:
+            bar.describe(d)
+            for c in classes:
+                folder = out / d / c
+                folder.mkdir(parents=True, exist_ok=True)
+                prefix, suffix = _name_pattern(d, c)
+                for i in range(per_class):
+                    target = folder / f"{prefix}{i:04d}{suffix}"
+                    tmp = folder / f".{target.name}.tmp"
+                    render(d, c, seed, i, size).save(tmp, format="PNG", compress_level=1)
+                    os.replace(tmp, target)
+                    bar.advance(1)
+                for stale in folder.glob(f"{prefix}*{suffix}"):
+                    stem = stale.name[len(prefix) : -len(suffix)]
+                    if stem.isdigit() and int(stem) >= per_class:
+                        stale.unlink()
     return {
         "root": str(out),
         "domains": list(domains),

@@ -23,6 +23,7 @@ import torch
 
 from fedclip_edge.errors import ModelError
 from fedclip_edge.models.registry import _open_clip, cache_dir  # noqa: F401  (re-exported)
+from fedclip_edge.names import did_you_mean
 
 DEFAULT_MODEL = "fedclip-tiny"
 SYNTH_TAG = "synth"
@@ -71,16 +72,36 @@ def list_architectures() -> list[str]:
 
 def _check_architecture(name: str) -> None:
     oc = _open_clip()
-    if name not in oc.list_models():
+    names = oc.list_models()
+    if name not in names:
         raise ModelError(
-            f"unknown model architecture {name!r}: use an open_clip name such as ViT-B-32 "
-            f"(`fedclip-edge models` lists them) or {DEFAULT_MODEL!r}, the offline default"
+            f"unknown model architecture {name!r}{did_you_mean(name, names)}: use an open_clip "
+            f"name such as ViT-B-32 (`fedclip-edge model list` lists them) or "
+            f"{DEFAULT_MODEL!r}, the offline default"
         )
 
 
 def _offline() -> bool:
     flags = (os.environ.get("FEDCLIP_EDGE_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
     return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str:
+    """"" when the weights' host answers a TCP connect within `timeout_s`, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:  # behind a proxy, the proxy is what has to answer
+        endpoint = proxy if "://" in proxy else f"http://{proxy}"
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or (80 if endpoint.startswith("http:") else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return ""
+    except OSError as exc:
+        return f"{host}:{port} unreachable ({exc.strerror or type(exc).__name__})"
 
 
 def _resolve_tag(name: str, tag: str) -> str:
@@ -90,14 +111,16 @@ def _resolve_tag(name: str, tag: str) -> str:
     if tag not in tags:
         known = ", ".join(tags) if tags else "none published"
         raise ModelError(
-            f"{name!r} has no pretrained tag {tag!r} (known: {known}); or pass a checkpoint file "
-            f"path, or 'none' for random init"
+            f"{name!r} has no pretrained tag {tag!r}{did_you_mean(tag, tags)} (known: {known}); "
+            "or pass a checkpoint file path, or 'none' for random init"
         )
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-    if _offline():
+    unreachable = "" if _offline() else _hub_unreachable()
+    if _offline() or unreachable:
         # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it (and ours) at call time
-        # so an offline machine fails at once instead of after a minute of retries.
+        # so an offline machine fails at once (or reads the cache) instead of after a minute of
+        # retries. No network counts as offline: the hub's client would retry for ~50 s.
         try:
             import huggingface_hub.constants as hf_constants
 
@@ -111,6 +134,8 @@ def _resolve_tag(name: str, tag: str) -> str:
         reason = str(exc).splitlines()[0][:200]
     else:
         reason = "download returned nothing"
+    if unreachable:
+        reason = f"no network: {unreachable}, and not in the local cache"
     if not path or not Path(path).is_file():
         raise ModelError(
             f"pretrained weights {name}/{tag} are not available ({reason}). Fetch them once on a "

@@ -190,35 +190,33 @@ def pretrain(
         gen = torch.Generator().manual_seed(cfg.seed)
         model.train()
         step, last = 0, 0.0
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n_images, generator=gen)
-            for s in range(steps_per_epoch):
-                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                if idx.numel() < 2:
-                    continue
-                img = F.normalize(model.encode_image(pixels[idx]), dim=-1)
-                txt = F.normalize(model.encode_text(tokens[idx]), dim=-1)
-                logits = model.logit_scale.exp() * img @ txt.T
-                targets = _targets(cfg.positives, class_ids[idx], cap_ids[idx])
-                loss = (
-                    torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
-                    + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean()
-                ) / 2
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                last = float(loss.detach())
-            if progress:
-                print(
-                    f"pretrain {MODEL_NAME}: epoch {epoch + 1}/{cfg.epochs} step {step}/{total} "
-                    f"loss {last:.3f} ({time.perf_counter() - t0:.0f}s)",
-                    flush=True,
-                )
+        from fedclip_edge.progress import progress as track
+
+        with track(f"pretrain {MODEL_NAME}", total, "steps", enabled=progress) as reporter:
+            for epoch in range(cfg.epochs):
+                order = torch.randperm(n_images, generator=gen)
+                for s in range(steps_per_epoch):
+                    idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                    if idx.numel() < 2:
+                        continue
+                    img = F.normalize(model.encode_image(pixels[idx]), dim=-1)
+                    txt = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+                    logits = model.logit_scale.exp() * img @ txt.T
+                    targets = _targets(cfg.positives, class_ids[idx], cap_ids[idx])
+                    loss = (
+                        torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
+                        + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean()
+                    ) / 2
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, math.log(100))
+                    step += 1
+                    last = float(loss.detach())
+                    reporter.advance(1, note=f"epoch {epoch + 1}/{cfg.epochs}, loss {last:.3f}")
         model.eval()
         zero_shot = _zero_shot(model, tokenizer, preprocess, cfg)
         meta = {

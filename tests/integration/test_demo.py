@@ -52,3 +52,83 @@ def test_inproc_demo(tmp_path, capsys):
     for preset in ("reference", "learning"):
         s = json.loads((tmp_path / preset / "summary.json").read_text())
         assert s["seeds"] == [0, 1] and s["rounds"] == 2
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (the demo's agents name its folder)."""
+    import os
+
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def test_mqtt_demo_interrupt_resume_and_rerun(tmp_path, capsys):
+    """Ctrl-C mid-run (made certain: the commit of round 2 is a barrier) -> one interrupted line,
+    exit 130, agents stopped, round 1 kept; `--resume` finishes the same job; running the same
+    command again then starts a fresh job and moves the finished run to runs/<time>."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--rounds", "3", "--per-class", "4"]
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tests)}
+    cmd = [sys.executable, "-m", "support.blockrun", "fedclip_edge.broker.store:RunStore.commit",
+           "1", "--", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, stdin=subprocess.DEVNULL)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("BLOCKED"):
+                break
+        else:
+            pytest.fail("".join(lines))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text
+    interrupted = [line for line in text.splitlines() if line.startswith("interrupted")]
+    assert len(interrupted) == 1 and "--resume" in interrupted[0], text
+    assert _processes_mentioning(str(out)) == [], "device agents outlived the demo"
+    state = json.loads((out / "aggregator" / "state.json").read_text())
+    assert state["completed_round"] == 1
+    job = state["job"]
+
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming job {job} after round 1" in printed
+    state = json.loads((out / "aggregator" / "state.json").read_text())
+    assert state["completed_round"] == 3 and state["job"] == job
+    rows = [json.loads(x) for x in (out / "aggregator" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["round"] for r in rows if r.get("kind") == "round") == [1, 2, 3]
+
+    assert main(["demo", "--out", str(out), "--rounds", "2", "--per-class", "4"]) == 0
+    printed = capsys.readouterr().out
+    moved = list((out / "runs").iterdir())
+    assert len(moved) == 1 and f"moved to {moved[0]}" in printed
+    earlier = json.loads((moved[0] / "aggregator" / "state.json").read_text())
+    assert earlier["job"] == job and earlier["completed_round"] == 3
+    assert (moved[0] / "agents" / "dev-cartoon.log").is_file()
+    fresh = json.loads((out / "aggregator" / "state.json").read_text())
+    assert fresh["job"] != job and fresh["completed_round"] == 2
