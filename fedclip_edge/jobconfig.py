@@ -110,6 +110,18 @@ class DemoSection:
 
 
 @dataclass(frozen=True)
+class KeysSection:
+    """[keys]: who signs what (`fedclip-edge keys new`); relative paths from this file."""
+
+    device_keys: Path | None = key("device_keys", AGG)
+    signing_key: Path | None = key("signing_key", AGG)
+    key: Path | None = key("key", AGENT)
+    aggregator_key: Path | None = key("aggregator_key", AGENT)
+    artifact_key: Path | None = key("artifact_key", AGENT)
+    insecure_unsigned: bool | None = key("insecure_unsigned", AGG, AGENT)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A parsed job file; `path` is where it came from (for messages)."""
 
@@ -120,6 +132,7 @@ class JobConfig:
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
     agent: AgentSection = field(default_factory=AgentSection)
     demo: DemoSection = field(default_factory=DemoSection)
+    keys: KeysSection = field(default_factory=KeysSection)
 
     def options(self, command: str) -> dict[str, Any]:
         """The values the file sets for `command`, keyed by its options' parameter names."""
@@ -140,6 +153,7 @@ SECTIONS: dict[str, type] = {
     "aggregator": AggregatorSection,
     "agent": AgentSection,
     "demo": DemoSection,
+    "keys": KeysSection,
 }
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support import keys
 from support import mqtt as mh
 
 pytestmark = pytest.mark.integration
@@ -81,10 +82,12 @@ def test_bad_job_and_client_ids(tmp_path: Path) -> None:
 
 
 def test_out_is_a_file(tmp_path: Path) -> None:
+    kdir = keys.key_files(tmp_path / "keys", ["dev-a"])
     f = tmp_path / "a-file"
     f.write_text("x")
     r = run_cli("aggregate", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--rounds", "1",
-                "--out", str(f))
+                "--out", str(f), "--device-keys", str(kdir / "devices"),
+                "--signing-key", str(kdir / "aggregator.key"))
     assert_one_error_line(r, str(f), "is a file")
     r = run_cli("data", "synth", "--out", str(f), "--per-class", "1")
     assert_one_error_line(r, str(f), "is a file")
@@ -318,9 +321,12 @@ def test_sigint_features_keeps_resumable_cache(small_data: Path, tmp_path: Path)
 
 
 def test_sigint_aggregate_waiting_for_devices(tmp_path: Path) -> None:
+    kdir = keys.key_files(tmp_path / "keys", ["dev-a"])
     with mh.embedded_broker() as broker:
         cmd = [*CLI, "aggregate", "--broker", broker.url, "--job", "exits", "--rounds", "2",
-               "--out", str(tmp_path / "agg"), "--wait-clients", "600", "--connect-timeout", "20"]
+               "--out", str(tmp_path / "agg"), "--wait-clients", "600", "--connect-timeout", "20",
+               "--device-keys", str(kdir / "devices"),
+               "--signing-key", str(kdir / "aggregator.key")]
         with child(cmd) as c:
             c.wait_line("waiting up to 600s for 1 device(s)")
             rc = c.interrupt()

@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import keys
 from support import mqtt as mh
+
+from fedclip_edge.signing import sign_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,6 +47,9 @@ def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         r = subprocess.run([*CLI, *cmd], capture_output=True, text=True, env=_env(), timeout=600)
         assert r.returncode == 0, r.stderr
+    # the keys where the file says: devices' public keys, the aggregator's and the exporter's
+    keys.key_files(root / "keys", [*AGENTS, "dev-x"])
+    sign_artifact(root / "artifact", keys.key("exporter"))
     return root
 
 
@@ -59,7 +65,8 @@ def test_config_driven_federation(job_dir: Path, tmp_path: Path) -> None:
                 ("aggregator", [*CLI, "aggregate", "--config", config, "--broker", broker.url]),
                 *[
                     (client, [*CLI, "agent", "--config", config, "--broker", broker.url,
-                              "--client-id", client, "--domain", domain])
+                              "--client-id", client, "--domain", domain,
+                              "--key", str(job_dir / "keys" / f"{client}.key")])
                     for client, domain in AGENTS.items()
                 ],
             ]:
@@ -105,6 +112,7 @@ def test_agent_sigint_while_waiting_for_the_aggregator(job_dir: Path, tmp_path: 
     with mh.embedded_broker() as broker:
         cmd = [*CLI, "agent", "--config", str(job_dir / "job.toml"), "--broker", broker.url,
                "--job", "nobody-runs-this", "--client-id", "dev-x", "--domain", "sketch",
+               "--key", str(job_dir / "keys" / "dev-x.key"),
                "--cache", str(tmp_path / "cache")]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=_env(), stdin=subprocess.DEVNULL)
