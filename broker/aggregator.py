@@ -36,7 +36,7 @@ from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import FedAvg
+from fedclip_edge.strategy import Strategy, make_strategy
 from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_frame, encode_frame
 from fedclip_edge.wire import expected_shapes as frame_shapes
@@ -96,8 +96,15 @@ class AggregatorConfig:
     registry: KeyRegistry | None = None
     signing_key: Ed25519PrivateKey | None = None
     insecure_unsigned: bool = False
+    # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+    def make_strategy(self) -> Strategy:
+        return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
     def __post_init__(self) -> None:
+        self.make_strategy()  # a typo in a name or option fails before anything starts
         P.check_id(self.job, "job")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
@@ -163,7 +170,7 @@ class Aggregator:
         self.hooks = hooks or AggregatorHooks()
         self.store = RunStore(cfg.out)
         self.out = self.store.out
-        self.strategy = FedAvg(cfg.weighting)
+        self.strategy = cfg.make_strategy()
         self.roster = Roster()
         self.counters: Counter[str] = Counter()
         self.completed = 0
@@ -528,6 +535,7 @@ class Aggregator:
                 "rounds": self.cfg.rounds,
                 "train": self.cfg.train,
                 "weighting": self.cfg.weighting,
+                "strategy": self.strategy.describe(),
                 "devices": self.roster.to_dict(),
                 "counters": dict(self.counters),
                 "history": self.history,

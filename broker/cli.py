@@ -185,6 +185,9 @@ def aggregate(
         Path | None,
         typer.Option(help="Site: the central aggregator's public key (its globals are signed)."),
     ] = None,
+    strategy: opt.Strategy = "fedavg",
+    clip_bound: opt.ClipBound = None,
+    trim: opt.Trim = None,
     config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
@@ -219,6 +222,8 @@ def aggregate(
         registry=KeyRegistry.load(device_keys) if device_keys else None,
         signing_key=load_private_key(signing_key) if signing_key else None,
         insecure_unsigned=insecure_unsigned,
+        strategy=strategy,
+        strategy_options={"bound": clip_bound, "trim": trim},
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)

@@ -77,3 +77,16 @@ def config_option(command: str) -> Any:
             callback=load,
         ),
     ]
+
+# Aggregation strategies (fedclip_edge.strategy): the same three options on simulate, aggregate
+# and demo.
+Strategy = Annotated[
+    str,
+    typer.Option(help="Aggregation: fedavg | clip | trimmed-mean | median (docs/strategies.md)."),
+]
+ClipBound = Annotated[
+    str | None, typer.Option(help="clip: L2 bound of a client's delta, or 'auto' (median).")
+]
+Trim = Annotated[
+    float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).")
+]

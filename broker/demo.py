@@ -129,6 +129,8 @@ def run_mqtt_demo(
     job: str | None = None,
     resume: bool = False,
     train_overrides: dict[str, Any] | None = None,
+    strategy: str = "fedavg",
+    strategy_options: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary.
@@ -193,6 +195,8 @@ def run_mqtt_demo(
             eval_features=eval_dir,
             eval_domain=test_domain,
             resume=resume,
+            strategy=strategy,
+            strategy_options=strategy_options or {},
             registry=KeyRegistry.load(keys / "devices"),
             signing_key=load_private_key(keys / "aggregator.key"),
         )

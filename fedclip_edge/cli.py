@@ -20,6 +20,7 @@ from fedclip_edge.benchmarks.cli import (
     bench_soak,
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
+from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
 from fedclip_edge.broker.demo import run_mqtt_demo
@@ -175,15 +176,9 @@ def simulate_cmd(
     personalize_epochs: Annotated[
         int, typer.Option(help="Local fine-tuning epochs of the global adapter before evaluation.")
     ] = 0,
-    strategy: Annotated[
-        str, typer.Option(help="Aggregation: fedavg | clip | trimmed-mean | median.")
-    ] = "fedavg",
-    clip_bound: Annotated[
-        str | None, typer.Option(help="clip: L2 bound of a client's delta, or 'auto' (median).")
-    ] = None,
-    trim: Annotated[
-        float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).")
-    ] = None,
+    strategy: opt.Strategy = "fedavg",
+    clip_bound: opt.ClipBound = None,
+    trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
 ) -> None:
@@ -261,6 +256,9 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
     round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
+    strategy: opt.Strategy = "fedavg",
+    clip_bound: opt.ClipBound = None,
+    trim: opt.Trim = None,
     config: config_option("demo") = None,
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
@@ -290,6 +288,8 @@ def demo(
         job=job,
         resume=resume,
         train_overrides={"lr": lr, "epochs": epochs, "batch_size": batch_size},
+        strategy=strategy,
+        strategy_options={"bound": clip_bound, "trim": trim},
     )
 
 

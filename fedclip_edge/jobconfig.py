@@ -81,6 +81,7 @@ class AggregatorSection:
     on_short: str | None = key("on_short", AGG)
     max_retries: int | None = key("max_retries", AGG)
     weighting: str | None = key("weighting", AGG)
+    strategy: str | None = key("strategy", AGG, DEMO)
     dim: int | None = key("dim", AGG)
     eval_features: Path | None = key("eval_features", AGG)
     eval_domain: str | None = key("eval_domain", AGG)
@@ -115,7 +116,7 @@ class KeysSection:
 
     device_keys: Path | None = key("device_keys", AGG)
     signing_key: Path | None = key("signing_key", AGG)
-    key: Path | None = key("key", AGENT)
+    device_key: Path | None = key("key", AGENT)  # each device's own (usually on its command line)
     aggregator_key: Path | None = key("aggregator_key", AGENT)
     artifact_key: Path | None = key("artifact_key", AGENT)
     insecure_unsigned: bool | None = key("insecure_unsigned", AGG, AGENT)

@@ -485,3 +485,26 @@ def test_replayed_relabelled_forged_and_unsigned_updates_are_refused(tmp_path: P
     assert c["rejected_unsigned"] == 1
     assert c["rejected_unknown_client"] + c["rejected_unknown_key"] == 1
     assert c["rejected_duplicate"] == 0
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "clip", "trimmed-mean", "median"])
+def test_aggregate_strategy_bounds_a_poisoned_update(tmp_path: Path, strategy: str) -> None:
+    """Four honest devices send 1.0, one sends 1e6: FedAvg's global follows the poison, every
+    robust strategy stays near the honest value (clip: each delta to the global clipped to
+    the median norm; trimmed-mean with trim 0.2 drops one value at each end; median)."""
+    broker = MemoryBroker()
+    devs = [FakeDevice(broker, c, lambda r, c: 1e6 if c == "e" else 1.0)
+            for c in ("a", "b", "c", "d", "e")]
+    for d in devs:
+        d.start()
+    opts = {"clip": {"bound": "auto"}, "trimmed-mean": {"trim": 0.2}}.get(strategy, {})
+    agg = make_agg(broker, tmp_path, rounds=1, min_clients=5, strategy=strategy,
+                   strategy_options=opts)
+    final = agg.run()
+    biggest = max(float(v.abs().max()) for v in final.values())
+    if strategy == "fedavg":
+        assert biggest > 1e5
+    else:
+        assert biggest < 2.0, (strategy, biggest)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["strategy"]["name"] == strategy
