@@ -284,6 +284,11 @@ class Aggregator:
             authn.verify(st, self.cfg.registry, job=self.cfg.job)  # admitted only if registered
         dev = self.roster.get(client)
         if st.state == "offline":
+            if dev is not None and dev.session and st.session and st.session != dev.session:
+                # the will of an earlier process of this device, published after its restarted
+                # process said hello (a kill -9 and a quick restart): not about the live one
+                self.counters["stale_will"] += 1
+                return
             if dev is not None and dev.active:
                 self.roster.set_state(client, "offline")
                 self.log(f"device {client} is offline")
@@ -301,7 +306,10 @@ class Aggregator:
                     f"device {client} online: {sum(st.samples.values())} samples "
                     f"{st.samples}, {st.backend}"
                 )
-            dev = Device(client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions))
+            dev = Device(
+                client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions),
+                session=st.session,
+            )
             self.roster.put(dev)
             # a chunked global cannot be retained: send it again to a (re)joining device
             if (

@@ -19,6 +19,7 @@ class Device:
     backend: str = ""
     dim: int = 0
     versions: dict[str, str] = field(default_factory=dict)
+    session: str = ""  # the device process that said hello (its will carries the same)
 
     @property
     def active(self) -> bool:

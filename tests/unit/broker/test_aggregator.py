@@ -21,7 +21,7 @@ from support.fleet import JOB, TRAIN, start_agents
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
-from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
 from fedclip_edge.broker.prevalidate import PrevalidateMixin
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
 from fedclip_edge.errors import FedClipError
@@ -508,3 +508,25 @@ def test_aggregate_strategy_bounds_a_poisoned_update(tmp_path: Path, strategy: s
         assert biggest < 2.0, (strategy, biggest)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["strategy"]["name"] == strategy
+
+
+def test_a_restarted_devices_late_will_does_not_take_it_offline(tmp_path: Path) -> None:
+    """kill -9 and a quick restart: the old process's will can reach the aggregator after the
+    new process's hello. It names the old session, so the live device stays active."""
+    broker = MemoryBroker()
+    a = FakeDevice(broker, "a", lambda r, c: 1.0)
+    b = FakeDevice(broker, "b", lambda r, c: 3.0)
+    old_will = authn.signed_will("b", JOB, "old-session", keys.key("b"))
+
+    class LateWill(AggregatorHooks):
+        def round_started(self, agg: Aggregator, rnd: int) -> None:  # after b's hello, certain
+            broker.publish("x", P.status_topic(JOB, "b"), old_will, False)
+
+    for d in (a, b):
+        d.start()
+    agg = make_agg(broker, tmp_path, rounds=1)
+    agg.hooks = LateWill()
+    final = agg.run()
+    assert agg.counters["stale_will"] == 1 and agg.roster.get("b").active
+    for v in final.values():
+        assert torch.allclose(v, torch.full(v.shape, 2.0))
