@@ -332,7 +332,7 @@ def _load_header_json(raw: bytes) -> Any:
     """Strict JSON: no duplicate keys, no NaN/Infinity constants, one-line errors."""
     try:
         header = json.loads(
-            raw.decode("utf-8"),
+            bytes(raw).decode("utf-8"),
             object_pairs_hook=_reject_duplicate_keys,
             parse_constant=_reject_constant,
         )
