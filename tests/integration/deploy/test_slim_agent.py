@@ -35,10 +35,12 @@ AGENT_ROUND = textwrap.dedent(
     import json, threading
     from pathlib import Path
     import torch
-    from fedclip_edge import protocol as P
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from fedclip_edge.adapter import AttentionAdapter
+    from fedclip_edge.broker import authn
+    from fedclip_edge.broker import protocol as P
     from fedclip_edge.device_agent.agent import Agent, AgentConfig, load_local_features
-    from fedclip_edge.transport import MemoryBroker, MemoryTransport
+    from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
     from fedclip_edge.wire import decode_frame, encode_frame
 
     data, artifact, cache = (Path(a) for a in sys.argv[1:4])
@@ -47,14 +49,16 @@ AGENT_ROUND = textwrap.dedent(
                                 log=logs.append)
     broker = MemoryBroker()
     job, client = "slim", "dev-a"
+    agg_key = Ed25519PrivateKey.generate()  # the agent signs and checks, as on a device
     agent = Agent(MemoryTransport(broker, client), AgentConfig(job, client, poll_s=0.02,
-                  idle_timeout_s=60), local, log=logs.append)
+                  idle_timeout_s=60, key=Ed25519PrivateKey.generate(),
+                  aggregator_key=agg_key.public_key()), local, log=logs.append)
     start = AttentionAdapter(local.dim).state_dict()
     frame = encode_frame(start, job=job, round=1, client="aggregator")
     train = {"lr": 1e-2, "weight_decay": 0.0, "loss": "ce", "batch_size": 8, "epochs": 1,
              "betas": [0.9, 0.98], "eps": 1e-6, "logit_scale": None}
     g = P.GlobalModel(job, 1, frame, seed=0, train=train, session="s1", rounds=1)
-    broker.publish("aggregator", P.global_topic(job), g.encode(), True)
+    broker.publish("aggregator", P.global_topic(job), authn.sign(g, agg_key).encode(), True)
     th = threading.Thread(target=agent.run, daemon=True)
     th.start()
     topic = P.update_topic(job, client)
@@ -62,7 +66,8 @@ AGENT_ROUND = textwrap.dedent(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(t == topic for _, t, _, _ in broker.log):
         time.sleep(0.02)
-    broker.publish("aggregator", P.control_topic(job), P.Control(job, "done", 1, 1).encode(), True)
+    done = authn.sign(P.Control(job, "done", 1, 1), agg_key)
+    broker.publish("aggregator", P.control_topic(job), done.encode(), True)
     th.join(30)
     upd = [p for _, t, p, _ in broker.log if t == topic]
     assert upd, "no update published: " + " | ".join(logs)
