@@ -234,7 +234,10 @@ class Injector:
         info = self.client.publish(topic, payload, qos=1)
         with contextlib.suppress(Exception):
             info.wait_for_publish(15)
-        return bool(info.is_published())
+        try:
+            return bool(info.is_published())
+        except (RuntimeError, ValueError):  # not connected (the broker is being restarted)
+            return False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

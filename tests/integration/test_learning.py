@@ -42,9 +42,11 @@ def test_adapter_learns_beyond_seed_spread(features, tmp_path):
     )
     summary = simulate(features, cfg, tmp_path, log=lambda line: None)
     gains = [_client_mean_gain(r, "personalization_acc_local") for r in summary["per_seed"]]
-    # every seed gains, and the mean gain exceeds the spread across seeds
-    assert min(gains) > 0, gains
-    assert statistics.mean(gains) > statistics.pstdev(gains), gains
+    # the mean over seeds gains. Since the best round is chosen among trained rounds only (the
+    # upstream rule; it used to fall back to the untrained adapter), one seed of three can end
+    # below zero-shot (measured: -1.9, +6.3, +3.3 points), so the gain no longer clears the
+    # seeds' spread: the README's results table needs re-measuring (issue 10 note).
+    assert statistics.mean(gains) > 0, gains
     # and at least one client's own gain (paired per seed) clears its spread
     per_client = {
         c: [r["personalization_acc_local"][c] - r["zero_shot_test"][c] for r in summary["per_seed"]]
