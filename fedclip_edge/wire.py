@@ -700,7 +700,7 @@ def _decode_codec_frame(
             f"header declares a {header['payload_len']}-byte payload, frame carries {len(payload)}",
         )
     try:
-        views = safetensors.deserialize(payload)
+        views = safetensors.deserialize(bytes(payload))  # it takes bytes, not a memoryview
     except Exception as exc:  # any parser failure means a bad payload, whatever its type
         raise FrameRejected(
             "header", f"payload is not valid safetensors: {_first_line(exc)}"
