@@ -343,16 +343,17 @@ def _load_header_json(raw: bytes) -> Any:
     return header
 
 
-def _parse_header(raw: bytes) -> dict[str, Any]:
-    """Decode and type-check the JSON header; semantic checks (meta, dtype) follow the types."""
+def _typed_header(raw: bytes, keys: frozenset[str], text_key: str) -> dict[str, Any]:
+    """What both frame versions check first: a JSON object with exactly `keys`, string ids,
+    integer round and payload length."""
     header = _load_header_json(raw)
     if not isinstance(header, dict):
         raise FrameRejected("header", f"header is a JSON {type(header).__name__}, not an object")
-    missing = sorted(_HEADER_KEYS - header.keys())
-    unknown = sorted(header.keys() - _HEADER_KEYS)
+    missing = sorted(keys - header.keys())
+    unknown = sorted(header.keys() - keys)
     if missing or unknown:
         raise FrameRejected("header", f"header keys wrong: missing {missing}, unknown {unknown}")
-    for key in ("job", "client", "dtype"):
+    for key in ("job", "client", text_key):
         if not isinstance(header[key], str):
             raise FrameRejected("header", f"header {key!r} must be a string")
     for key in ("round", "payload_len"):
@@ -360,6 +361,12 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
             raise FrameRejected("header", f"header {key!r} must be an integer")
     if header["payload_len"] < 0:
         raise FrameRejected("header", "header 'payload_len' is negative")
+    return header
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    """Decode and type-check the JSON header; semantic checks (meta, dtype) follow the types."""
+    header = _typed_header(raw, _HEADER_KEYS, "dtype")
     if not isinstance(header["tensors"], list) or not header["tensors"]:
         raise FrameRejected("header", "header 'tensors' must be a non-empty list")
     names: set[str] = set()
@@ -590,21 +597,7 @@ def _names_shapes_diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch
 
 def _parse_codec_header(raw: bytes) -> dict[str, Any]:
     """Type- and bound-check a version-2 header: known codec, bounded shapes, k in its tensor."""
-    header = _load_header_json(raw)
-    if not isinstance(header, dict):
-        raise FrameRejected("header", f"header is a JSON {type(header).__name__}, not an object")
-    missing = sorted(_CODEC_HEADER_KEYS - header.keys())
-    unknown = sorted(header.keys() - _CODEC_HEADER_KEYS)
-    if missing or unknown:
-        raise FrameRejected("header", f"header keys wrong: missing {missing}, unknown {unknown}")
-    for key in ("job", "client", "codec"):
-        if not isinstance(header[key], str):
-            raise FrameRejected("header", f"header {key!r} must be a string")
-    for key in ("round", "payload_len"):
-        if not _is_int(header[key]):
-            raise FrameRejected("header", f"header {key!r} must be an integer")
-    if header["payload_len"] < 0:
-        raise FrameRejected("header", "header 'payload_len' is negative")
+    header = _typed_header(raw, _CODEC_HEADER_KEYS, "codec")
     codec = header["codec"]
     if codec not in codecs.CODECS:
         raise FrameRejected(
