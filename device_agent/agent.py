@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,9 @@ class LocalData:
             idx = torch.from_numpy(ix).long()
             out[name] = (self.features[idx], self.labels[idx])
         return out
+
+
+MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
 
 
 @dataclass
@@ -169,6 +172,8 @@ class Agent:
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._split_seed: int | None = None
         self._extract_reported = False
+        # accepted messages taken from the transport early, to see what supersedes a round
+        self._pending: deque[tuple[P.Control | P.GlobalModel, Received]] = deque()
         n = int(data.labels.shape[0])
         self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
                                                  strict=True)}
@@ -209,13 +214,14 @@ class Agent:
             self._status("uploaded", upload_s=upload_s)
 
     # ------------------------------------------------------------------ messages in
-    def _on_message(self, msg: Received) -> None:
+    def _accept(self, msg: Received) -> P.Control | P.GlobalModel | None:
+        """Decoded and, when signing is on, verified; None (counted, one line) otherwise."""
         try:
             m = P.decode_message(msg.payload)
         except P.MessageRejected as exc:
             self.rejected[exc.reason] += 1
             self.log(f"warning: ignored a bad message on {msg.topic}: {exc.message}")
-            return
+            return None
         if isinstance(m, (P.Control, P.GlobalModel)) and self._registry is not None:
             try:
                 authn.verify(m, self._registry, key_id=P.AGGREGATOR_ID)
@@ -223,13 +229,51 @@ class Agent:
                 self.rejected[exc.reason] += 1
                 self.log(f"warning: ignored a {type(m).__name__} on {msg.topic} "
                          f"({exc.reason}): {exc.message}")
-                return
-        if isinstance(m, P.Control) and m.job == self.cfg.job:
+                return None
+        if isinstance(m, (P.Control, P.GlobalModel)) and m.job == self.cfg.job:
+            return m
+        return None
+
+    def _on_message(self, msg: Received) -> None:
+        m = self._accept(msg)
+        if m is not None:
+            self._dispatch(m, msg)
+
+    def _dispatch(self, m: P.Control | P.GlobalModel, msg: Received) -> None:
+        if isinstance(m, P.Control):
             if m.state == "done":
                 self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
                 self.done = True
-        elif isinstance(m, P.GlobalModel) and m.job == self.cfg.job:
+        else:
             self._on_global(m, msg)
+
+    def _pull(self) -> None:
+        """Move what has already arrived into `_pending` (bounded), accepted messages only."""
+        while len(self._pending) < MAX_PENDING:
+            msg = self.t.recv(0)
+            if msg is None:
+                return
+            m = self._accept(msg)
+            if m is not None:
+                self._pending.append((m, msg))
+
+    def _superseded(self, rnd: int) -> str | None:
+        """What already arrived that makes work on round `rnd` pointless, if anything.
+
+        A device that was offline (killed, rebooted, out of coverage) gets its persistent
+        session's queue in one burst: the globals of every round it missed, maybe the final
+        one and `done`. Training on each in turn would send updates for closed rounds (the
+        aggregator refuses them as stale, or has ended and nobody counts them) and spend the
+        device's compute and uplink for nothing: only the newest global is worth answering.
+        """
+        self._pull()
+        for m, _ in self._pending:
+            if isinstance(m, P.Control) and m.state == "done":
+                return "the job's done message"
+            if isinstance(m, P.GlobalModel) and m.round > rnd:
+                return (f"round {m.round}'s global" if m.round <= m.rounds
+                        else "the final global")
+        return None
 
     def _on_global(self, g: P.GlobalModel, msg: Received) -> None:
         key = (g.session, g.round, tuple(sorted(g.have)))
@@ -261,6 +305,10 @@ class Agent:
         self.current_round = g.round
         self._check_outbox()
         if g.round < self.last_trained:
+            return
+        why = self._superseded(g.round)
+        if why is not None:
+            self.log(f"round {g.round}: skipped, {why} already arrived")
             return
         self._train_and_send(g, frame.tensors, msg)
 
@@ -317,6 +365,10 @@ class Agent:
         if self.cfg.key is not None:
             update = authn.sign(update, self.cfg.key)
         payload = update.encode()
+        why = self._superseded(g.round)  # arrived while training: the round is over
+        if why is not None:
+            self.log(f"round {g.round}: trained but not sent, {why} arrived meanwhile")
+            return
         self.last_trained = g.round
         self.rounds_trained += 1
         self._cached = (g.round, payload)
@@ -344,10 +396,14 @@ class Agent:
                     if ob is not None and not ob.delivery.wait(0):
                         self.log(f"round {ob.round}: reconnected, sending the queued update again")
                         self._send(ob.round, ob.payload)
-                msg = self.t.recv(self.cfg.poll_s)
-                if msg is not None:
+                if self._pending:
                     last_heard = self.clock()
-                    self._on_message(msg)
+                    self._dispatch(*self._pending.popleft())
+                else:
+                    msg = self.t.recv(self.cfg.poll_s)
+                    if msg is not None:
+                        last_heard = self.clock()
+                        self._on_message(msg)
                 self._check_outbox()
                 if self.clock() - last_heard > self.cfg.idle_timeout_s:
                     raise TransportError(
@@ -467,6 +523,7 @@ def run_agent(
     max_payload: int = P.DEFAULT_MAX_PAYLOAD,
     idle_timeout_s: float = 600.0,
     connect_timeout_s: float = 30.0,
+    keepalive_s: int = 15,
     key_file: Path | None = None,
     aggregator_key_file: Path | None = None,
     artifact_key_file: Path | None = None,
@@ -494,7 +551,7 @@ def run_agent(
                                 log=log)
     transport = MqttTransport(
         broker, client_id, username=username if username is not None else client_id,
-        password=password, tls=tls, max_payload=max_payload,
+        password=password, tls=tls, max_payload=max_payload, keepalive=keepalive_s,
         will=(P.status_topic(job, client_id),
               authn.signed_will(client_id, job, cfg.session, cfg.key), True),
     )

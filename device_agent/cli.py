@@ -44,6 +44,14 @@ def agent(
         typer.Option(help="Give up after this many seconds without a message from the aggregator."),
     ] = 600.0,
     connect_timeout: opt.ConnectTimeout = 30.0,
+    keepalive: Annotated[
+        int,
+        typer.Option(
+            min=5, max=65535,
+            help="MQTT keepalive seconds: the broker sends this device's will (offline) after "
+            "1.5x this long without a packet. Longer suits flaky cellular links.",
+        ),
+    ] = 15,
     username: Annotated[
         str | None, typer.Option(help="MQTT username (default: the client id).")
     ] = None,
@@ -94,6 +102,7 @@ def agent(
         max_payload=max_payload,
         idle_timeout_s=idle_timeout,
         connect_timeout_s=connect_timeout,
+        keepalive_s=keepalive,
         key_file=key,
         aggregator_key_file=aggregator_key,
         artifact_key_file=artifact_key,

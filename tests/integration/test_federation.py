@@ -34,7 +34,6 @@ pytestmark = pytest.mark.integration
 
 DOMAINS = {"dev-a": "art_painting", "dev-b": "cartoon", "dev-c": "photo"}
 PY = sys.executable
-TESTS = Path(__file__).resolve().parents[1]  # for `python -m support.agent_launcher`
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +60,11 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def agent_cmd(fed: dict[str, Path], url: str, job: str, client: str) -> list[str]:
-    # the agent with a 600 s keepalive (support/agent_launcher.py): a device frozen by SIGSTOP
-    # stays connected, so it holds a round open for as long as the test needs
-    return [PY, "-m", "support.agent_launcher", "--broker", url, "--job", job,
+    # a 600 s keepalive: a device frozen by SIGSTOP sends no PINGREQ, and with the default 15 s
+    # the broker would drop it (and send its will) after 22 s, ending the hold early on a loaded
+    # machine; this way it stays connected and holds a round open as long as the test needs
+    return [PY, "-m", "fedclip_edge.device_agent.cli", "--keepalive", "600", "--broker", url,
+            "--job", job,
             "--client-id", client, "--data", str(fed["data"]), "--domain", DOMAINS[client],
             "--artifacts", str(fed["artifact"]), "--backend", "onnxruntime", "--cache",
             str(fed["cache"] / DOMAINS[client]), "--idle-timeout", "300",
@@ -91,8 +92,7 @@ class Procs:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                              stdin=subprocess.DEVNULL)
         log.close()

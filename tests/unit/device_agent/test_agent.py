@@ -4,6 +4,7 @@ outbox that re-sends a lost update, and the re-send when the aggregator repeats 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import torch
@@ -184,3 +185,101 @@ def test_agent_refuses_globals_and_controls_the_aggregator_did_not_sign() -> Non
     agent.stop.set()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def _offline_agent(broker: MemoryBroker, client: str) -> tuple[object, list[str]]:
+    """An agent connected and subscribed but not yet running: what is published now waits in
+    its inbox, as a persistent session's queue waits for a device that was offline."""
+    from support.fleet import local_data
+
+    from fedclip_edge.device_agent.agent import Agent, AgentConfig
+
+    cfg = AgentConfig(JOB, client, idle_timeout_s=30, poll_s=0.02, key=keys.key(client),
+                      aggregator_key=keys.aggregator_public())
+    t = MemoryTransport(broker, client)
+    t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
+    t.connect()
+    lines: list[str] = []
+    return Agent(t, cfg, local_data(client), log=lines.append), lines
+
+
+def _global(rnd: int, rounds: int = 3) -> bytes:
+    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=rnd, client="aggregator")
+    return _signed(P.GlobalModel(JOB, rnd, frame, seed=0, train=TRAIN, session="s", rounds=rounds))
+
+
+def _updates(agg: MemoryTransport) -> list[int]:
+    out = []
+    while (m := agg.recv(0)) is not None:
+        if "/update/" in m.topic:
+            out.append(P.decode_message(m.payload).round)
+    return out
+
+
+def test_agent_back_from_offline_answers_only_the_newest_global() -> None:
+    """The soak's lost updates: a device restarted after being killed gets the globals of the
+    rounds it missed in one burst. It trains only on the newest, and after the job ended it
+    sends nothing at all (before, it answered each old global: updates nobody could count)."""
+    broker = MemoryBroker()
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    agent, lines = _offline_agent(broker, "dev-a")
+    for rnd in (1, 2, 3):  # the queue: three rounds' globals, not yet read
+        agg.publish(P.global_topic(JOB), _global(rnd))
+    th = threading.Thread(target=agent.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and agent.last_trained < 3:
+        time.sleep(0.02)
+    assert agent.last_trained == 3 and agent.rounds_trained == 1
+    assert _updates(agg) == [3]
+    assert any("round 1: skipped, round 2's global already arrived" in x for x in lines)
+    assert any("round 2: skipped, round 3's global already arrived" in x for x in lines)
+    agg.publish(P.control_topic(JOB), _signed(P.Control(JOB, "done", 3, 3)))
+    th.join(10)
+    assert not th.is_alive()
+
+    # after the job: globals of rounds 2 and 3, the final global and `done`, all queued
+    agent2, lines2 = _offline_agent(broker, "dev-b")
+    for payload in (_global(2), _global(3), _global(4)):
+        agg.publish(P.global_topic(JOB), payload)
+    agg.publish(P.control_topic(JOB), _signed(P.Control(JOB, "done", 3, 3)))
+    assert agent2.run() == 0
+    assert _updates(agg) == []
+    assert agent2.final_state is not None and agent2.done
+    assert any("round 3: skipped, the final global already arrived" in x for x in lines2)
+
+
+def test_agent_does_not_send_an_update_whose_round_ended_while_it_trained(monkeypatch) -> None:
+    """Round 2's global arrives while round 1 trains (made certain: the training step itself
+    publishes it): round 1's update is not sent, round 2's is."""
+    import fedclip_edge.device_agent.agent as agent_mod
+
+    broker = MemoryBroker()
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    agent, lines = _offline_agent(broker, "dev-a")
+    real_train = agent_mod.train_local
+    calls: list[int] = []
+
+    def train_and_round_moves_on(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            agg.publish(P.global_topic(JOB), _global(2))
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(agent_mod, "train_local", train_and_round_moves_on)
+    agg.publish(P.global_topic(JOB), _global(1))
+    th = threading.Thread(target=agent.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and agent.last_trained < 2:
+        time.sleep(0.02)
+    agg.publish(P.control_topic(JOB), _signed(P.Control(JOB, "done", 3, 3)))
+    th.join(10)
+    assert len(calls) == 2 and agent.last_trained == 2
+    assert _updates(agg) == [2]
+    assert any("round 1: trained but not sent, round 2's global arrived meanwhile" in x
+               for x in lines)
