@@ -14,13 +14,12 @@ import pytest
 from support import mqtt as mh
 
 from fedclip_edge.benchmarks.soak import (
-    FAULT_KINDS,
     SoakConfig,
-    figures_line,
     plan_faults,
     run_soak,
     signing_hook_reason,
 )
+from fedclip_edge.benchmarks.soak_reconcile import FAULT_KINDS, figures_line
 from fedclip_edge.errors import ConfigError
 
 
@@ -82,7 +81,7 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
 
 def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
     """The parsers behind the reconciliation, on lines as the agent and aggregator print them."""
-    from fedclip_edge.benchmarks.soak import _agent_sends, _aggregator_log
+    from fedclip_edge.benchmarks.soak_reconcile import _agent_sends, _aggregator_log
 
     tail = "| loss 0.1234 | compute 0.012s | wait 0.100s | down 100 B | up 200 B"
     first, second = tmp_path / "dev-1.1.log", tmp_path / "dev-1.2.log"
