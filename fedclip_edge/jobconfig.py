@@ -99,6 +99,7 @@ class AgentSection:
     cache: Path | None = key("cache", AGENT)
     update_dtype: str | None = key("update_dtype", AGENT)
     idle_timeout: float | None = key("idle_timeout", AGENT)
+    keepalive: int | None = key("keepalive", AGENT)
 
 
 @dataclass(frozen=True)
