@@ -356,8 +356,11 @@ class Aggregator:
             raise P.MessageRejected("client_mismatch", f"update of {up.client!r} on {client!r}")
         if client not in self.roster:
             raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
-        if up.round < self._round:
-            raise P.MessageRejected("stale", f"update for round {up.round}, now {self._round}")
+        if up.round < self._round or up.round <= self.completed:
+            # also between rounds (resumed, not yet open: _round is 0): a committed round's
+            # update is stale, not "future"
+            raise P.MessageRejected("stale", f"update for round {up.round}, now {self._round}"
+                                    f" (round {self.completed} committed)")
         if up.round > self._round:
             raise P.MessageRejected("future", f"update for round {up.round}, now {self._round}")
         if client in self._answered:

@@ -530,3 +530,22 @@ def test_a_restarted_devices_late_will_does_not_take_it_offline(tmp_path: Path) 
     assert agg.counters["stale_will"] == 1 and agg.roster.get("b").active
     for v in final.values():
         assert torch.allclose(v, torch.full(v.shape, 2.0))
+
+
+def test_a_committed_rounds_update_is_stale_also_between_rounds(tmp_path: Path) -> None:
+    """Found by the fault tests under load: a replay that reached an aggregator resumed after
+    round 3, before it opened round 4, was refused as `future` ("update for round 2, now 0").
+    Refused it was, but under the wrong reason: a committed round's update is `stale`."""
+    from fedclip_edge.broker.roster import Device
+    from fedclip_edge.broker.transport import Received
+
+    agg = make_agg(MemoryBroker(), tmp_path)
+    agg._init_state()
+    agg.completed = 3  # as after `--resume`: round 4 is not open yet, `_round` is 0
+    agg.roster.put(Device("a", session="s"))
+    frame = encode_frame(const_state(1.0), job=JOB, round=2, client="a")
+    up = authn.sign(P.Update(JOB, 2, "a", 1, {}, frame, session="s"), keys.key("a"))
+    payload = up.encode()
+    agg._handle(Received(P.update_topic(JOB, "a"), payload, False, len(payload)))
+    assert agg.counters["rejected_stale"] == 1 and agg.counters["rejected_future"] == 0
+    assert any("rejected (stale)" in line and "round 3 committed" in line for line in agg.lines)
