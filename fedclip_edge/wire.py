@@ -809,6 +809,7 @@ _DENSE_TAGS = frozenset({"F32", "F16"})
 _CODEC_TAGS = frozenset(_ST_DTYPES)
 _ST_LEN = struct.Struct("<Q")
 _ST_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_ST_MAX_RANK = 8  # as the codec header's bound; an adapter's tensors have 1 or 2
 
 
 def _bad_payload(why: str) -> FrameRejected:
@@ -859,6 +860,8 @@ def _safetensors_views(
             )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _bad_payload(f"tensor {label} shape must be a list of non-negative integers")
+        if len(shape) > _ST_MAX_RANK:  # numpy refuses more than 64 (a ValueError, not ours)
+            raise _bad_payload(f"tensor {label} has {len(shape)} dimensions, over {_ST_MAX_RANK}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

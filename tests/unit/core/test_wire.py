@@ -446,6 +446,9 @@ def test_reject_payload_gaps_and_unclaimed_bytes() -> None:
          "{dtype, shape, data_offsets}"),
         ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "header", "shape"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, True]}}, "header", "within"),
+        # 69 dimensions holding 4 values: numpy cannot even reshape that (a ValueError before)
+        ({"a": {"dtype": "F32", "shape": [1] * 68 + [4], "data_offsets": [0, 16]}}, "header",
+         "69 dimensions"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
           "__metadata__": {"k": 1}}, "header", "__metadata__"),
     ],
