@@ -196,8 +196,8 @@ def decode_frame(
             "oversize", f"frame is {len(data)} bytes, above the {max_bytes}-byte limit"
         )
     # a view, not a copy: the hash and the slices below read the caller's bytes in place, and
-    # float32 tensors are views of them. Only immutable bytes are viewed: a writable buffer
-    # (bytearray, writable memoryview) is copied once, so later writes to it cannot change
+    # float32 tensors are views of them. Only immutable bytes are viewed: any other buffer
+    # (bytearray, a read-only view of one) is copied once, so later writes to it cannot change
     # the tensors handed out.
     data = _readonly_view(data)
     if len(data) < FIXED_OVERHEAD:
@@ -584,10 +584,11 @@ def _checked_body(data: bytes, max_bytes: int) -> tuple[memoryview, int]:
 
 
 def _readonly_view(data: bytes | bytearray | memoryview) -> memoryview:
-    """A byte view of `data` that nobody can write through: immutable bytes in place, a
-    writable buffer copied once (tensors may be views of what this returns)."""
+    """A byte view of `data` that nobody can write through: immutable `bytes` (or a view of
+    them) in place; anything else (bytearray, a read-only view of writable memory, mmap)
+    copied once. Tensors may be views of what this returns."""
     view = memoryview(data).cast("B")
-    return view if view.readonly else memoryview(bytes(view))
+    return view if isinstance(view.obj, bytes) else memoryview(bytes(view))
 
 
 def _names_shapes_diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> str:

@@ -486,8 +486,14 @@ def test_float32_tensors_are_views_of_immutable_bytes_only() -> None:
     # a writable buffer is copied once: writing to it later changes nothing handed out
     buf = bytearray(data)
     from_buf = decode_frame(buf).tensors
+    ro = decode_frame(memoryview(buf).toreadonly()).tensors  # read-only view, writable memory
     buf[:] = bytes(len(buf))
-    assert torch.equal(from_buf["w"], small()["w"]) and torch.equal(from_buf["b"], small()["b"])
+    for got in (from_buf, ro):
+        assert torch.equal(got["w"], small()["w"]) and torch.equal(got["b"], small()["b"])
+    # a view of bytes (as an envelope hands its frame over) is viewed in place
+    outer = b"xx" + data
+    inner = decode_frame(memoryview(outer)[2:]).tensors["w"].numpy()
+    assert np.shares_memory(inner, np.frombuffer(outer, dtype=np.uint8))
     # aggregating reads the views, never writes them
     before = hashlib.sha256(data).digest()
     acc = RunningMean("samples")
