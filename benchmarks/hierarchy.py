@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fedclip_edge.benchmarks.fleet import SAMPLES, Publisher, global_listener, make_updates
+from fedclip_edge.benchmarks.fleet import SAMPLES, FleetUpdates, Publisher, global_listener
 from fedclip_edge.benchmarks.procstats import proc_cpu_s, proc_status
 from fedclip_edge.broker.bridge import DEFAULT_UP_PREFIX, bridge_config
 from fedclip_edge.broker.mosquitto import run_mosquitto
@@ -71,15 +71,18 @@ def hierarchy_round(
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     t = time.perf_counter()
-    ids, payloads, g, mean = make_updates(n, dim, seed, job)
+    # envelopes are built as they are published (N x 2.1 MB would not fit at N = 10,000)
+    fleet = FleetUpdates(n, dim, seed, job)
+    ids, g, mean = fleet.ids, fleet.global_state, fleet.mean
+    envelope_bytes = len(fleet[0])
     precompute_s = time.perf_counter() - t
-    log(f"N={n}, {sites} sites: {n} updates of {len(payloads[0]):,} B precomputed in "
-        f"{precompute_s:.1f}s")
+    log(f"N={n}, {sites} sites: updates of {envelope_bytes:,} B built while publishing "
+        f"({len(g)} tensors, {fleet.distinct} distinct adapters; set up in {precompute_s:.1f}s)")
     members = [list(range(k, n, sites)) for k in range(sites)]  # device i -> site i % sites
     names = [f"site{k:03d}" for k in range(sites)]
     row: dict[str, Any] = {"devices": n, "sites": sites, "dim": dim, "job": job,
-                           "update_envelope_bytes": len(payloads[0]),
-                           "precompute_s": precompute_s}
+                           "update_envelope_bytes": envelope_bytes,
+                           "precompute_s": precompute_s, "envelopes": "built while publishing"}
     children: list[subprocess.Popen[bytes]] = []
     pubs: list[Publisher] = []
     listeners: list[Any] = []
@@ -120,15 +123,24 @@ def hierarchy_round(
             per_site_pubs = [pubs[k * publishers_per_site:(k + 1) * publishers_per_site]
                              for k in range(sites)]
 
+            sent_bytes: list[int] = []
+
             def run_all(make: Any, retain: bool) -> int:
                 counts: list[int] = []
                 lock = threading.Lock()
 
                 def work_(k: int, j: int) -> None:
-                    items = make(members[k][j::publishers_per_site])
-                    c = per_site_pubs[k][j].publish_all(items, retain, deadline)
+                    nbytes = [0]
+
+                    def counted() -> Any:
+                        for topic, payload in make(members[k][j::publishers_per_site]):
+                            nbytes[0] += len(payload)
+                            yield topic, payload
+
+                    c = per_site_pubs[k][j].publish_all(counted(), retain, deadline)
                     with lock:
                         counts.append(c)
+                        sent_bytes.append(nbytes[0])
 
                 ths = [threading.Thread(target=work_, args=(k, j)) for k in range(sites)
                        for j in range(publishers_per_site)]
@@ -150,8 +162,9 @@ def hierarchy_round(
                     if time.monotonic() > deadline:
                         raise FedClipError(f"no round-1 global on {names[k]}'s broker")
             t_pub = time.monotonic()
-            sent = run_all(lambda idx: [(P.update_topic(job, ids[i]), payloads[i])
-                                        for i in idx], False)
+            sent_bytes.clear()
+            sent = run_all(lambda idx: ((P.update_topic(job, ids[i]), fleet[i])
+                                        for i in idx), False)
             row["publish_s"] = time.monotonic() - t_pub
             for c in children:
                 try:
@@ -223,7 +236,7 @@ def hierarchy_round(
             "bytes_central_to_site": (r.get("upstream_link") or {}).get("bytes_down"),
             "rejected": r.get("rejected"),
         } for k, r in enumerate(sres)],
-        "bytes_devices_to_site_brokers": sum(len(p) for p in payloads),
+        "bytes_devices_to_site_brokers": sum(sent_bytes),
     })
     rates = [s["updates_per_s"] for s in row["sites"] if s["updates_per_s"]]
     row["site_updates_per_s_sum"] = sum(rates) if rates else None

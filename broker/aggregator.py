@@ -36,7 +36,7 @@ from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import Strategy, make_strategy
+from fedclip_edge.strategy import Strategy, make_strategy, over_sites_note
 from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_frame, encode_frame
 from fedclip_edge.wire import expected_shapes as frame_shapes
@@ -188,6 +188,7 @@ class Aggregator:
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
         self._expected: dict[str, tuple[int, ...]] = {}
+        self._warned_over_sites = False
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -306,6 +307,11 @@ class Aggregator:
                     f"device {client} online: {sum(st.samples.values())} samples "
                     f"{st.samples}, {st.backend}"
                 )
+            if st.backend == SITE_BACKEND and not self._warned_over_sites:
+                note = over_sites_note(self.strategy)  # a robust rule over sites: say so once
+                if note is not None:
+                    self._warned_over_sites = True
+                    self.log(f"warning: {note}")
             dev = Device(
                 client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions),
                 session=st.session,

@@ -96,3 +96,57 @@ def bridge_config(
         f"topic {job}/status/{site} out {qos} {local} {remote}",
     ]
     return "\n".join(lines) + "\n"
+
+
+# The shipped template and the placeholders `render_bridge_template` fills in.
+TEMPLATE = Path(__file__).resolve().parent / "mosquitto" / "bridge-site.conf"
+_T_SITE = "SITE"
+_T_ADDRESS = "central.example.org:8883"
+_T_PASSWORD = "CHANGE-ME"
+_T_CAFILE = "/etc/mosquitto/fedclip/central-ca.crt"
+
+
+def render_bridge_template(
+    *,
+    site: str,
+    address: str,
+    password: str,
+    cafile: Path,
+    job: str = "+",
+    template: Path = TEMPLATE,
+) -> str:
+    """`broker/mosquitto/bridge-site.conf` with its placeholders filled in: the site id, the
+    central's host:port, the bridge's password on the central and the CA that signed the
+    central's certificate; `job` pins the four topic patterns to one job.
+
+    Why: an operator copies that file, so the tests render the same file rather than a second
+    hand-written copy; a placeholder missing from the template (it drifted) is a ConfigError.
+    """
+    try:
+        P.check_id(site, "site id")
+        if job != "+":
+            P.check_id(job, "job")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if ":" not in address or any(c.isspace() for c in address):
+        raise ConfigError(f"bridge address {address!r} must be host:port")
+    if not password or any(c.isspace() for c in password):
+        raise ConfigError("the bridge password must be non-empty without white space")
+    text = Path(template).read_text()
+    for token in (_T_ADDRESS, _T_PASSWORD, _T_CAFILE, "topic +/"):
+        if token not in text:
+            raise ConfigError(f"{template} no longer contains {token!r}")
+    out = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            out.append(line)  # comments stay as shipped
+            continue
+        line = (line.replace(_T_ADDRESS, address).replace(_T_PASSWORD, password)
+                .replace(_T_CAFILE, str(cafile)))
+        key, _, value = line.partition(" ")
+        value = " ".join(site if w == _T_SITE else w.replace(f"-{_T_SITE}", f"-{site}")
+                         .replace(f"/{_T_SITE}", f"/{site}") for w in value.split(" "))
+        if key == "topic" and value.startswith("+/"):
+            value = f"{job}/{value[2:]}"
+        out.append(f"{key} {value}")
+    return "\n".join(out) + "\n"

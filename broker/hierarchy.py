@@ -3,9 +3,10 @@
 Why a module of its own: the central (`aggregator.py`) reads a site's weight and the site
 (`site.py`) writes it; both import this, neither imports the other (no import circle).
 
-A site sends ONE update per round: the weighted mean of its devices' updates as the frame, and
-in the update's metrics the weight flat FedAvg would give those devices together (uniform: how
-many answered; samples: their sample total). The central adds that mean with that weight, so
+A site sends ONE update per round: its devices' aggregate as the frame (the weighted mean with
+FedAvg; the site's --strategy otherwise), and in the update's metrics the weight flat FedAvg
+would give those devices together (uniform: how many answered; samples: their sample total).
+The central adds that aggregate with that weight, so with FedAvg at both levels
 sum_sites(W_s * mean_s) / sum_sites(W_s) is exactly the flat mean over all devices.
 """
 
@@ -22,6 +23,9 @@ WEIGHT_KEY = "site_weight"
 DEVICES_KEY = "site_devices"
 SAMPLES_KEY = "site_samples"
 WEIGHTING_KEY = "site_weighting"
+# what the site runs over its devices: in its hello's `versions` (strings), not in its updates'
+# metrics, whose text fields a central of an earlier build refuses
+STRATEGY_KEY = "site_strategy"
 
 
 def site_weight_of(devices: int, samples: int, weighting: str) -> float:
@@ -30,7 +34,9 @@ def site_weight_of(devices: int, samples: int, weighting: str) -> float:
 
 
 def site_metrics(devices: int, samples: int, weighting: str) -> dict[str, Any]:
-    """The metrics fields a site's update carries."""
+    """The metrics fields a site's update carries. Whatever `strategy` the site ran over its
+    devices (a robust one drops or clips bad devices), its weight is that of all the devices
+    that answered: the site speaks for them."""
     return {
         WEIGHT_KEY: site_weight_of(devices, samples, weighting),
         DEVICES_KEY: int(devices),

@@ -10,8 +10,9 @@ Upstream, the site is a client of the central job like a device: a retained hell
 update on `fedclip/J/update/SITE`. When the central's global of round r arrives (retained), the
 site runs round r on its own broker with that global, seed, train settings and weighting (it is
 an `Aggregator` on the local transport: deadline, quorum, retries, resume, metrics and the run
-folder are that class's), then publishes upstream the weighted mean of its devices' updates and
-the weight flat FedAvg would give those devices together (`hierarchy.py`). A central global that
+folder are that class's), then publishes upstream its devices' aggregate (the weighted mean, or
+what its --strategy makes of them: robust to bad devices within the site) and the weight flat
+FedAvg would give those devices together (`hierarchy.py`). A central global that
 repeats round r without listing the site makes it send its partial again (as agents do); a late
 site is a late device for the central (its update is refused as stale, the next round goes on).
 When the central publishes its final adapter (round > rounds) the site publishes it to its
@@ -36,11 +37,11 @@ from safetensors.torch import load_file
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
-from fedclip_edge.broker.hierarchy import DEVICES_KEY, SITE_BACKEND, site_metrics
+from fedclip_edge.broker.hierarchy import DEVICES_KEY, SITE_BACKEND, STRATEGY_KEY, site_metrics
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import WEIGHTINGS
+from fedclip_edge.strategy import WEIGHTINGS, site_strategy
 from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame
 from fedclip_edge.wire import expected_shapes as frame_shapes
 
@@ -129,7 +130,8 @@ class SiteAggregator(Aggregator):
         samples = sum(d.samples.get("train", 0) for d in self.devices.values() if d.active)
         st = P.Status(
             self.site, "online", {"train": int(samples)}, SITE_BACKEND, self._site_dim(),
-            {"site_devices": str(self.roster.active_count)}, hello=True, session=self.session,
+            {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name},
+            hello=True, session=self.session,
         )
         self.up.publish(P.status_topic(self.cfg.job, self.site), self._signed(st).encode(),
                         retain=True)
@@ -184,7 +186,10 @@ class SiteAggregator(Aggregator):
             if g.weighting != self.cfg.weighting:
                 self.log(f"site {self.site}: weighting {g.weighting} (the central's)")
                 self.cfg.weighting = g.weighting
-                self.strategy = type(self.strategy)(g.weighting)
+                # the site's own --strategy under the job's weighting (median and trimmed
+                # mean stay unweighted: the weighting then sets only the site's weight)
+                self.strategy = site_strategy(self.cfg.strategy, g.weighting,
+                                              self.cfg.strategy_options)
         self.cfg.seed, self.cfg.train, self.cfg.rounds = g.seed, dict(g.train), g.rounds
         return True
 

@@ -42,7 +42,13 @@ class Accumulator(Protocol):
     count: int
     samples: int
 
-    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None: ...
+    def add(
+        self,
+        state: State,
+        num_samples: int,
+        global_state: State | None = None,
+        weight: float | None = None,
+    ) -> None: ...
 
     def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]: ...
 
@@ -58,6 +64,11 @@ def _check_like(state: State, shapes: Mapping[str, torch.Size]) -> None:
 def _check_samples(num_samples: int) -> None:
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+
+
+def _check_weight(weight: float | None) -> None:
+    if weight is not None and not 0 <= weight < float("inf"):
+        raise ValueError(f"weight must be >= 0, got {weight}")
 
 
 class RunningMean:
@@ -81,8 +92,7 @@ class RunningMean:
         `weight` overrides the weighting rule: a site's partial mean stands for all the devices
         behind it (broker/site.py), so it weighs what they would together."""
         _check_samples(num_samples)
-        if weight is not None and not 0 <= weight < float("inf"):
-            raise ValueError(f"weight must be >= 0, got {weight}")
+        _check_weight(weight)
         if weight is not None:
             w = float(weight)
         else:
@@ -204,16 +214,28 @@ class ClippedMean:
         self.clipped = 0
         self.used_bound: float | None = bound
 
-    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None:
+    def add(
+        self,
+        state: State,
+        num_samples: int,
+        global_state: State | None = None,
+        weight: float | None = None,
+    ) -> None:
+        """`weight` overrides the weighting rule, as in `RunningMean.add`: a site's aggregate
+        (its delta clipped like a device's) weighs what its devices would together."""
         if global_state is None:
             raise ValueError("clip needs the round's global state to compute each client's delta")
         _check_samples(num_samples)
+        _check_weight(weight)
         if self._global is None:
             self._global = {k: v.detach().to(torch.float64) for k, v in global_state.items()}
         shapes = {k: v.shape for k, v in self._global.items()}
         _check_like(global_state, shapes)
         _check_like(state, shapes)
-        w = 1.0 if self.weighting == "uniform" else float(num_samples)
+        if weight is not None:
+            w = float(weight)
+        else:
+            w = 1.0 if self.weighting == "uniform" else float(num_samples)
         delta = {k: v.detach().to(torch.float64) - self._global[k] for k, v in state.items()}
         norm = _norm(delta)
         self.norms.append(norm)
@@ -283,9 +305,19 @@ class _HeldUpdates:
         self.count = 0
         self.samples = 0
 
-    def add(self, state: State, num_samples: int, global_state: State | None = None) -> None:
-        """`global_state` is not needed: the strategy works on the states themselves."""
+    def add(
+        self,
+        state: State,
+        num_samples: int,
+        global_state: State | None = None,
+        weight: float | None = None,
+    ) -> None:
+        """`global_state` is not needed: the strategy works on the states themselves. `weight`
+        (a site's aggregate, broker/site.py) is checked and ignored: a rank statistic counts
+        each update once, so over site aggregates these strategies are unweighted over sites
+        (docs/hierarchy.md says what that means)."""
         _check_samples(num_samples)
+        _check_weight(weight)
         if self._shapes is None:
             self._shapes = {k: state[k].shape for k in sorted(state)}
         _check_like(state, self._shapes)
@@ -368,6 +400,10 @@ class Median(Strategy):
 
 # ----------------------------------------------------------------------------- registry
 
+# Strategies that weigh updates (by the weighting rule, or a site's weight); the others are
+# unweighted rank statistics.
+WEIGHTED_STRATEGIES = ("fedavg", "clip")
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "clip": Clip,
@@ -381,6 +417,37 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "trimmed-mean": ("trim",),
     "median": (),
 }
+
+
+def site_strategy(name: str, weighting: str, options: Mapping[str, Any]) -> Strategy:
+    """The strategy a site aggregator runs over its devices under the central job's
+    `weighting`: the weighted ones take it, the coordinate-wise ones are unweighted whatever
+    it is (the weighting then only sets the site's weight upstream, broker/hierarchy.py)."""
+    return make_strategy(
+        name, weighting=weighting if name in WEIGHTED_STRATEGIES else None, **options
+    )
+
+
+def over_sites_note(strategy: Strategy) -> str | None:
+    """One line saying what a central `strategy` means over site aggregates; None for FedAvg,
+    which over sites weighted by their devices' weight is exactly the flat FedAvg."""
+    if strategy.name == "fedavg":
+        return None
+    if strategy.name == "clip":
+        auto = getattr(strategy, "bound", None) is None
+        return (
+            "strategy clip over site aggregates: each site's delta (already its devices' "
+            "aggregate) is clipped, then weighted by the site's weight; this bounds what a "
+            "whole site can do, it is not the flat clip over devices"
+            + (" (bound auto = the median of the sites' delta norms: about half the sites "
+               "are clipped every round)" if auto else "")
+            + " (docs/hierarchy.md)"
+        )
+    return (
+        f"strategy {strategy.name} over site aggregates: unweighted over sites (each site "
+        "counts once, its devices' weight is ignored); this guards against bad sites, not bad "
+        "devices, and equals no flat aggregate over devices (docs/hierarchy.md)"
+    )
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import struct
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,7 +98,11 @@ class FrameRejected(FrameError):
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded, validated update. Tensors are always float32, whatever dtype travelled."""
+    """A decoded, validated update. Tensors are always float32, whatever dtype travelled.
+
+    Read-only: a float32 frame's tensors are views of the frame's bytes (no copy); writing
+    into them is undefined behaviour. Aggregators read them; clone() one to change it.
+    """
 
     job: str
     round: int
@@ -190,8 +195,11 @@ def decode_frame(
         raise FrameRejected(
             "oversize", f"frame is {len(data)} bytes, above the {max_bytes}-byte limit"
         )
-    # a view, not a copy: the hash and the slices below read the caller's bytes in place
-    data = memoryview(data).cast("B")
+    # a view, not a copy: the hash and the slices below read the caller's bytes in place, and
+    # float32 tensors are views of them. Only immutable bytes are viewed: any other buffer
+    # (bytearray, a read-only view of one) is copied once, so later writes to it cannot change
+    # the tensors handed out.
+    data = _readonly_view(data)
     if len(data) < FIXED_OVERHEAD:
         raise FrameRejected(
             "truncated",
@@ -232,13 +240,7 @@ def decode_frame(
             f"header declares a {header['payload_len']}-byte payload, frame carries {len(payload)}",
         )
 
-    try:
-        views = safetensors.deserialize(bytes(payload))  # the one copy of the payload
-    except Exception as exc:  # any parser failure means a bad payload, whatever its type
-        raise FrameRejected(
-            "header", f"payload is not valid safetensors: {_first_line(exc)}"
-        ) from None
-    stored = {name: view for name, view in views}
+    stored = _safetensors_views(payload, _DENSE_TAGS)  # views of `data`, no copy
     if set(stored) != set(declared):
         raise FrameRejected(
             "header",
@@ -249,25 +251,22 @@ def decode_frame(
     tag = _SAFETENSORS_TAGS[dtype]
     result: dict[str, torch.Tensor] = {}
     for name in sorted(declared):
-        view = stored[name]
-        if view["dtype"] != tag:
+        st_tag, array = stored[name]
+        if st_tag != tag:
             raise FrameRejected(
                 "dtype",
-                f"tensor {name!r} is stored as {view['dtype']}, header says {dtype} ({tag})",
+                f"tensor {name!r} is stored as {st_tag}, header says {dtype} ({tag})",
             )
-        shape = tuple(view["shape"])
-        if shape != declared[name]:
+        if array.shape != declared[name]:
             raise FrameRejected(
                 "shape",
-                f"tensor {name!r} has shape {list(shape)} in the payload, "
+                f"tensor {name!r} has shape {list(array.shape)} in the payload, "
                 f"{list(declared[name])} in the header",
             )
-        np_dtype = _NUMPY_DTYPES[dtype]
-        if len(view["data"]) != math.prod(shape) * np_dtype.itemsize:
-            raise FrameRejected(
-                "header", f"tensor {name!r} has {len(view['data'])} bytes, not its shape's"
-            )
-        array = np.frombuffer(view["data"], dtype=np_dtype).astype(np.float32).reshape(shape)
+        if array.dtype != np.float32:
+            # float16 on the wire: the one copy it needs, through torch in single-threaded
+            # chunks (2x numpy's astype; the same values)
+            array = codecs.to_fp32(array)
         result[name] = torch.from_numpy(array)
 
     if expected is not None:
@@ -556,13 +555,13 @@ def frame_codec(frame: Frame) -> str:
     return frame.codec
 
 
-def _checked_body(data: bytes, max_bytes: int) -> tuple[bytes, int]:
+def _checked_body(data: bytes, max_bytes: int) -> tuple[memoryview, int]:
     """Size, prefix and hash checks shared by both versions; returns (body, header length)."""
     if len(data) > max_bytes:
         raise FrameRejected(
             "oversize", f"frame is {len(data)} bytes, above the {max_bytes}-byte limit"
         )
-    data = bytes(data)
+    data = _readonly_view(data)
     if len(data) < FIXED_OVERHEAD:
         raise FrameRejected(
             "truncated",
@@ -582,6 +581,14 @@ def _checked_body(data: bytes, max_bytes: int) -> tuple[bytes, int]:
     if hashlib.sha256(body).digest() != digest:
         raise FrameRejected("hash", "frame hash mismatch: payload corrupted or tampered")
     return body, header_len
+
+
+def _readonly_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A byte view of `data` that nobody can write through: immutable `bytes` (or a view of
+    them) in place; anything else (bytearray, a read-only view of writable memory, mmap)
+    copied once. Tensors may be views of what this returns."""
+    view = memoryview(data).cast("B")
+    return view if isinstance(view.obj, bytes) else memoryview(bytes(view))
 
 
 def _names_shapes_diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> str:
@@ -651,7 +658,7 @@ def _parse_codec_header(raw: bytes) -> dict[str, Any]:
 
 
 def _decode_codec_frame(
-    body: bytes,
+    body: memoryview,
     header_len: int,
     *,
     expected: Mapping[str, Sequence[int]] | None,
@@ -692,13 +699,7 @@ def _decode_codec_frame(
             reason,
             f"header declares a {header['payload_len']}-byte payload, frame carries {len(payload)}",
         )
-    try:
-        views = safetensors.deserialize(bytes(payload))  # it takes bytes, not a memoryview
-    except Exception as exc:  # any parser failure means a bad payload, whatever its type
-        raise FrameRejected(
-            "header", f"payload is not valid safetensors: {_first_line(exc)}"
-        ) from None
-    stored = {name: view for name, view in views}
+    stored = _safetensors_views(payload, _CODEC_TAGS)  # views of the frame, no copy
     roles = codecs.CODEC_ARRAYS[codec]
     want_keys = {f"{i}.{role}" for i in range(len(entries)) for role in roles}
     if set(stored) != want_keys:
@@ -768,21 +769,139 @@ def _role_count(codec: str, role: str, shape: tuple[int, ...], k: int | None) ->
 
 
 def _payload_array(
-    view: dict[str, Any], name: str, role: str, np_dtype: np.dtype, count: int
+    view: tuple[str, np.ndarray], name: str, role: str, np_dtype: np.dtype, count: int
 ) -> np.ndarray:
-    """One payload array, checked for dtype, 1-D length and byte count before it is viewed."""
+    """One payload array, checked for dtype and 1-D length (its byte count matched its
+    offsets in `_safetensors_views`)."""
     role_name = {"v": "values", "s": "scales", "i": "indices"}[role]
     tag = _SAFETENSORS_NUMPY_TAGS[np_dtype.str]
-    if view["dtype"] != tag:
+    st_tag, array = view
+    if st_tag != tag:
         raise FrameRejected(
-            "dtype", f"tensor {name!r} {role_name} are stored as {view['dtype']}, expected {tag}"
+            "dtype", f"tensor {name!r} {role_name} are stored as {st_tag}, expected {tag}"
         )
-    shape = list(view["shape"])
+    shape = list(array.shape)
     if shape != [count]:
         reason = "indices" if role == "i" else ("scales" if role == "s" else "shape")
         raise FrameRejected(
             reason, f"tensor {name!r} has {role_name} of shape {shape}, expected [{count}]"
         )
-    if len(view["data"]) != count * np_dtype.itemsize:
-        raise FrameRejected("header", f"tensor {name!r} {role_name} have the wrong byte count")
-    return np.frombuffer(view["data"], dtype=np_dtype)
+    return array
+
+
+# --- the payload: a strict safetensors reader over a memoryview ------------------------------
+#
+# safetensors.deserialize takes bytes (a copy of the payload) and returns each tensor's data as
+# bytes again (a second copy). The layout is simple enough to read in place, with every check
+# a hostile payload needs:
+#
+#     header length n (u64 LE) | n bytes of JSON {name: {dtype, shape, data_offsets}, ...,
+#     optional "__metadata__": {str: str}} | data
+#
+# n bounded and inside the payload; strict JSON (no duplicate keys, no NaN); exactly the three
+# keys per tensor; dtype from an allow-list; shape non-negative integers; offsets integers
+# within the data, each tensor's byte count equal to its shape's; the tensors' spans contiguous
+# and non-overlapping, covering the data exactly (as safetensors itself requires). Arrays are
+# np.frombuffer views: read-only when the frame is immutable bytes.
+
+_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"),
+              "I32": np.dtype("<i4")}
+_DENSE_TAGS = frozenset({"F32", "F16"})
+_CODEC_TAGS = frozenset(_ST_DTYPES)
+_ST_LEN = struct.Struct("<Q")
+_ST_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_ST_MAX_RANK = 8  # as the codec header's bound; an adapter's tensors have 1 or 2
+
+
+def _bad_payload(why: str) -> FrameRejected:
+    return FrameRejected("header", f"payload is not valid safetensors: {why}")
+
+
+def _safetensors_views(
+    payload: memoryview, allowed: frozenset[str]
+) -> dict[str, tuple[str, np.ndarray]]:
+    """{name: (dtype tag, array view)} of a safetensors payload, validated; FrameRejected
+    ("header", or "dtype" for a dtype outside `allowed`) otherwise."""
+    if len(payload) < _ST_LEN.size:
+        raise _bad_payload(f"{len(payload)} bytes, shorter than its 8-byte header length")
+    (n,) = _ST_LEN.unpack_from(payload)
+    if n > MAX_HEADER_BYTES:
+        raise _bad_payload(f"header length {n} is above the {MAX_HEADER_BYTES}-byte limit")
+    if _ST_LEN.size + n > len(payload):
+        raise _bad_payload(f"header length {n} runs past the end of a {len(payload)}-byte payload")
+    try:
+        header = json.loads(
+            bytes(payload[_ST_LEN.size : _ST_LEN.size + n]).decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _bad_payload(f"header is not UTF-8 JSON: {_first_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise _bad_payload(f"header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise _bad_payload("__metadata__ must map strings to strings")
+    data = payload[_ST_LEN.size + n :]
+    size = len(data)
+    spans: list[tuple[int, int, str]] = []
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for name, entry in header.items():
+        label = repr(name[:40])
+        if not isinstance(entry, dict) or entry.keys() != _ST_KEYS:
+            raise _bad_payload(f"tensor {label} must be {{dtype, shape, data_offsets}}")
+        tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(tag, str):
+            raise _bad_payload(f"tensor {label} dtype must be a string")
+        if tag not in allowed:
+            raise FrameRejected(
+                "dtype", f"tensor {label} is stored as {tag[:20]!r}, not one of {sorted(allowed)}"
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _bad_payload(f"tensor {label} shape must be a list of non-negative integers")
+        if len(shape) > _ST_MAX_RANK:  # numpy refuses more than 64 (a ValueError, not ours)
+            raise _bad_payload(f"tensor {label} has {len(shape)} dimensions, over {_ST_MAX_RANK}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= size
+        ):
+            raise _bad_payload(f"tensor {label} data_offsets {str(offsets)[:60]} are not "
+                               f"[begin, end] within the {size}-byte data")
+        begin, end = offsets
+        np_dtype = _ST_DTYPES[tag]
+        numel = math.prod(shape)
+        if numel * np_dtype.itemsize != end - begin:
+            raise _bad_payload(f"tensor {label} spans {end - begin} bytes, its shape "
+                               f"{shape[:9]} needs {numel * np_dtype.itemsize}")
+        spans.append((begin, end, name))
+        array = (np.frombuffer(data, dtype=np_dtype, count=numel, offset=begin) if numel
+                 else np.empty(0, dtype=np_dtype))
+        out[name] = (tag, array.reshape(shape))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps another" if begin < at else f"leaves bytes {at}..{begin} unused"
+            raise _bad_payload(f"tensor {name[:40]!r} at {begin}..{end} {what}")
+        at = end
+    if at != size:
+        raise _bad_payload(f"{size - at} data bytes after the last tensor")
+    return out
+
+
+def _quiet_readonly_warning() -> None:
+    """Spend torch's once-per-process "NumPy array is not writable" warning here, at import.
+
+    Decoded tensors (and the codecs' arrays) are views of the immutable frame bytes by design
+    (`Frame` says they are read-only); the warning would otherwise print once, at a random
+    first update, in every aggregator and agent process.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(np.frombuffer(bytes(4), dtype=np.float32))
+
+
+_quiet_readonly_warning()

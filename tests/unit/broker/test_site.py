@@ -451,3 +451,41 @@ def test_site_options_refused_with_one_line(
     err = "".join(x for x in err.splitlines(True) if not x.startswith("warning: --insecure"))
     assert rc != 0 and err.startswith("error: ") and message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# a3 is poisoned; in round 2 the devices answer base + 20
+POISONED = {
+    "siteA": [("a1", 1.0, 10), ("a2", 2.0, 20), ("a3", 1e5, 30)],
+    "siteB": [("b1", 4.0, 5), ("b2", 5.0, 5), ("b3", 6.0, 10)],
+}
+
+
+def test_site_median_then_central_fedavg_over_the_wire(tmp_path: Path) -> None:
+    """Sites run --strategy median over their devices (unweighted; the central's `samples`
+    weighting reaches them with the global and sets only their weight upstream); the central's
+    FedAvg weighs each site's median by its devices' samples."""
+    h = Hierarchy(tmp_path, POISONED, weighting="samples", site_kw={"strategy": "median"})
+    final = h.run()
+    want = (60 * 22 + 20 * 25) / 80  # medians 22 (a3 dropped) and 25, samples 60 and 20
+    for v in final.values():
+        assert torch.allclose(v.double(), torch.full(v.shape, want, dtype=torch.float64),
+                              atol=1e-5, rtol=0)
+    rows = jsonl(tmp_path / "central" / "metrics.jsonl")
+    by = {r["client"]: r for r in rows if r["kind"] == "client" and r["round"] == 2}
+    assert by["siteA"]["site_weight"] == 60.0
+    assert h.central.devices["siteA"].versions["site_strategy"] == "median"  # its hello
+    assert not [x for x in h.lines if x.startswith("warning:")]  # FedAvg at the central
+
+
+def test_central_median_over_sites_is_unweighted_and_says_so_once(tmp_path: Path) -> None:
+    sites = {**POISONED, "siteC": [("c1", 50.0, 1)]}
+    h = Hierarchy(tmp_path, sites, site_kw={"strategy": "median"},
+                  central_kw={"strategy": "median"})
+    final = h.run()
+    # site medians 22, 25, 70: the central's median is 25 (FedAvg by devices: 211/7)
+    for v in final.values():
+        assert torch.allclose(v.double(), torch.full(v.shape, 25.0, dtype=torch.float64),
+                              atol=1e-5, rtol=0)
+    warned = [x for x in h.lines if x.startswith("warning: strategy median over site")]
+    assert len(warned) == 1, h.lines
+    assert "unweighted over sites" in warned[0]

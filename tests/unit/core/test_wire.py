@@ -376,3 +376,128 @@ def test_every_reason_is_tested() -> None:
     }  # fmt: skip
     codec_frames = {"codec", "k", "indices", "scales"}  # tested in tests/unit/core/test_codecs.py
     assert REASONS == tested | codec_frames
+
+
+# --- the payload's safetensors layout, read in place -------------------------------------------
+
+
+def st_payload(entries: dict, data: bytes, pad: bytes = b"") -> bytes:
+    """A safetensors payload by hand: u64 LE header length | JSON header | data."""
+    text = json.dumps(entries).encode() + pad
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def frame_with(entries: dict, data: bytes, **kw) -> bytes:
+    payload = st_payload(entries, data, **kw)
+    header = {**META, "dtype": "float32",
+              "tensors": [{"name": n, "shape": e["shape"]} for n, e in sorted(entries.items())
+                          if isinstance(e, dict) and "shape" in e],
+              "payload_len": len(payload)}
+    return assemble(header, payload)
+
+
+F32 = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+
+
+def test_hand_written_payload_with_padding_and_metadata_is_read() -> None:
+    entries = {"__metadata__": {"who": "test"},
+               "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+               "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    frame = decode_frame(frame_with(entries, F32, pad=b"   "))
+    assert frame.tensors["a"].tolist() == [3.0, 4.0] and frame.tensors["b"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("offsets", "mentions"),
+    [
+        ([[0, 8], [4, 12]], "overlaps"),       # b starts inside a (and the data has 16 bytes)
+        ([[0, 8], [0, 8]], "overlaps"),        # both on the same bytes
+        ([[0, 8], [8, 24]], "within"),         # runs past the end of the data
+        ([[8, 0], [8, 16]], "within"),         # reversed
+        ([[-8, 0], [8, 16]], "within"),        # negative
+        ([[0, 4], [8, 16]], "needs 8"),        # a's 4 bytes cannot hold its shape [2]
+        ([[0, 8], [12, 20]], "within"),        # runs past, again with a gap
+    ],
+)
+def test_reject_payload_offsets_out_of_range_overlapping_or_lying(
+    offsets: list, mentions: str
+) -> None:
+    entries = {"a": {"dtype": "F32", "shape": [2], "data_offsets": offsets[0]},
+               "b": {"dtype": "F32", "shape": [2], "data_offsets": offsets[1]}}
+    assert mentions in rejected(frame_with(entries, F32), "header")
+
+
+def test_reject_payload_gaps_and_unclaimed_bytes() -> None:
+    gap = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+           "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    assert "unused" in rejected(frame_with(gap, F32), "header")
+    tail = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
+    assert "after the last tensor" in rejected(frame_with(tail, F32), "header")
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason", "mentions"),
+    [
+        ({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}}, "dtype", "F64"),
+        ({"a": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}}, "dtype", "I32"),
+        ({"a": {"dtype": 1, "shape": [4], "data_offsets": [0, 16]}}, "header", "string"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": 1}}, "header",
+         "{dtype, shape, data_offsets}"),
+        ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "header", "shape"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, True]}}, "header", "within"),
+        # 69 dimensions holding 4 values: numpy cannot even reshape that (a ValueError before)
+        ({"a": {"dtype": "F32", "shape": [1] * 68 + [4], "data_offsets": [0, 16]}}, "header",
+         "69 dimensions"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+          "__metadata__": {"k": 1}}, "header", "__metadata__"),
+    ],
+)
+def test_reject_payload_entries(entries: dict, reason: str, mentions: str) -> None:
+    assert mentions in rejected(frame_with(entries, F32), reason)
+
+
+def test_reject_payload_header_length_bounds() -> None:
+    header, payload = parts()
+    for n in (MAX_HEADER_BYTES + 1, len(payload), 2**64 - 1):
+        bad = struct.pack("<Q", n) + payload[8:]
+        assert "header length" in rejected(assemble({**header, "payload_len": len(bad)}, bad),
+                                           "header")
+
+
+def test_reject_payload_duplicate_tensor_key() -> None:
+    text = (b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+            b'"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}')
+    payload = struct.pack("<Q", len(text)) + text + F32
+    header = {**META, "dtype": "float32", "tensors": [{"name": "a", "shape": [4]}],
+              "payload_len": len(payload)}
+    assert "duplicate" in rejected(assemble(header, payload), "header")
+
+
+def test_float32_tensors_are_views_of_immutable_bytes_only() -> None:
+    import numpy as np
+
+    from fedclip_edge.strategy import RunningMean
+
+    data = encode_frame(small(), **META)
+    frame = decode_frame(data)
+    w = frame.tensors["w"].numpy()
+    assert np.shares_memory(w, np.frombuffer(data, dtype=np.uint8))  # no copy
+    # a writable buffer is copied once: writing to it later changes nothing handed out
+    buf = bytearray(data)
+    from_buf = decode_frame(buf).tensors
+    ro = decode_frame(memoryview(buf).toreadonly()).tensors  # read-only view, writable memory
+    buf[:] = bytes(len(buf))
+    for got in (from_buf, ro):
+        assert torch.equal(got["w"], small()["w"]) and torch.equal(got["b"], small()["b"])
+    # a view of bytes (as an envelope hands its frame over) is viewed in place
+    outer = b"xx" + data
+    inner = decode_frame(memoryview(outer)[2:]).tensors["w"].numpy()
+    assert np.shares_memory(inner, np.frombuffer(outer, dtype=np.uint8))
+    # aggregating reads the views, never writes them
+    before = hashlib.sha256(data).digest()
+    acc = RunningMean("samples")
+    acc.add(frame.tensors, 3)
+    acc.add(decode_frame(data).tensors, 1)
+    assert hashlib.sha256(data).digest() == before
+    assert torch.equal(acc.result()["w"], small()["w"])
