@@ -1,0 +1,200 @@
+"""The aggregator with compressed updates (issue 11): a fleet that mixes codecs in one round.
+
+Why apart from test_aggregator.py: these devices encode against the global they received
+(delta codecs), so the expected global is FedAvg of what the server decodes, worked out here
+with the same `decode_update`, and the report must say what each codec cost.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from support import keys
+from support.fleet import JOB
+
+from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.prevalidate import PrevalidateMixin
+from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport
+from fedclip_edge.wire import decode_frame, decode_update, encode_frame, encode_update
+
+DIM = 8
+CODECS = {"a": "fp32-v1", "b": "delta-fp16", "c": "int8", "d": "topk-int8", "e": "topk"}
+
+
+class PrevalidatingMemory(PrevalidateMixin, MemoryTransport):
+    """Updates decoded on the validation worker thread, as `aggregate` runs."""
+
+
+def _hello(broker: MemoryBroker, client: str, dim: int = DIM) -> MemoryTransport:
+    t = MemoryTransport(broker, client)
+    t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
+    t.connect()
+    st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True,
+                  session="s")
+    t.publish(P.status_topic(JOB, client), authn.sign(st, keys.key(client), job=JOB).encode(),
+              retain=True)
+    return t
+
+
+def _signed_update(client: str, rnd: int, frame: bytes) -> bytes:
+    up = P.Update(JOB, rnd, client, 1, {"loss": 0.5}, frame, session="s")
+    return authn.sign(up, keys.key(client)).encode()
+
+
+class CodecDevice(threading.Thread):
+    """Answers each global with global + a client-and-round pattern, in its own codec; keeps
+    every frame it sent with the global it was encoded against."""
+
+    def __init__(self, broker: MemoryBroker, client: str, codec: str,
+                 extra: Callable[[CodecDevice, int, dict], None] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.t = _hello(broker, client)
+        self.client, self.codec, self.extra = client, codec, extra
+        self.sent: dict[int, tuple[bytes, dict[str, torch.Tensor]]] = {}
+
+    def _state(self, glob: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(rnd * 100 + ord(self.client))
+        return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in glob.items()}
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = self.t.recv(0.05)
+            if msg is None:
+                continue
+            m = P.decode_message(msg.payload)
+            if isinstance(m, P.Control) and m.state == "done":
+                return
+            if not isinstance(m, P.GlobalModel) or m.round > m.rounds or m.round in self.sent:
+                continue
+            glob = decode_frame(m.frame).tensors
+            state = self._state(glob, m.round)
+            if self.codec == "fp32-v1":
+                frame = encode_frame(state, job=JOB, round=m.round, client=self.client)
+            else:
+                frame = encode_update(state, glob, codec=self.codec, job=JOB, round=m.round,
+                                      client=self.client, topk_fraction=0.1)
+            if self.extra:  # before our own update: it would make later ones duplicates
+                self.extra(self, m.round, glob)
+            self.sent[m.round] = (frame, glob)
+            self.t.publish(P.update_topic(JOB, self.client),
+                           _signed_update(self.client, m.round, frame))
+
+
+def _agg(broker: MemoryBroker, out: Path, transport_cls: type, **kw) -> Aggregator:
+    cfg = AggregatorConfig(
+        job=JOB, rounds=kw.pop("rounds", 2), out=out, min_clients=kw.pop("min_clients", 5),
+        round_timeout_s=5.0, dim=DIM, wait_clients_s=5.0, upload_grace_s=0.0,
+        registry=keys.registry(tuple(CODECS) + ("evil",)),
+        signing_key=keys.key(keys.AGGREGATOR), **kw,
+    )
+    lines: list[str] = []
+    agg = Aggregator(transport_cls(broker, "aggregator"), cfg, log=lines.append)
+    agg.lines = lines  # type: ignore[attr-defined]
+    return agg
+
+
+@pytest.mark.parametrize("transport_cls", [MemoryTransport, PrevalidatingMemory])
+def test_a_fleet_mixing_every_codec_aggregates_to_fedavg_of_the_decoded_updates(
+    tmp_path: Path, transport_cls: type
+) -> None:
+    broker = MemoryBroker()
+    devs = [CodecDevice(broker, c, codec) for c, codec in CODECS.items()]
+    for d in devs:
+        d.start()
+    agg = _agg(broker, tmp_path, transport_cls)
+    final = agg.run()
+    assert agg.counters["accepted"] == 10, agg.lines  # type: ignore[attr-defined]
+    # round 2's global is FedAvg (uniform) of the full adapters the server rebuilt
+    decoded = [decode_update(*d.sent[2]).tensors for d in devs]
+    for k, v in final.items():
+        want = torch.stack([u[k] for u in decoded]).mean(0)
+        assert torch.allclose(v, want, atol=1e-6), k
+    # and differs from a mean of the devices' own (unsent) states: compression is visible
+    assert not all(
+        torch.allclose(final[k], torch.stack([d._state(d.sent[2][1], 2)[k] for d in devs]).mean(0),
+                       atol=1e-6)
+        for k in final
+    )
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in rows if r["kind"] == "client"]
+    want_codec = {c: ("fp32" if codec == "fp32-v1" else codec) for c, codec in CODECS.items()}
+    assert {r["client"]: r["update_codec"] for r in clients} == want_codec
+    by_codec: dict[str, int] = {}
+    for r in clients:
+        by_codec[r["update_codec"]] = by_codec.get(r["update_codec"], 0) + r["bytes_up"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["totals"]["bytes_up_by_codec"] == dict(sorted(by_codec.items()))
+    assert summary["totals"]["updates_by_codec"] == dict.fromkeys(sorted(by_codec), 2)
+    round2 = [r for r in rows if r["kind"] == "round" and r["round"] == 2][0]
+    assert sum(round2["bytes_up_by_codec"].values()) == round2["bytes_up"]
+    # at d = 8 framing dominates (scales, safetensors entries), but dense fp32 is the largest
+    assert max(by_codec, key=lambda k: by_codec[k]) == "fp32"
+
+
+@pytest.mark.parametrize("transport_cls", [MemoryTransport, PrevalidatingMemory])
+def test_delta_frames_against_another_global_are_counted_rejections(
+    tmp_path: Path, transport_cls: type
+) -> None:
+    """A delta names its round, and the server adds it to that round's global only: a delta
+    built on another round's global is stale (or future), one built on another model's global
+    fails the shape check; each is one counted rejection and the round commits unchanged."""
+    broker = MemoryBroker()
+    evil = MemoryTransport(broker, "evil")
+    evil.connect()
+
+    def attack(dev: CodecDevice, rnd: int, glob: dict[str, torch.Tensor]) -> None:
+        if rnd != 2:
+            return
+        topic = P.update_topic(JOB, "a")
+        old_frame, old_glob = dev.sent[1]
+        # round 1's delta again, relabelled nowhere: stale
+        evil.publish(topic, _signed_update("a", 1, old_frame))
+        # a delta on round 1's global naming round 3: future
+        f3 = encode_update(dev._state(old_glob, 3), old_glob, codec="topk-int8", job=JOB,
+                           round=3, client="a")
+        evil.publish(topic, _signed_update("a", 3, f3))
+        # a delta on a global of another width, naming this round: shape
+        other = {k: v.clone() for k, v in AttentionAdapter(4).state_dict().items()}
+        f2 = encode_update(other, other, codec="int8", job=JOB, round=2, client="a")
+        evil.publish(topic, _signed_update("a", 2, f2))
+        # a truncated delta frame: hash
+        good = encode_update(dev._state(glob, 2), glob, codec="topk", job=JOB, round=2,
+                             client="a")
+        evil.publish(topic, _signed_update("a", 2, good[:-7]))
+
+    a = CodecDevice(broker, "a", "topk-int8")
+    b = CodecDevice(broker, "b", "int8")
+    a.extra = attack
+    # b answers late, so the round stays open while the attacks arrive
+    orig = b.t._on_raw
+
+    def slow(topic: str, payload: bytes, retained: bool, *rest: object) -> None:
+        if topic.endswith("/global"):
+            time.sleep(0.5)
+        orig(topic, payload, retained, *rest)
+
+    b.t._on_raw = slow  # type: ignore[method-assign]
+    a.start()
+    b.start()
+    agg = _agg(broker, tmp_path, transport_cls, min_clients=2)
+    final = agg.run()
+    c = agg.counters
+    assert c["accepted"] == 4, agg.lines  # type: ignore[attr-defined]
+    assert c["rejected_stale"] == 1
+    assert c["rejected_future"] == 1
+    assert c["rejected_frame_shape"] + c["rejected_frame_names"] == 1
+    assert c["rejected_frame_hash"] + c["rejected_frame_truncated"] == 1
+    assert c["rejected_internal"] == 0
+    decoded = [decode_update(*d.sent[2]).tensors for d in (a, b)]
+    for k, v in final.items():
+        assert torch.allclose(v, (decoded[0][k] + decoded[1][k]) / 2, atol=1e-6), k
