@@ -143,6 +143,11 @@ class AgentConfig:
             check_topk_fraction(self.topk_fraction)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not self.insecure_unsigned and (self.key is None or self.aggregator_key is None):
+            raise ConfigError(
+                "updates and globals are signed: give --key (this device's private key) and "
+                "--aggregator-key (the aggregator's public key), or run with --insecure-unsigned"
+            )
 
     @property
     def codec(self) -> str:
@@ -150,11 +155,6 @@ class AgentConfig:
         if self.update_codec is not None:
             return self.update_codec
         return "fp16" if self.update_dtype == "float16" else "fp32"
-        if not self.insecure_unsigned and (self.key is None or self.aggregator_key is None):
-            raise ConfigError(
-                "updates and globals are signed: give --key (this device's private key) and "
-                "--aggregator-key (the aggregator's public key), or run with --insecure-unsigned"
-            )
 
     @property
     def aggregator_registry(self) -> KeyRegistry | None:
@@ -305,7 +305,7 @@ class Agent:
     def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
                         msg: Received) -> None:
         wait_s = self.clock() - self._ready_at
-        if self.cfg.codec in DELTA_CODECS and self._resend_saved(g):
+        if self.cfg.codec in DELTA_CODECS and self._resend_saved(g, state):
             self._ready_at = self.clock()
             return
         if self._splits is None or self._split_seed != g.seed:
@@ -412,11 +412,11 @@ class Agent:
                              f"{self._codec_state.round}")
         return self._codec_state
 
-    def _resend_saved(self, g: P.GlobalModel) -> bool:
+    def _resend_saved(self, g: P.GlobalModel, glob: dict[str, torch.Tensor]) -> bool:
         """After a restart within round g.round: the update saved for it goes again byte for
         byte (its residual is already in the state; encoding again would apply it twice).
         True when nothing is left to train for this round."""
-        st = self._load_codec_state(AttentionAdapter(self.data.dim).state_dict())
+        st = self._load_codec_state(glob)
         if st.round < 0 or st.round < g.round:
             return False
         if st.round > g.round or st.global_sha256 != global_digest(g.frame):

@@ -219,5 +219,7 @@ def test_codec_options_are_checked_and_the_state_sits_beside_the_feature_cache(
     with pytest.raises(ConfigError, match="fraction"):
         AgentConfig(JOB, CLIENT, insecure_unsigned=True, update_codec="topk", topk_fraction=0)
     assert AgentConfig(JOB, CLIENT, insecure_unsigned=True, update_dtype="float16").codec == "fp16"
+    with pytest.raises(ConfigError, match="signed"):  # the codec options keep the key check
+        AgentConfig(JOB, CLIENT, update_codec="topk-int8")
     path = default_state_path(tmp_path / "features", JOB, CLIENT)
     assert path == tmp_path.resolve() / "agent-state" / f"{JOB}-{CLIENT}.safetensors"
