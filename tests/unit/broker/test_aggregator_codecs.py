@@ -198,3 +198,57 @@ def test_delta_frames_against_another_global_are_counted_rejections(
     decoded = [decode_update(*d.sent[2]).tensors for d in (a, b)]
     for k, v in final.items():
         assert torch.allclose(v, (decoded[0][k] + decoded[1][k]) / 2, atol=1e-6), k
+
+
+def _agents_run(tmp: Path, crash_at: int | None = None) -> dict[str, torch.Tensor]:
+    """Real agents (dev-a fp32, dev-b int8, dev-c topk-int8, in-memory error feedback) for 4
+    rounds; with crash_at, the aggregator dies before committing that round and resumes."""
+    from support.fleet import TRAIN, start_agents
+
+    broker = MemoryBroker()
+    agents = start_agents(broker, ["dev-a", "dev-b", "dev-c"])
+    for (a, _), codec in zip(agents, ("fp32", "int8", "topk-int8"), strict=True):
+        a.cfg.update_codec = codec
+    reg = keys.registry(("dev-a", "dev-b", "dev-c"))
+
+    def make(resume: bool = False) -> Aggregator:
+        cfg = AggregatorConfig(
+            job=JOB, rounds=4, out=tmp, min_clients=3, round_timeout_s=20.0, dim=8,
+            wait_clients_s=10.0, upload_grace_s=0.0, registry=reg, train=TRAIN, seed=3,
+            signing_key=keys.key(keys.AGGREGATOR), resume=resume,
+        )
+        return Aggregator(PrevalidatingMemory(broker, "aggregator"), cfg, log=lambda s: None)
+
+    agg = make()
+    if crash_at is not None:
+        real_commit = agg._commit
+
+        def crash(rnd, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if rnd == crash_at:
+                raise RuntimeError("simulated crash before committing")
+            return real_commit(rnd, *args, **kw)
+
+        agg._commit = crash  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            agg.run()
+        agg.t.close()
+        agg = make(resume=True)
+    final = agg.run()
+    for _, th in agents:
+        th.join(10)
+    assert all(a.rounds_trained == 4 for a, _ in agents)  # nobody trained a round twice
+    return final
+
+
+def test_resume_with_delta_codecs_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The resumed aggregator gets the cached updates again (the same bytes: a delta codec's
+    residual has already moved on, so the agents must not encode again) and ends where an
+    uninterrupted run ends."""
+    full = _agents_run(tmp_path / "full")
+    resumed = _agents_run(tmp_path / "crashed", crash_at=3)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+    metrics = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in metrics]
+    codecs = {(r["client"], r["update_codec"]) for r in rows if r["kind"] == "client"}
+    assert codecs == {("dev-a", "fp32"), ("dev-b", "int8"), ("dev-c", "topk-int8")}
