@@ -252,3 +252,48 @@ def test_resume_with_delta_codecs_matches_an_uninterrupted_run(tmp_path: Path) -
     rows = [json.loads(x) for x in metrics]
     codecs = {(r["client"], r["update_codec"]) for r in rows if r["kind"] == "client"}
     assert codecs == {("dev-a", "fp32"), ("dev-b", "int8"), ("dev-c", "topk-int8")}
+
+
+def test_a_site_aggregator_takes_delta_codecs_and_sends_a_dense_partial(tmp_path: Path) -> None:
+    """A site's devices send deltas against the site's global (the central's); the site
+    rebuilds them on that global and its upstream update stays a dense frame."""
+    from fedclip_edge.broker.site import SiteAggregator
+
+    central_broker, site_broker = MemoryBroker(), MemoryBroker()
+
+    def cfg(out: Path, min_clients: int, rounds: int = 2) -> AggregatorConfig:
+        return AggregatorConfig(job=JOB, rounds=rounds, out=out, min_clients=min_clients,
+                                round_timeout_s=10.0, dim=DIM, wait_clients_s=5.0,
+                                upload_grace_s=0.0, insecure_unsigned=True)
+
+    central = Aggregator(MemoryTransport(central_broker, "aggregator"),
+                         cfg(tmp_path / "central", 1), log=lambda s: None)
+    devs = [CodecDevice(site_broker, "b", "int8"), CodecDevice(site_broker, "d", "topk-int8")]
+    will = (P.status_topic(JOB, "siteA"), P.offline_status("siteA"), True)
+    site = SiteAggregator(PrevalidatingMemory(site_broker, "aggregator"),
+                          MemoryTransport(central_broker, "siteA", will=will),
+                          cfg(tmp_path / "siteA", 2, rounds=1), site="siteA", log=lambda s: None)
+    errors: list[BaseException] = []
+
+    def run_site() -> None:
+        try:
+            site.run()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    for d in devs:
+        d.start()
+    th = threading.Thread(target=run_site, daemon=True)
+    th.start()
+    final = central.run()
+    th.join(30)
+    assert not errors, errors
+    decoded = [decode_update(*d.sent[2]).tensors for d in devs]
+    for k, v in final.items():
+        assert torch.allclose(v, (decoded[0][k] + decoded[1][k]) / 2, atol=1e-6), k
+    rows = [json.loads(x) for x in (tmp_path / "central" / "metrics.jsonl").read_text().splitlines()
+            if '"client"' in x]
+    assert {r["update_codec"] for r in rows if r["kind"] == "client"} == {"fp32"}
+    srows = [json.loads(x) for x in (tmp_path / "siteA" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["client"], r["update_codec"]) for r in srows if r["kind"] == "client"} == {
+        ("b", "int8"), ("d", "topk-int8")}
