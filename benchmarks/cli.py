@@ -23,6 +23,7 @@ from fedclip_edge.benchmarks.brokers import KINDS
 from fedclip_edge.benchmarks.extractor import DEFAULT_BACKENDS, DEFAULT_BATCHES, run_extractor_bench
 from fedclip_edge.benchmarks.fedavg import run_bench as fedavg_bench
 from fedclip_edge.benchmarks.render import CONTENTION_WARN, aggregator_table, extractor_table
+from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.errors import ConfigError, FedClipError, Interrupted
 from fedclip_edge.names import unknown_name
@@ -132,6 +133,8 @@ def bench_fedavg(
     ] = 64 * 1024 * 1024,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
+    update_codec: opt.OptionalUpdateCodec = None,
+    topk_fraction: opt.TopkFraction = 0.01,
 ) -> None:
     """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
     for flag, value in (
@@ -163,6 +166,8 @@ def bench_fedavg(
             transport=transport,
             broker=broker,
             max_payload=max_payload,
+            update_codec=update_codec.value if update_codec is not None else None,
+            topk_fraction=topk_fraction,
         )
     except KeyboardInterrupt:
         raise Interrupted(f"what was measured so far is in {Path(out) / 'bench.json'}") from None

@@ -31,11 +31,17 @@ from typing import Any
 import torch
 
 from fedclip_edge.adapter import AttentionAdapter
-from fedclip_edge.benchmarks.mqtt_link import MqttLink, open_link
+from fedclip_edge.benchmarks.mqtt_link import MqttLink, open_link, xfer
 from fedclip_edge.benchmarks.procstats import machine_info
 from fedclip_edge.benchmarks.render import fedavg_markdown, fedavg_plots
 from fedclip_edge.benchmarks.rounds import Client, federate
 from fedclip_edge.benchmarks.tower import param_count, run_fedavg, state_hash
+from fedclip_edge.codecs import (
+    DEFAULT_TOPK_FRACTION,
+    SPARSE_CODECS,
+    check_codec,
+    check_topk_fraction,
+)
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.train import accuracy, train_local
@@ -65,9 +71,15 @@ def run_bench(
     transport: str = "inproc",
     broker: str | None = None,
     max_payload: int | None = None,
+    update_codec: str | None = None,
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
     log=print,
 ) -> dict[str, Any]:
     """Run both methods and write OUT/bench.json, bench.md and the plots (after every round).
+
+    update_codec: FedCLIP's updates travel in this codec (the global still goes down dense, in
+    `dtype`); the report then compares its measured uplink bytes with the fp32 and fp16
+    adapter frames and full FedAvg's tower frame.
 
     transport "mqtt": every exchange goes through `broker` (default: a private mosquitto, or the
     embedded broker, on a free loopback port), chunked above `max_payload` bytes."""
@@ -85,6 +97,15 @@ def run_bench(
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if transport not in ("inproc", "mqtt"):
         raise ConfigError(f"unknown --transport {transport!r}; choose inproc or mqtt")
+    if update_codec is not None:
+        try:
+            check_codec(update_codec)
+            check_topk_fraction(topk_fraction)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if dtype != "float32":
+            raise ConfigError("--fp16 ships the adapter in fp16 both ways; with --update-codec "
+                              "the global goes down fp32 and the codec sets the uplink: give one")
     max_payload = max_payload or DEFAULT_MAX_PAYLOAD
     if transport == "mqtt" and not 4096 <= max_payload <= 268_435_455:
         raise ConfigError("--max-payload must be 4096..268435455 bytes (MQTT's limit)")
@@ -146,6 +167,8 @@ def run_bench(
             "local_epochs": local_epochs,
             "train": cfg.to_dict(),
             "dtype": dtype,
+            "update_codec": update_codec,
+            "topk_fraction": topk_fraction if update_codec in SPARSE_CODECS else None,
             "fedavg_dtype": fedavg_dtype,
             "device": device,
             "seed": seed,
@@ -205,7 +228,12 @@ def run_bench(
             link=link,
             log=log,
             save=save,
+            update_codec=update_codec,
+            topk_fraction=topk_fraction,
         )
+        if update_codec is not None:
+            report["uplink"] = _uplink(report, parts[0].name, loaded.embed_dim, link, rounds)
+            log(_uplink_line(report["uplink"]))
     report["speedups"] = _speedups(report)
     report["projections"] = [
         _projections(report, rounds=r, uplink_mbit=mbit) for r, mbit in ((50, 0.0), (200, 10.0))
@@ -234,6 +262,8 @@ def _run_methods(
     link: MqttLink | None,
     log: Any,
     save: Any,
+    update_codec: str | None = None,
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
 ) -> None:
     """FedCLIP then full FedAvg, over the same clients and exchange (in-process or MQTT)."""
     visual0 = loaded.model.visual
@@ -299,6 +329,8 @@ def _run_methods(
         log=log,
         save=save,
         link=link,
+        update_codec=update_codec,
+        topk_fraction=topk_fraction,
     )
     report["fedclip"]["tower_sha256_before"] = tower_hash_before
     report["fedclip"]["tower_sha256_after"] = state_hash(visual0)
@@ -307,6 +339,40 @@ def _run_methods(
         report, parts, visual0, text, scale, held, cfg, rounds=rounds,
         fedavg_dtype=fedavg_dtype, seed=seed, link=link, log=log, save=save,
     )
+
+
+def _uplink(report: dict[str, Any], client: str, dim: int, link: MqttLink | None,
+            rounds: int) -> dict[str, Any]:
+    """The codec's measured uplink bytes (mean per client per round over the run) beside the
+    fp32 and fp16 adapter frames and full FedAvg's tower frame, each measured: the adapter
+    frames by one more real exchange of a trained-size adapter over the same transport."""
+    codec = report["config"]["update_codec"]
+    up_codec = statistics.mean(x["bytes_up_per_client"] for x in report["fedclip"]["rounds"])
+    up_tower = statistics.mean(x["bytes_up_per_client"] for x in report["fedavg"]["rounds"])
+    adapter = AttentionAdapter(dim).state_dict()
+    dense = {
+        name: xfer(link, adapter, rnd=rounds + 1, client=client, dtype=dtype, down=False)[1]
+        for name, dtype in (("fp32", "float32"), ("fp16", "float16"))
+    }
+    bytes_up = {codec: up_codec, **{k: v for k, v in dense.items() if k != codec}}
+    return {
+        "codec": codec,
+        "topk_fraction": report["config"]["topk_fraction"],
+        "bytes_up_per_client_round": bytes_up,
+        "fedavg_tower_bytes_up_per_client_round": up_tower,
+        "ratio_vs_fedavg_tower": {k: _ratio(up_tower, v) for k, v in bytes_up.items()},
+        "ratio_vs_fp32_adapter": _ratio(dense["fp32"], up_codec),
+        "how": f"{codec}: mean over the run's real updates (error feedback on); fp32/fp16: one "
+        "real adapter frame each over the same transport; tower: full FedAvg's measured uplink",
+    }
+
+
+def _uplink_line(u: dict[str, Any]) -> str:
+    parts = [
+        f"{k} {v:,.0f} B ({u['ratio_vs_fedavg_tower'][k]:,.0f}x below the tower)"
+        for k, v in u["bytes_up_per_client_round"].items()
+    ]
+    return "uplink per client per round: " + "; ".join(parts)
 
 
 def _ratio(a: float, b: float) -> float | None:

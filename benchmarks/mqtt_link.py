@@ -15,28 +15,60 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, ErrorFeedback
 from fedclip_edge.errors import TransportError
-from fedclip_edge.wire import decode_frame, encode_frame
+from fedclip_edge.wire import decode_frame, decode_update, encode_frame, encode_update
 
 PROBE_ROUND = 0  # benchmark rounds start at 1: round 0 messages only prove the routes work
 
 
+@dataclass
+class UpCodec:
+    """An update codec for the uplink (fedclip_edge.codecs): `base` is the round's global
+    (delta codecs encode against it, the server decodes against it), `feedback` the client's
+    error-feedback residual, kept by the caller across rounds."""
+
+    codec: str
+    base: dict[str, torch.Tensor]
+    feedback: ErrorFeedback | None = None
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+
+def encode_any(state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
+               up: UpCodec | None = None) -> bytes:
+    """A version-1 frame of `dtype`, or with `up` a version-2 frame of its codec."""
+    if up is None:
+        return encode_frame(state, job=job, round=rnd, client=client, dtype=dtype)
+    return encode_update(state, up.base, codec=up.codec, job=job, round=rnd, client=client,
+                         feedback=up.feedback, topk_fraction=up.topk_fraction)
+
+
+def decode_any(frame: bytes, state: dict[str, torch.Tensor],
+               up: UpCodec | None = None) -> dict[str, torch.Tensor]:
+    """What the receiver rebuilds (the full adapter; deltas added to `up.base`)."""
+    if up is None:
+        return decode_frame(
+            frame, expected={k: tuple(v.shape) for k, v in state.items()}, max_bytes=len(frame)
+        ).tensors
+    return decode_update(frame, up.base, max_bytes=len(frame)).tensors
+
+
 def exchange_inproc(
-    state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str
+    state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
+    up: UpCodec | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, float]:
     """Encode and decode one frame: (tensors as received, bytes on the wire, seconds)."""
     t0 = time.perf_counter()
-    frame = encode_frame(state, job=job, round=rnd, client=client, dtype=dtype)
-    out = decode_frame(
-        frame, expected={k: tuple(v.shape) for k, v in state.items()}, max_bytes=len(frame)
-    )
-    return out.tensors, len(frame), time.perf_counter() - t0
+    frame = encode_any(state, job=job, rnd=rnd, client=client, dtype=dtype, up=up)
+    out = decode_any(frame, state, up)
+    return out, len(frame), time.perf_counter() - t0
 
 
 class MqttLink:
@@ -72,14 +104,14 @@ class MqttLink:
             raise
 
     def _message(self, tensors: dict[str, torch.Tensor], rnd: int, client: str | None,
-                 dtype: str, samples: int = 0) -> tuple[str, bytes]:
+                 dtype: str, samples: int = 0, up: UpCodec | None = None) -> tuple[str, bytes]:
         """(topic, payload): a global for the device end, or client's update for the server."""
         if client is None:
             frame = encode_frame(tensors, job=self.job, round=rnd, client=P.AGGREGATOR_ID,
                                  dtype=dtype)
             return P.global_topic(self.job), P.GlobalModel(self.job, rnd, frame).encode()
         cid = self.topic_id[client]
-        frame = encode_frame(tensors, job=self.job, round=rnd, client=cid, dtype=dtype)
+        frame = encode_any(tensors, job=self.job, rnd=rnd, client=cid, dtype=dtype, up=up)
         return P.update_topic(self.job, cid), P.Update(self.job, rnd, cid, samples, {},
                                                        frame).encode()
 
@@ -133,21 +165,19 @@ class MqttLink:
         dtype: str,
         down: bool,
         samples: int = 0,
+        up: UpCodec | None = None,
     ) -> tuple[dict[str, torch.Tensor], int, float, int]:
         """Encode, publish (chunked), receive, reassemble, decode: (tensors, payload bytes on
         the wire incl. chunk envelopes, seconds, MQTT messages)."""
         sender, receiver = (self.server, self.device) if down else (self.device, self.server)
         t0 = time.perf_counter()
-        topic, payload = self._message(state, rnd, None if down else client, dtype, samples)
+        topic, payload = self._message(state, rnd, None if down else client, dtype, samples,
+                                       None if down else up)
         before = sender.counters.snapshot()
         delivery = sender.publish(topic, payload)
         what = f"{'global' if down else 'update'} of {len(payload)} B for {client}"
         msg, decoded = self._receive(receiver, topic, rnd, what)
-        out = decode_frame(
-            decoded.frame,
-            expected={k: tuple(v.shape) for k, v in state.items()},
-            max_bytes=len(decoded.frame),
-        )
+        out = decode_any(decoded.frame, state, None if down else up)
         seconds = time.perf_counter() - t0
         if not delivery.wait(max(1.0, self.timeout_s)):
             raise TransportError(f"publish on {topic} not acknowledged")
@@ -155,7 +185,7 @@ class MqttLink:
         sent = after["bytes_up"] - before["bytes_up"]
         if sent != msg.wire_bytes:
             raise TransportError(f"sent {sent} B but the receiver counted {msg.wire_bytes} B")
-        return out.tensors, sent, seconds, after["messages_up"] - before["messages_up"]
+        return out, sent, seconds, after["messages_up"] - before["messages_up"]
 
     def close(self) -> None:
         for t in (self.server, self.device):
@@ -190,11 +220,15 @@ def xfer(
     dtype: str,
     down: bool,
     samples: int = 0,
+    up: UpCodec | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, float, int]:
-    """One exchange: (tensors as received, bytes, seconds, messages), in-process or via MQTT."""
+    """One exchange: (tensors as received, bytes, seconds, messages), in-process or via MQTT.
+    `up`: the uplink's codec (ignored for a global going down, which stays dense)."""
+    up = None if down else up
     if link is None:
         tensors, nbytes, secs = exchange_inproc(
-            state, job="bench", rnd=rnd, client="server" if down else client, dtype=dtype
+            state, job="bench", rnd=rnd, client="server" if down else client, dtype=dtype, up=up
         )
         return tensors, nbytes, secs, 1
-    return link.exchange(state, rnd=rnd, client=client, dtype=dtype, down=down, samples=samples)
+    return link.exchange(state, rnd=rnd, client=client, dtype=dtype, down=down, samples=samples,
+                         up=up)

@@ -152,6 +152,7 @@ def fedavg_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
         *[f"| {a} | {b} | {d} | {e} |" for a, b, d, e in rows],
         "",
+        *_uplink_rows(report),
         "Parameter ratios (counts, not measurements): this model's image tower / adapter "
         f"{p['ratio_tower_to_adapter']:.0f}x, whole CLIP / adapter "
         f"{p['ratio_clip_to_adapter']:.0f}x; for ViT-B-32 {vit['ratio_tower_to_adapter']:.0f}x "
@@ -167,6 +168,28 @@ def fedavg_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _uplink_rows(report: dict[str, Any]) -> list[str]:
+    """With --update-codec: the codec's measured uplink beside the dense adapter frames."""
+    u = report.get("uplink")
+    if not u:
+        return []
+    frac = f" (top-k fraction {u['topk_fraction']:g})" if u.get("topk_fraction") else ""
+    rows = [
+        f"| {k}{frac if k == u['codec'] else ''} | {fmt_bytes(v)} | "
+        f"**{u['ratio_vs_fedavg_tower'][k]:,.0f}x** |"
+        for k, v in u["bytes_up_per_client_round"].items()
+    ]
+    return [
+        "| FedCLIP uplink per client per round | bytes | below full FedAvg's tower frame |",
+        "|---|---|---|",
+        *rows,
+        f"| full FedAvg (tower) | {fmt_bytes(u['fedavg_tower_bytes_up_per_client_round'])} | |",
+        "",
+        f"{u['how']}.",
+        "",
+    ]
 
 
 def fedavg_plots(report: dict[str, Any], out: Path) -> None:

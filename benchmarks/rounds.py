@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from fedclip_edge.benchmarks.mqtt_link import MqttLink, xfer
+from fedclip_edge.benchmarks.mqtt_link import MqttLink, UpCodec, xfer
+from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, DELTA_CODECS, ErrorFeedback
 from fedclip_edge.strategy import FedAvg
 
 
@@ -45,15 +46,26 @@ def federate(
     log,
     save,
     link: MqttLink | None = None,
+    update_codec: str | None = None,
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
 ) -> None:
     """The round loop both methods share: ship the global model down, train locally, ship the
-    update up (real wire frames), average, evaluate (timed apart), record, save."""
+    update up (real wire frames), average, evaluate (timed apart), record, save.
+
+    `update_codec`: the uplink's codec (as `agent --update-codec`); each client keeps its
+    error-feedback residual across rounds, as a device does."""
     strategy = FedAvg("uniform")
     cum_wall, cum_bytes = start_wall, 0
+    feedback = {c.name: ErrorFeedback() for c in parts}
     for rnd in range(1, rounds + 1):
         t_round = time.perf_counter()
         acc_round = strategy.start_round()
         per_client = {}
+        base = (
+            {k: v.detach().to("cpu", torch.float32).clone() for k, v in state(global_model).items()}
+            if update_codec is not None
+            else {}
+        )
         for ci, c in enumerate(parts):
             down, b_down, s_down, m_down = xfer(
                 link, state(global_model), rnd=rnd, client=c.name, dtype=dtype, down=True
@@ -65,9 +77,13 @@ def federate(
                 local, c, torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci)
             )
             compute = time.perf_counter() - t
+            codec = None if update_codec is None else UpCodec(
+                update_codec, base,
+                feedback[c.name] if update_codec in DELTA_CODECS else None, topk_fraction,
+            )
             up, b_up, s_up, m_up = xfer(
                 link, state(local), rnd=rnd, client=c.name, dtype=dtype, down=False,
-                samples=samples,
+                samples=samples, up=codec,
             )
             acc_round.add(up, samples)
             per_client[c.name] = {

@@ -38,8 +38,7 @@ from fedclip_edge.features import load_feature_cache
 from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.strategy import Strategy, make_strategy, over_sites_note
 from fedclip_edge.train import accuracy
-from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_frame, encode_frame
-from fedclip_edge.wire import expected_shapes as frame_shapes
+from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_update, encode_frame
 
 POLICIES = ("retry", "stop")
 # A device's sample count weighs its update (samples weighting): bounded so that one claim
@@ -187,8 +186,10 @@ class Aggregator:
         self._answered: dict[str, dict[str, Any]] = {}
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
-        self._expected: dict[str, tuple[int, ...]] = {}
         self._warned_over_sites = False
+        # (round, its global): what the validation thread may decode delta frames against.
+        # Replaced as one tuple (never mutated), so the worker reads a consistent pair.
+        self._decode_ctx: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -330,7 +331,11 @@ class Aggregator:
 
     def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
         """On the transport's validation thread (`prevalidate.py`): the pure part of
-        `_on_update`, (update or its exception, frame or its exception)."""
+        `_on_update`, (update or its exception, frame or its exception or None).
+
+        A frame is decoded here only against the global of the round it names (delta codecs
+        add to it); an update for another round gets frame None and is decided, and decoded
+        if need be, on the main loop."""
         if "/update/" not in msg.topic:
             return None
         try:
@@ -339,13 +344,14 @@ class Aggregator:
             return exc, None
         if not isinstance(up, P.Update):
             return up, None
+        ctx = self._decode_ctx  # one read: the round and its global belong together
+        if ctx is None or up.round != ctx[0]:
+            return up, None
         try:
-            frame: Any = decode_frame(
-                up.frame, expected=self._expected, max_bytes=self.cfg.max_update_bytes
-            )
+            frame: Any = decode_update(up.frame, ctx[1], max_bytes=self.cfg.max_update_bytes)
         except FrameRejected as exc:
             frame = exc
-        return up, frame
+        return up, (ctx[0], frame)
 
     def _on_update(self, client: str, msg: Received) -> None:
         pre = getattr(msg, "decoded", None)  # set by a prevalidating transport
@@ -376,15 +382,14 @@ class Aggregator:
             authn.verify(up, self.cfg.registry)
         assert self.global_state is not None
         try:
-            if pre is not None and pre[1] is not None:
-                if isinstance(pre[1], Exception):
-                    raise pre[1]
-                frame = pre[1]
+            # the worker's result only when it decoded against this round's global
+            if pre is not None and pre[1] is not None and pre[1][0] == self._round:
+                if isinstance(pre[1][1], Exception):
+                    raise pre[1][1]
+                frame = pre[1][1]
             else:
-                frame = decode_frame(
-                    up.frame,
-                    expected=frame_shapes(self.global_state),
-                    max_bytes=self.cfg.max_update_bytes,
+                frame = decode_update(
+                    up.frame, self.global_state, max_bytes=self.cfg.max_update_bytes
                 )
         except FrameRejected as exc:
             raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
@@ -415,6 +420,7 @@ class Aggregator:
                 "bytes_up": msg.wire_bytes,
                 "update_latency_s": latency,
                 "update_dtype": frame.dtype,
+                "update_codec": frame.codec,  # what the frame is, not what the device says
             }
         )
         rec.setdefault("bytes_down", len(self._global_payload))
@@ -473,6 +479,8 @@ class Aggregator:
 
     def _run_round(self, rnd: int) -> bool:
         self._round = rnd
+        assert self.global_state is not None
+        self._decode_ctx = (rnd, self.global_state)
         self._acc = self.strategy.start_round()
         self._answered = {}
         self.roster.start_round()
@@ -581,8 +589,6 @@ class Aggregator:
 
     def _start_prevalidation(self) -> None:
         """With a prevalidating transport, updates are decoded on its worker thread."""
-        assert self.global_state is not None
-        self._expected = frame_shapes(self.global_state)
         set_decoder = getattr(self.t, "set_decoder", None)
         if set_decoder is not None:
             set_decoder(self._predecode)

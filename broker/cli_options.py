@@ -46,6 +46,17 @@ UpdateCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+# The agent's: unset means its --update-dtype decides (fp32, or fp16 with float16).
+OptionalUpdateCodec = Annotated[
+    CodecName | None,
+    typer.Option(
+        "--update-codec",
+        help="How updates travel: fp32/fp16 send the adapter; delta-fp16, int8 (per-row scales), "
+        "topk and topk-int8 send the change to the round's global, with error feedback "
+        "(default: fp32, or fp16 with --update-dtype float16).",
+        case_sensitive=False,
+    ),
+]
 TopkFraction = Annotated[
     float,
     typer.Option(

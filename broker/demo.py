@@ -22,6 +22,12 @@ from typing import Any
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import EmbeddedBroker
 from fedclip_edge.broker.transport import MqttTransport
+from fedclip_edge.codecs import (
+    DEFAULT_TOPK_FRACTION,
+    SPARSE_CODECS,
+    check_codec,
+    check_topk_fraction,
+)
 from fedclip_edge.data.synth import DOMAINS, write_dataset
 from fedclip_edge.errors import ConfigError, Interrupted, TransportError
 from fedclip_edge.exporters.export import export_artifact
@@ -77,6 +83,8 @@ def _spawn_agent(
     artifact: Path,
     folder: Path,
     keys: Path,
+    update_codec: str = "fp32",
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
 ) -> tuple[subprocess.Popen, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     logf = open(folder / f"{client}.log", "w")  # noqa: SIM115 - closed by the caller
@@ -108,6 +116,12 @@ def _spawn_agent(
         str(keys / "aggregator.pub"),
         "--artifact-key",
         str(keys / "exporter.pub"),
+        "--update-codec",
+        update_codec,
+        "--topk-fraction",
+        repr(float(topk_fraction)),
+        "--state-file",
+        str(folder / f"{client}-state.safetensors"),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -131,6 +145,8 @@ def run_mqtt_demo(
     train_overrides: dict[str, Any] | None = None,
     strategy: str = "fedavg",
     strategy_options: dict[str, Any] | None = None,
+    update_codec: str = "fp32",
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary.
@@ -142,6 +158,11 @@ def run_mqtt_demo(
 
     if test_domain not in DOMAINS:
         raise ConfigError(unknown_name("--test-domain", test_domain, DOMAINS))
+    try:  # before anything starts: a bad value would only fail in the agents' logs
+        check_codec(update_codec)
+        check_topk_fraction(topk_fraction)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     out = Path(out)
     t0 = time.perf_counter()
     log("1/5 offline default model (fedclip-tiny, pretrained here on synthetic data)")
@@ -173,14 +194,16 @@ def run_mqtt_demo(
         agents = []
         for d in clients:
             proc, logf = _spawn_agent(
-                url, job, f"dev-{d}", d, data, artifact, out / "agents", keys
+                url, job, f"dev-{d}", d, data, artifact, out / "agents", keys,
+                update_codec, topk_fraction,
             )
             stack.callback(logf.close)
             stack.callback(_stop, proc)
             agents.append(proc)
         log(
             f"    {len(agents)} device agents started (one per domain: {', '.join(clients)}); "
-            f"logs in {out / 'agents'}"
+            f"logs in {out / 'agents'}; updates {update_codec}"
+            + (f" (top-k fraction {topk_fraction:g})" if update_codec in SPARSE_CODECS else "")
         )
         log(f"5/5 aggregator: {rounds} rounds, {preset} setting, held-out domain {test_domain}")
         cfg = AggregatorConfig(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,25 @@ def append_metrics(path: Path, records: Iterable[dict[str, Any]]) -> None:
         os.fsync(fh.fileno())
 
 
+def bytes_by_codec(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Uplink bytes per update codec (`update_codec` of each client line; lines written before
+    codecs existed count as their `update_dtype`'s codec), so a mixed fleet shows what each
+    codec costs."""
+    out: dict[str, int] = {}
+    for r in rows:
+        codec = codec_of(r)
+        out[codec] = out.get(codec, 0) + int(_num(r.get("bytes_up")) or 0)
+    return dict(sorted(out.items()))
+
+
+def codec_of(row: Mapping[str, Any]) -> str:
+    """A client line's update codec (lines from before codecs: their dtype's codec)."""
+    codec = row.get("update_codec")
+    if isinstance(codec, str):
+        return codec
+    return "fp16" if row.get("update_dtype") == "float16" else "fp32"
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals, per-round means and percentiles, over every field of CLIENT_FIELDS."""
     clients = [r for r in records if r.get("kind") == "client"]
@@ -98,6 +118,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "round_wall_s": rr.get("round_wall_s"),
                 "heldout_acc": rr.get("heldout_acc"),
                 "mean_loss": stats(c.get("loss") for c in rows)["mean"],
+                "bytes_up_by_codec": bytes_by_codec(rows),
                 **{f: stats(c.get(f) for c in rows) for f in CLIENT_FIELDS},
             }
         )
@@ -108,6 +129,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "totals": {
             "bytes_down": int(sum(_num(c.get("bytes_down")) or 0 for c in clients)),
             "bytes_up": int(sum(_num(c.get("bytes_up")) or 0 for c in clients)),
+            "bytes_up_by_codec": bytes_by_codec(clients),
+            "updates_by_codec": dict(sorted(Counter(codec_of(c) for c in clients).items())),
             "round_wall_s": sum(_num(r.get("round_wall_s")) or 0 for r in rounds),
         },
         "overall": {f: stats(c.get(f) for c in clients) for f in CLIENT_FIELDS},
@@ -300,6 +323,7 @@ def round_record(
         "latency_max_s": max(lat) if lat else None,
         "bytes_down": sum(int(_num(r.get("bytes_down")) or 0) for r in rows),
         "bytes_up": sum(int(_num(r.get("bytes_up")) or 0) for r in rows),
+        "bytes_up_by_codec": bytes_by_codec(rows),
         "rejected": {k: v for k, v in counters.items() if k.startswith("rejected_")},
     }
 

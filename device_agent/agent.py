@@ -34,8 +34,16 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import Delivery, Received, Transport
+from fedclip_edge.codecs import (
+    CODECS,
+    DEFAULT_TOPK_FRACTION,
+    DELTA_CODECS,
+    ErrorFeedback,
+    check_topk_fraction,
+)
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.data.split import split_indices
+from fedclip_edge.device_agent.codec_state import CodecState, global_digest
 from fedclip_edge.errors import (
     ConfigError,
     DataError,
@@ -50,7 +58,13 @@ from fedclip_edge.signing import (
     verify_artifact_signature,
 )
 from fedclip_edge.train import accuracy, train_local
-from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame, expected_shapes
+from fedclip_edge.wire import (
+    FrameRejected,
+    decode_frame,
+    encode_frame,
+    encode_update,
+    expected_shapes,
+)
 
 
 def client_index(client_id: str) -> int:
@@ -110,17 +124,40 @@ class AgentConfig:
     aggregator_key: Ed25519PublicKey | None = None
     insecure_unsigned: bool = False
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # how updates travel (fedclip_edge.codecs); None: fp32 or fp16 after update_dtype
+    update_codec: str | None = None
+    topk_fraction: float = DEFAULT_TOPK_FRACTION
+    # delta codecs' error-feedback state (residual + last encoded update); None: kept in memory
+    # only (tests), run_agent always gives one
+    state_file: Path | None = None
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
         P.check_id(self.client_id, "client id")
         if self.update_dtype not in ("float32", "float16"):
             raise ConfigError("update dtype must be float32 or float16")
+        if self.update_codec is not None:
+            if self.update_codec not in CODECS:
+                raise ConfigError(f"unknown update codec {self.update_codec!r}; choose one of "
+                                  f"{', '.join(CODECS)}")
+            if self.update_dtype == "float16" and self.update_codec != "fp16":
+                raise ConfigError("give --update-codec or --update-dtype float16, not both")
+        try:
+            check_topk_fraction(self.topk_fraction)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.insecure_unsigned and (self.key is None or self.aggregator_key is None):
             raise ConfigError(
                 "updates and globals are signed: give --key (this device's private key) and "
                 "--aggregator-key (the aggregator's public key), or run with --insecure-unsigned"
             )
+
+    @property
+    def codec(self) -> str:
+        """The update codec in effect (--update-dtype float16 is the fp16 codec)."""
+        if self.update_codec is not None:
+            return self.update_codec
+        return "fp16" if self.update_dtype == "float16" else "fp32"
 
     @property
     def aggregator_registry(self) -> KeyRegistry | None:
@@ -174,6 +211,7 @@ class Agent:
         self._extract_reported = False
         # accepted messages taken from the transport early, to see what supersedes a round
         self._pending: deque[tuple[P.Control | P.GlobalModel, Received]] = deque()
+        self._codec_state: CodecState | None = None  # delta codecs: loaded on first use
         n = int(data.labels.shape[0])
         self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
                                                  strict=True)}
@@ -315,6 +353,9 @@ class Agent:
     def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
                         msg: Received) -> None:
         wait_s = self.clock() - self._ready_at
+        if self.cfg.codec in DELTA_CODECS and self._resend_saved(g, state):
+            self._ready_at = self.clock()
+            return
         if self._splits is None or self._split_seed != g.seed:
             self._splits, self._split_seed = self.data.split(g.seed), g.seed
         splits = self._splits
@@ -351,24 +392,19 @@ class Agent:
                 "global_transfer_s": msg.transfer_s,
                 "bytes_down": msg.wire_bytes,
                 "backend": self.data.backend,
+                "update_codec": self.cfg.codec,
             }
         )
         if not self._extract_reported:  # once per agent process, with its first update
             metrics["extract_s"] = self.data.extract_s
             metrics["zero_shot_acc"] = accuracy(None, *splits["test"], text)
             self._extract_reported = True
-        frame = encode_frame(adapter.state_dict(), job=self.cfg.job, round=g.round,
-                             client=self.cfg.client_id, dtype=self.cfg.update_dtype)
         samples = res.samples if res.samples else int(splits["train"][1].shape[0])
-        update = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics, frame,
-                          session=self.cfg.session)
-        if self.cfg.key is not None:
-            update = authn.sign(update, self.cfg.key)
-        payload = update.encode()
         why = self._superseded(g.round)  # arrived while training: the round is over
-        if why is not None:
+        if why is not None:  # before encoding: encoding moves the error-feedback residual on
             self.log(f"round {g.round}: trained but not sent, {why} arrived meanwhile")
             return
+        payload = self._encode_update(g, state, adapter.state_dict(), samples, metrics)
         self.last_trained = g.round
         self.rounds_trained += 1
         self._cached = (g.round, payload)
@@ -377,9 +413,80 @@ class Agent:
         self.log(
             f"round {g.round} | samples {samples} | loss {res.loss:.4f} | compute {train_s:.3f}s"
             f" | wait {wait_s:.3f}s | down {msg.wire_bytes} B | up {self._last_wire} B"
-            f" | upload {upload}"
+            f" ({self.cfg.codec}) | upload {upload}"
         )
         self._ready_at = self.clock()
+
+    def _encode_update(self, g: P.GlobalModel, glob: dict[str, torch.Tensor],
+                       local: dict[str, torch.Tensor], samples: int,
+                       metrics: dict[str, Any]) -> bytes:
+        """The signed update envelope. fp32/fp16 travel as version-1 frames (older aggregators
+        read them); delta codecs as version-2 frames against `glob` (the round's global), with
+        the error-feedback state saved BEFORE the update leaves the device."""
+        codec = self.cfg.codec
+        st = self._load_codec_state(local) if codec in DELTA_CODECS else None
+        if st is None:
+            frame = encode_frame(local, job=self.cfg.job, round=g.round,
+                                 client=self.cfg.client_id,
+                                 dtype="float16" if codec == "fp16" else "float32")
+        else:
+            feedback = ErrorFeedback(st.residual)
+            frame = encode_update(local, glob, codec=codec, job=self.cfg.job, round=g.round,
+                                  client=self.cfg.client_id, feedback=feedback,
+                                  topk_fraction=self.cfg.topk_fraction)
+            metrics["residual_norm"] = feedback.norm()
+        update = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics, frame,
+                          session=self.cfg.session)
+        if self.cfg.key is not None:
+            update = authn.sign(update, self.cfg.key)
+        payload = update.encode()
+        if st is not None:
+            st.residual, st.round, st.update = feedback.residual, g.round, payload
+            st.global_sha256 = global_digest(g.frame)
+            if self.cfg.state_file is not None:
+                st.save(self.cfg.state_file)  # before publishing: see codec_state.py
+        return payload
+
+    def _load_codec_state(self, shapes_of: dict[str, torch.Tensor]) -> CodecState:
+        """The error-feedback state, read from the state file once per process."""
+        if self._codec_state is None:
+            shapes = expected_shapes(shapes_of)
+            if self.cfg.state_file is None:
+                self._codec_state = CodecState(self.cfg.job, self.cfg.client_id, self.cfg.codec,
+                                               self.data.dim)
+            else:
+                self._codec_state = CodecState.load(
+                    self.cfg.state_file, job=self.cfg.job, client=self.cfg.client_id,
+                    codec=self.cfg.codec, shapes=shapes, log=self.log,
+                )
+                if self._codec_state.round >= 0:
+                    self.log(f"error-feedback state {self.cfg.state_file}: residual after round "
+                             f"{self._codec_state.round}")
+        return self._codec_state
+
+    def _resend_saved(self, g: P.GlobalModel, glob: dict[str, torch.Tensor]) -> bool:
+        """After a restart within round g.round: the update saved for it goes again byte for
+        byte (its residual is already in the state; encoding again would apply it twice).
+        True when nothing is left to train for this round."""
+        st = self._load_codec_state(glob)
+        if st.round < 0 or st.round < g.round:
+            return False
+        if st.round > g.round or st.global_sha256 != global_digest(g.frame):
+            # the job went back, or this round's global is another one (a new run of the job):
+            # that residual belongs to updates this aggregator never had
+            self.log(f"warning: error-feedback state of round {st.round} does not match the "
+                     f"global of round {g.round}; starting from a zero residual")
+            st.residual, st.round, st.update, st.global_sha256 = {}, -1, b"", ""
+            return False
+        self.last_trained = g.round
+        self._cached = (g.round, st.update)
+        if self.cfg.client_id in g.have:
+            self.log(f"round {g.round}: update saved before a restart; the aggregator has it")
+            return True
+        self.log(f"round {g.round}: re-sending the update saved before a restart "
+                 f"({len(st.update)} B, not encoded again)")
+        self._send(g.round, st.update)
+        return True
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -528,17 +635,26 @@ def run_agent(
     aggregator_key_file: Path | None = None,
     artifact_key_file: Path | None = None,
     insecure_unsigned: bool = False,
+    update_codec: str | None = None,
+    topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    state_file: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> int:
     """Features, then the MQTT loop. SIGTERM/SIGINT end it cleanly (offline status, close)."""
     from fedclip_edge.broker.transport import MqttTransport
+    from fedclip_edge.device_agent.codec_state import default_state_path
 
     cfg = AgentConfig(
         job, client_id, update_dtype, idle_timeout_s, connect_timeout_s,
         key=load_private_key(key_file) if key_file else None,
         aggregator_key=load_public_key(aggregator_key_file) if aggregator_key_file else None,
         insecure_unsigned=insecure_unsigned,
+        update_codec=update_codec,
+        topk_fraction=topk_fraction,
+        state_file=state_file or default_state_path(cache, job, client_id),
     )
+    if cfg.codec in DELTA_CODECS:
+        log(f"update codec {cfg.codec}: error-feedback state in {cfg.state_file}")
     if artifact_key_file is not None:
         verify_artifact_signature(artifacts, load_public_key(artifact_key_file))
         log(f"artifact {artifacts}: signature verified")

@@ -34,8 +34,16 @@ def agent(
         Path | None, typer.Option(help="Feature cache folder (re-used on restart).")
     ] = None,
     update_dtype: Annotated[
-        str, typer.Option(help="Update payload dtype: float32 | float16.")
+        str, typer.Option(help="Update payload dtype: float32 | float16 (older spelling of "
+                          "--update-codec fp32 | fp16).")
     ] = "float32",
+    update_codec: opt.OptionalUpdateCodec = None,
+    topk_fraction: opt.TopkFraction = 0.01,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(help="Delta codecs' error-feedback state (kept across restarts; default: "
+                     "agent-state/JOB-CLIENT.safetensors beside the feature cache folder)."),
+    ] = None,
     max_payload: Annotated[
         int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
     ] = DEFAULT_MAX_PAYLOAD,
@@ -107,6 +115,9 @@ def agent(
         aggregator_key_file=aggregator_key,
         artifact_key_file=artifact_key,
         insecure_unsigned=insecure_unsigned,
+        update_codec=update_codec.value if update_codec is not None else None,
+        topk_fraction=topk_fraction,
+        state_file=state_file,
         log=log,
     )
 

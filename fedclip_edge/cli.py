@@ -259,11 +259,16 @@ def demo(
     strategy: opt.Strategy = "fedavg",
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
+    update_codec: UpdateCodec = CodecName.fp32,
+    topk_fraction: TopkFraction = 0.01,
     config: config_option("demo") = None,
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
     if inproc and resume:
         raise ConfigError("--resume continues an MQTT demo run; --inproc runs are quick to redo")
+    if inproc and update_codec.value != "fp32":
+        raise ConfigError("--update-codec is for the MQTT demo's agents; with --inproc use "
+                          "`fedclip-edge simulate --update-codec`")
     if inproc:
 
         run_demo(
@@ -290,6 +295,8 @@ def demo(
         train_overrides={"lr": lr, "epochs": epochs, "batch_size": batch_size},
         strategy=strategy,
         strategy_options={"bound": clip_bound, "trim": trim},
+        update_codec=update_codec.value,
+        topk_fraction=topk_fraction,
     )
 
 

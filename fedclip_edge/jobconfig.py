@@ -98,6 +98,8 @@ class AgentSection:
     backend: str | None = key("backend", AGENT)
     cache: Path | None = key("cache", AGENT)
     update_dtype: str | None = key("update_dtype", AGENT)
+    update_codec: str | None = key("update_codec", AGENT)  # fedclip_edge.codecs.CODECS
+    topk_fraction: float | None = key("topk_fraction", AGENT)
     idle_timeout: float | None = key("idle_timeout", AGENT)
     keepalive: int | None = key("keepalive", AGENT)
 

@@ -76,6 +76,29 @@ def test_fp16_frames_halve_the_bytes(data, tmp_path):
     assert abs(b16 - b32 / 2) < 2048
 
 
+def test_update_codec_bytes_are_measured_beside_the_dense_frames(data, tmp_path):
+    """--update-codec: FedCLIP's uplink really goes in the codec (its bytes are the run's
+    frames), the report puts it beside the fp32/fp16 adapter frames and the tower's."""
+    r = run_bench(
+        data, tmp_path, pretrained="none", clients=2, rounds=2, update_codec="topk-int8",
+        topk_fraction=0.01, log=lambda s: None,
+    )
+    u = r["uplink"]
+    got = u["bytes_up_per_client_round"]
+    assert set(got) == {"topk-int8", "fp32", "fp16"}
+    assert got["topk-int8"] == r["fedclip"]["rounds"][0]["bytes_up_per_client"]
+    assert got["topk-int8"] * 20 < got["fp32"] and abs(got["fp16"] - got["fp32"] / 2) < 2048
+    adapter = r["params"]["adapter"]
+    assert 0 < got["fp32"] - 4 * adapter < 2048
+    tower = u["fedavg_tower_bytes_up_per_client_round"]
+    assert u["ratio_vs_fedavg_tower"]["topk-int8"] == tower / got["topk-int8"]
+    assert u["ratio_vs_fp32_adapter"] > 20
+    # the global still goes down dense fp32
+    assert 0 < r["fedclip"]["rounds"][0]["bytes_down_per_client"] - 4 * adapter < 2048
+    md = (tmp_path / "bench.md").read_text()
+    assert "topk-int8 (top-k fraction 0.01)" in md and "below full FedAvg's tower frame" in md
+
+
 def test_cli_errors(data, tmp_path, capsys):
     rc = main(
         [

@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_mqtt_demo_end_to_end(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path), "--rounds", "2", "--per-class", "5"])
+    # with a delta codec (the default fp32 path runs in the interrupt/resume test below)
+    rc = main(["demo", "--out", str(tmp_path), "--rounds", "2", "--per-class", "5",
+               "--update-codec", "topk-int8"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "embedded MQTT broker at mqtt://127.0.0.1:" in printed
@@ -28,6 +30,9 @@ def test_mqtt_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "aggregator" / "latency.png").stat().st_size > 1000
     for client in ("dev-art_painting", "dev-cartoon", "dev-sketch"):
         assert (tmp_path / "agents" / f"{client}.log").read_text().strip()
+        assert (tmp_path / "agents" / f"{client}-state.safetensors").stat().st_size > 0
+    assert {r["update_codec"] for r in rows if r.get("kind") == "client"} == {"topk-int8"}
+    assert set(summary["totals"]["bytes_up_by_codec"]) == {"topk-int8"}
 
 
 def test_inproc_demo(tmp_path, capsys):

@@ -155,12 +155,12 @@ def rows(out: Path) -> list[dict]:
 
 
 def run_federation(fed: dict[str, Path], url: str, folder: Path, job: str,
-                   rounds: int = 3) -> Path:
+                   rounds: int = 3, agent_extra: dict[str, list[str]] | None = None) -> Path:
     out = folder / "out"
     with processes(folder) as procs:
         procs.start("aggregator", agg_cmd(fed, url, job, out, rounds))
         for c in DOMAINS:
-            procs.start(c, agent_cmd(fed, url, job, c))
+            procs.start(c, agent_cmd(fed, url, job, c) + (agent_extra or {}).get(c, []))
         assert procs.wait("aggregator", 600) == 0, procs.logs()
         for c in DOMAINS:
             assert procs.wait(c, 120) == 0, procs.logs()
@@ -222,9 +222,20 @@ def test_mosquitto_run_with_malformed_and_redelivered_updates(fed, tmp_path: Pat
 
 
 def test_embedded_broker_run(fed, tmp_path: Path) -> None:
+    """Also a fleet that mixes update codecs (issue 11): dev-b sends top-k int8 deltas and
+    dev-c int8 ones, each with its error-feedback state file; dev-a the dense fp32 frame."""
+    state = tmp_path / "state"
+    extra = {"dev-b": ["--update-codec", "topk-int8", "--state-file", str(state / "b.st")],
+             "dev-c": ["--update-codec", "int8", "--state-file", str(state / "c.st")]}
     with mh.embedded_broker() as broker:
-        out = run_federation(fed, broker.url, tmp_path / "run", "emb", rounds=2)
+        out = run_federation(fed, broker.url, tmp_path / "run", "emb", rounds=2,
+                             agent_extra=extra)
     check_complete_run(out, 2)
+    codecs = {(r["client"], r["update_codec"]) for r in rows(out) if r["kind"] == "client"}
+    assert codecs == {("dev-a", "fp32"), ("dev-b", "topk-int8"), ("dev-c", "int8")}
+    by_codec = json.loads((out / "summary.json").read_text())["totals"]["bytes_up_by_codec"]
+    assert by_codec["topk-int8"] * 20 < by_codec["fp32"] and by_codec["int8"] < by_codec["fp32"]
+    assert (state / "b.st").stat().st_size > 0 and (state / "c.st").stat().st_size > 0
 
 
 def hold_after_round_1(procs: Procs, seen: mh.Presence,
