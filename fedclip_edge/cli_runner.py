@@ -6,7 +6,9 @@ A leaf module (it imports nothing of ours but the error family), so every folder
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +84,13 @@ def _interrupted_line(exc: BaseException, default: str) -> str:
     return default
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's Python stack to stderr and the process goes on:
+    what an operator (or a test that timed out) needs to see where a process hangs."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def run_app(
     application: typer.Typer, argv: list[str] | None, prog_name: str, interrupted: str = INTERRUPTED
 ) -> int:
@@ -92,6 +101,7 @@ def run_app(
     Ctrl-C into `Exit(130)` and, outside standalone mode, returns that code as if it were the
     command's result, where it was lost.
     """
+    dump_stacks_on_sigusr1()
     command = typer.main.get_command(application)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command))

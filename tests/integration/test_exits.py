@@ -9,6 +9,7 @@ output up to that line and only then sends SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -232,7 +233,12 @@ class Child:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it hangs
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(3)
             self.kill()
+            for t in self._threads:
+                t.join(5)
             pytest.fail(f"did not end within {timeout}s of SIGINT\n{self.text()}")
         for t in self._threads:
             t.join(10)
@@ -329,6 +335,9 @@ def test_sigint_aggregate_waiting_for_devices(tmp_path: Path) -> None:
                "--signing-key", str(kdir / "aggregator.key")]
         with child(cmd) as c:
             c.wait_line("waiting up to 600s for 1 device(s)")
+            c.proc.send_signal(signal.SIGUSR1)  # an operator asks where it is: stacks, goes on
+            c.wait_line("most recent call first")
+            assert c.proc.poll() is None
             rc = c.interrupt()
     assert_interrupted(c, rc, "--resume")
 
