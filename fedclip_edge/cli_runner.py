@@ -87,8 +87,14 @@ def _interrupted_line(exc: BaseException, default: str) -> str:
 def dump_stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` prints every thread's Python stack to stderr and the process goes on:
     what an operator (or a test that timed out) needs to see where a process hangs."""
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    for stream in (sys.stderr, sys.__stderr__):  # a captured stderr (in-process tests) has no fd
+        try:
+            faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
+            return
+        except (AttributeError, ValueError, OSError):
+            continue
 
 
 def run_app(

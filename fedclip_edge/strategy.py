@@ -71,6 +71,16 @@ def _check_weight(weight: float | None) -> None:
         raise ValueError(f"weight must be >= 0, got {weight}")
 
 
+def _client_weight(weighting: str, num_samples: int, weight: float | None) -> float:
+    """What one update weighs: `weight` when given (a site's aggregate weighs what its devices
+    would together), else 1 (uniform) or its sample count; both checked first."""
+    _check_samples(num_samples)
+    _check_weight(weight)
+    if weight is not None:
+        return float(weight)
+    return 1.0 if weighting == "uniform" else float(num_samples)
+
+
 class RunningMean:
     """Weighted mean of state dicts, accumulated one update at a time in float64."""
 
@@ -91,12 +101,7 @@ class RunningMean:
         """`global_state` is accepted for the common accumulator API; the mean does not need it.
         `weight` overrides the weighting rule: a site's partial mean stands for all the devices
         behind it (broker/site.py), so it weighs what they would together."""
-        _check_samples(num_samples)
-        _check_weight(weight)
-        if weight is not None:
-            w = float(weight)
-        else:
-            w = 1.0 if self.weighting == "uniform" else float(num_samples)
+        w = _client_weight(self.weighting, num_samples, weight)
         if self._sum is None:
             self._sum = {k: _scaled64(v, w) for k, v in state.items()}
         else:
@@ -225,17 +230,12 @@ class ClippedMean:
         (its delta clipped like a device's) weighs what its devices would together."""
         if global_state is None:
             raise ValueError("clip needs the round's global state to compute each client's delta")
-        _check_samples(num_samples)
-        _check_weight(weight)
+        w = _client_weight(self.weighting, num_samples, weight)
         if self._global is None:
             self._global = {k: v.detach().to(torch.float64) for k, v in global_state.items()}
         shapes = {k: v.shape for k, v in self._global.items()}
         _check_like(global_state, shapes)
         _check_like(state, shapes)
-        if weight is not None:
-            w = float(weight)
-        else:
-            w = 1.0 if self.weighting == "uniform" else float(num_samples)
         delta = {k: v.detach().to(torch.float64) - self._global[k] for k, v in state.items()}
         norm = _norm(delta)
         self.norms.append(norm)
@@ -316,8 +316,7 @@ class _HeldUpdates:
         (a site's aggregate, broker/site.py) is checked and ignored: a rank statistic counts
         each update once, so over site aggregates these strategies are unweighted over sites
         (docs/hierarchy.md says what that means)."""
-        _check_samples(num_samples)
-        _check_weight(weight)
+        _client_weight("uniform", num_samples, weight)  # checked, not used
         if self._shapes is None:
             self._shapes = {k: state[k].shape for k in sorted(state)}
         _check_like(state, self._shapes)
