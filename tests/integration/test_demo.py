@@ -4,6 +4,7 @@ in-process variant. Slow when the offline model is not cached yet (it is built f
 import json
 
 import pytest
+from support.signals import ctrl_c_enabled
 
 from fedclip_edge.cli import main
 
@@ -94,7 +95,7 @@ def test_mqtt_demo_interrupt_resume_and_rerun(tmp_path, capsys):
     cmd = [sys.executable, "-m", "support.blockrun", "fedclip_edge.broker.store:RunStore.commit",
            "1", "--", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, stdin=subprocess.DEVNULL)
+                            env=env, stdin=subprocess.DEVNULL, preexec_fn=ctrl_c_enabled)
     lines = []
     try:
         for line in proc.stdout:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from support import keys
 from support import mqtt as mh
+from support.signals import ctrl_c_enabled
 
 pytestmark = pytest.mark.integration
 # Commands run with `--pretrained none` (fedclip-tiny, random init) where the weights do not
@@ -192,7 +193,7 @@ class Child:
     def __init__(self, cmd: list[str], **env: str) -> None:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, preexec_fn=ctrl_c_enabled,
         )
         self.out: list[str] = []
         self.err: list[str] = []

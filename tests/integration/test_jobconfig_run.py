@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support import keys
 from support import mqtt as mh
+from support.signals import ctrl_c_enabled
 
 from fedclip_edge.signing import sign_artifact
 
@@ -115,7 +116,7 @@ def test_agent_sigint_while_waiting_for_the_aggregator(job_dir: Path, tmp_path: 
                "--key", str(job_dir / "keys" / "dev-x.key"),
                "--cache", str(tmp_path / "cache")]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=_env(), stdin=subprocess.DEVNULL)
+                             env=_env(), stdin=subprocess.DEVNULL, preexec_fn=ctrl_c_enabled)
         try:
             lines = []
             assert p.stdout is not None
