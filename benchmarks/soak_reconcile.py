@@ -194,6 +194,16 @@ def _leftovers(out: Path) -> list[str]:
     return found
 
 
+def _broker_save_errors(folder: Path) -> list[str]:
+    """mosquitto's own "Error saving ..." lines, from every incarnation's log."""
+    out = []
+    for log in sorted(folder.glob("run*/mosquitto-*.log")):
+        with contextlib.suppress(OSError):
+            out += [f"{log.parent.name}: {x.strip()}" for x in log.read_text().splitlines()
+                    if "Error saving" in x]
+    return out
+
+
 def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished: bool,
               error: str, wall: float) -> dict[str, Any]:
     """The report: figures, and every check with what failed it. `soak` is the run
@@ -270,8 +280,11 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
     leaked = soak.procs.unreaped() + _leftovers(soak.out)
     faults = Counter(f.kind for f in soak.faults if f.outcome == "injected")
     skipped = {f.kind: f.outcome for f in soak.faults if f.outcome != "injected"}
+    broker_save_errors = _broker_save_errors(soak.out / "broker")
     checks = {
         "finished": finished and not error,
+        # a restart tests persistence only if the broker could save (its folder must exist)
+        "broker_saved_its_database": not broker_save_errors,
         "all_rounds_committed": completed == cfg.rounds,
         "lost_0": not lost,
         "no_update_accepted_that_no_device_sent": not forged,
@@ -297,6 +310,7 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         "unacknowledged_when_killed": unacked_killed,
         "messages_recorded_on_update_topics": len(recorded_msgs),
         "injected_messages": len(soak.injected),
+        "broker_save_errors": broker_save_errors,
         "verdicts_of_sent_updates": dict(verdicts),
         "accepted": counters["accepted"],
         "rejected_by_reason": dict(logged),

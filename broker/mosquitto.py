@@ -199,6 +199,10 @@ def run_mosquitto(
     waits = (port, *wait_ports, *((tls.port,) if tls is not None and config is None else ()))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if persistence_dir is not None and config is None:
+        # mosquitto does not create it: without it every save fails ("Error saving in-memory
+        # database") and a restart silently loses the sessions and queued messages
+        Path(persistence_dir).mkdir(parents=True, exist_ok=True)
     conf_path, log_path = workdir / f"mosquitto-{port}.conf", workdir / f"mosquitto-{port}.log"
     conf_path.write_text(_as_root(text))
     with open(log_path, "wb") as log_file:

@@ -146,3 +146,38 @@ def test_manual_ack_a_crash_loses_nothing_unacknowledged(tmp_path: Path) -> None
         again.close()
         sender.close()
         assert redelivered == {b"u0", b"u2"}
+
+
+@pytest.mark.mosquitto
+def test_private_broker_with_persistence_keeps_a_queued_message_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The soak restarts its broker to test that QoS 1 messages queued for an offline
+    persistent session survive; the launcher never created the persistence folder, so every
+    save failed and the soak tested a broker that forgot everything (seen as a message missing
+    from the soak's recorder after a restart)."""
+    from fedclip_edge.broker.mosquitto import run_mosquitto
+
+    binary = mh.require_mosquitto()
+    db = tmp_path / "not" / "yet" / "db"
+    port = _free_port()
+    with run_mosquitto(tmp_path / "run1", port=port, persistence_dir=db, binary=binary) as b:
+        url = f"mqtt://127.0.0.1:{b.port}"
+        sub = MqttTransport(url, "sub")  # persistent session (clean_session False)
+        sub.subscribe("t/#")
+        sub.connect(5)
+        sub.close()  # offline: what is published now is queued for it
+        pub = MqttTransport(url, "pub")
+        pub.connect(5)
+        assert pub.publish("t/x", b"queued while offline").wait(5)
+        pub.close()
+    assert "Error saving" not in (tmp_path / "run1" / f"mosquitto-{port}.log").read_text()
+    assert any(db.iterdir())
+    with run_mosquitto(tmp_path / "run2", port=port, persistence_dir=db, binary=binary):
+        sub = MqttTransport(url, "sub")
+        sub.connect(5)
+        try:
+            m = sub.recv(10)
+            assert m is not None and m.payload == b"queued while offline"
+        finally:
+            sub.close()
