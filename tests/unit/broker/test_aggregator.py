@@ -184,19 +184,23 @@ def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(
         wrong = encode_frame({"x": torch.ones(3)}, job=JOB, round=2, client="b")
         bad = authn.sign(P.Update(JOB, 2, "b", 1, {}, wrong), keys.key("b"))
         evil.publish(P.update_topic(JOB, "b"), bad.encode())
+        attacked.set()
 
+    attacked = threading.Event()
     a = FakeDevice(broker, "a", lambda r, c: 1.0, extra=attack)
     a.start()
-    # b answers round 2 only after the attack is in, so the round stays open for it
+    # b publishes its round-2 update only once the attack is in the aggregator's inbox, so the
+    # round is certainly open for every attack message (was a 0.2 s sleep: under load a's
+    # thread could take longer and the round closed first)
     b = FakeDevice(broker, "b", lambda r, c: 3.0)
-    orig = b.t._on_raw
+    publish = b.t.publish
 
-    def slow(topic: str, payload: bytes, retained: bool, *rest: object) -> None:
-        if topic.endswith("/global"):
-            time.sleep(0.2)
-        orig(topic, payload, retained, *rest)
+    def after_the_attack(topic: str, payload: bytes, **kw: object):  # type: ignore[no-untyped-def]
+        if topic == P.update_topic(JOB, "b") and P.decode_message(payload).round == 2:
+            assert attacked.wait(30), "the attack never ran"
+        return publish(topic, payload, **kw)
 
-    b.t._on_raw = slow  # type: ignore[method-assign]
+    b.t.publish = after_the_attack  # type: ignore[method-assign]
     b.start()
     agg = make_agg(broker, tmp_path, transport_cls, rounds=2)
     final = agg.run()
