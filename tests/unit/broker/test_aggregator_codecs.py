@@ -172,18 +172,26 @@ def test_delta_frames_against_another_global_are_counted_rejections(
                              client="a")
         evil.publish(topic, _signed_update("a", 2, good[:-7]))
 
+    attacked = threading.Event()
+
+    def attack_then_let_b_answer(dev: CodecDevice, rnd: int, glob: dict) -> None:
+        attack(dev, rnd, glob)
+        if rnd == 2:
+            attacked.set()
+
     a = CodecDevice(broker, "a", "topk-int8")
     b = CodecDevice(broker, "b", "int8")
-    a.extra = attack
-    # b answers late, so the round stays open while the attacks arrive
-    orig = b.t._on_raw
+    a.extra = attack_then_let_b_answer
+    # b publishes its round-2 update only once the attacks are in the aggregator's inbox, so the
+    # round is certainly open for them (was a 0.5 s sleep: a race under load)
+    publish = b.t.publish
 
-    def slow(topic: str, payload: bytes, retained: bool, *rest: object) -> None:
-        if topic.endswith("/global"):
-            time.sleep(0.5)
-        orig(topic, payload, retained, *rest)
+    def after_the_attack(topic: str, payload: bytes, **kw: object):  # type: ignore[no-untyped-def]
+        if topic == P.update_topic(JOB, "b") and P.decode_message(payload).round == 2:
+            assert attacked.wait(30), "the attack never ran"
+        return publish(topic, payload, **kw)
 
-    b.t._on_raw = slow  # type: ignore[method-assign]
+    b.t.publish = after_the_attack  # type: ignore[method-assign]
     a.start()
     b.start()
     agg = _agg(broker, tmp_path, transport_cls, min_clients=2)
