@@ -168,13 +168,7 @@ def encode_frame(
         "tensors": [{"name": n, "shape": list(t.shape)} for n, t in prepared.items()],
         "payload_len": len(payload),
     }
-    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise ValueError(
-            f"frame header is {len(header_bytes)} bytes, above the {MAX_HEADER_BYTES} limit"
-        )
-    body = _PREFIX.pack(MAGIC, DENSE_FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
-    return body + hashlib.sha256(body).digest()
+    return _assemble(DENSE_FORMAT_VERSION, header, payload)
 
 
 def decode_frame(
@@ -299,6 +293,17 @@ def decode_frame(
         tensors=result,
         codec="fp16" if dtype == "float16" else "fp32",
     )
+
+
+def _assemble(version: int, header: dict[str, Any], payload: bytes) -> bytes:
+    """prefix + canonical JSON header + payload + sha256 of all three: both frame versions."""
+    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"frame header is {len(header_bytes)} bytes, above the {MAX_HEADER_BYTES} limit"
+        )
+    body = _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes + payload
+    return body + hashlib.sha256(body).digest()
 
 
 def _check_meta_args(*, job: Any, round: Any, client: Any) -> None:
@@ -517,13 +522,7 @@ def encode_update(
         "tensors": entries,
         "payload_len": len(payload),
     }
-    header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    if len(header_bytes) > MAX_HEADER_BYTES:
-        raise ValueError(
-            f"frame header is {len(header_bytes)} bytes, above the {MAX_HEADER_BYTES} limit"
-        )
-    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
-    return body + hashlib.sha256(body).digest()
+    return _assemble(FORMAT_VERSION, header, payload)
 
 
 def decode_update(
