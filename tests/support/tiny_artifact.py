@@ -25,7 +25,7 @@ def make_dataset(root: Path, per_class: int = 3) -> Path:
 
 def make_artifact(root: Path, data: Path) -> Path:
     """fedclip-tiny (random init, fp32) exported with the dataset's classes."""
-    from fedclip_edge.exporters.pipeline import export_artifact
+    from fedclip_edge.exporters.export import export_artifact
 
     out = root / "artifact"
     if not (out / "manifest.json").is_file():
