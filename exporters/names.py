@@ -31,7 +31,7 @@ SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Fused classifier (exporters/fused.py): image encoder + adapter + class text features.
-FUSED_KIND = "fused-classifier"  # manifest "kind"; an encoder artifact has no kind (or "image-encoder")
+FUSED_KIND = "fused-classifier"  # manifest "kind"; encoder artifacts: none or "image-encoder"
 ENCODER_KIND = "image-encoder"
 FUSED_ONNX_FILE = "classifier.onnx"
 LOGITS_OUTPUT = "logits"  # [N, C] float32: logit_scale * cos(adapted image feature, class text)
