@@ -295,8 +295,8 @@ def export_fused(
                   f"batch_{max_batch}": (max_in, None)}
         ref_logits_b = {**ref_logits, "batch_1": ref_all[:1], f"batch_{max_batch}": reps_ref}
         cand_b = {**cand, "batch_1": outs[0], f"batch_{max_batch}": outs[1]}
-        rep = fused_parity(sets_b, ref_logits_b, cand_b, precision, where)  # type: ignore[arg-type]
-        rep["top1_agreement_over"]["sets"] = list(sets_b)
+        rep = fused_parity(sets_b, ref_logits_b, cand_b, precision, where,  # type: ignore[arg-type]
+                           pooled_sets=names)
         rep["reference_features"] = {"golden": "PyTorch fp32, recorded in the artifact",
                                      **{k: ref_where for k in names if k != "golden"}}
         rep["dynamic_batch_checked"] = [1, max_batch]
