@@ -264,6 +264,8 @@ def export_fused(
             say("quantizing the encoder part (dynamic int8; the head stays fp32)")
             save_onnx(fused, work / "fused_fp32.onnx")
             head_nodes = [n.name for n in fused.graph.node if n.name.startswith("head/")]
+            # quantize_dynamic first splits a Gemm into `<name>_MatMul` + `<name>_Add`
+            head_nodes += [f"{n}_MatMul" for n in head_nodes]
             ops = quantize_int8(work / "fused_fp32.onnx", final, nodes_to_exclude=head_nodes)
             extra = {"int8": {"method": "onnxruntime.quantization.quantize_dynamic",
                               "weight_type": "QInt8", "op_types": ops,
