@@ -21,12 +21,15 @@ import torch
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.errors import ModelStoreError
-from fedclip_edge.serving.gate import GateDecision, check_margin, decide
+from fedclip_edge.serving.gate import (
+    DEFAULT_PERSONALIZE_EPOCHS,
+    DEFAULT_PROMOTE_MARGIN,
+    GateDecision,
+    check_margin,
+    decide,
+)
 from fedclip_edge.serving.store import ModelStore, ModelVersion
 from fedclip_edge.train import accuracy, personalize
-
-DEFAULT_PERSONALIZE_EPOCHS = 5
-DEFAULT_PROMOTE_MARGIN = 0.0
 
 
 @dataclass(frozen=True)
