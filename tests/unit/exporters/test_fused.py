@@ -277,3 +277,23 @@ def test_trt_without_tensorrt_records_trtexec_for_the_fused_graph(
     assert trt["status"] == "not built"
     assert "--onnx=" + str(tmp_path / "f" / "classifier.onnx") in trt["trtexec"]["tensorrt10"]
     assert "--minShapes=image:1x3x" in trt["trtexec"]["tensorrt11"]
+
+
+def test_fused_parity_numbers_by_hand() -> None:
+    ref = {"real": np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]]),
+           "batch_1": np.array([[2.0, 0.0]])}
+    same = {k: v.copy() for k, v in ref.items()}
+    rep = fused_parity.fused_parity(ref, same, "fp32", "here", pooled_sets=["real"])
+    assert (rep["status"], rep["top1_agreement"], rep["max_abs_prob_diff"]) == ("passed", 1.0, 0)
+    flipped = {**same, "real": same["real"].copy()}
+    flipped["real"][3] = [2.0, 0.0]  # one of four changes class: 75% agreement
+    rep = fused_parity.fused_parity(ref, flipped, "int8", "here", pooled_sets=["real"])
+    assert rep["status"] == "failed" and rep["top1_agreement"] == 0.75
+    # softmax([0, 2]) = [0.1192, 0.8808]; flipped to [0.8808, 0.1192]: a difference of 0.7616
+    assert rep["sets"]["real"]["max_abs_prob_diff"] == pytest.approx(0.76159, abs=1e-4)
+    # fp32: a miss in a set outside the pooled ones (the batch-1 run) fails it too
+    odd = {**same, "batch_1": np.array([[0.0, 2.0]])}
+    rep = fused_parity.fused_parity(ref, odd, "fp32", "here", pooled_sets=["real"])
+    assert rep["top1_agreement"] == 1.0 and rep["status"] == "failed"
+    nan = {**same, "real": np.full((4, 2), np.nan)}
+    assert fused_parity.fused_parity(ref, nan, "int8", "here")["status"] == "failed"
