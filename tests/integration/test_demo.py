@@ -44,7 +44,8 @@ def test_mqtt_demo_end_to_end(tmp_path, capsys):
     for d in devices:
         store = ModelStore(tmp_path / "agents" / f"{d['client']}-models")
         assert [v.name for v in store.versions()] == ["v0001-global", "v0002-personal"]
-        assert d["version"] == (store.current_name() or "v0002-personal"), d
+        candidate = [v.name for v in store.versions() if v.manifest["gate_candidate"]]
+        assert len(candidate) == 1 and d["version"] == (store.current_name() or candidate[0]), d
         assert d["test_n"] > 0 and agree_within(d, images=1), d
         assert (tmp_path / "agents" / f"{d['client']}-fused" / "manifest.json").is_file()
     assert "test fused ONNX" in printed
