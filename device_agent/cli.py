@@ -136,6 +136,9 @@ def agent(
         update_codec=update_codec.value if update_codec is not None else None,
         topk_fraction=topk_fraction,
         state_file=state_file,
+        models=models,
+        personalize_epochs=personalize_epochs,
+        promote_margin=promote_margin,
         log=log,
     )
 

@@ -300,14 +300,21 @@ class ModelStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time (agent, CLI); readers need no lock (renames are atomic)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """One writer at a time (agent, CLI); readers need no lock (renames are atomic). A
+        failed write (disk full, read-only, a file where a folder should be) is one line."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / ".lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+        except OSError as exc:
+            where = exc.filename or self.root
+            raise ModelStoreError(
+                f"{where}: cannot write the model store ({exc.strerror or exc})"
+            ) from None
 
     def add(
         self,
