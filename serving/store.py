@@ -390,8 +390,14 @@ class ModelStore:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _require(self) -> None:
+        """Promote and rollback work on an existing store; they never create one."""
+        if not self.versions_dir.is_dir():
+            raise ModelStoreError(f"{self.root}: not a model store (no versions/ folder)")
+
     def promote(self, name: str, reason: str) -> ModelVersion:
         """Make `name` current (it is checked first); the change is one history line."""
+        self._require()
         with self._locked():
             version = self.version(name)
             if self.current_name() != name:
@@ -412,6 +418,7 @@ class ModelStore:
 
     def rollback(self, reason: str = "rollback") -> ModelVersion:
         """Back to the version that was current before the current one (again: further back)."""
+        self._require()
         with self._locked():
             current = self.current_name()
             stack = self._stack()

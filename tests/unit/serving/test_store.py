@@ -139,9 +139,13 @@ def test_a_store_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
 
 def test_rollback_on_an_empty_store_and_unknown_names(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "m")
+    for change in (store.rollback, lambda: store.promote("v0001-global", "x")):
+        with pytest.raises(ModelStoreError, match="not a model store"):
+            change()
+    assert not store.root.exists()  # never created by a promote or rollback
+    _add(store)
     with pytest.raises(ModelStoreError, match="nothing to roll back to"):
         store.rollback()
-    _add(store)
     with pytest.raises(ModelStoreError, match="no version 'v0009-global'"):
         store.promote("v0009-global", "x")
     with pytest.raises(ModelStoreError, match="not a version name"):
