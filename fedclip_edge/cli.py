@@ -38,6 +38,7 @@ from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, run_demo, run_simulation
+from fedclip_edge.serving.cli import serve
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -308,6 +309,7 @@ def _register_parts() -> None:
     app.command("doctor")(doctor)
     app.command("aggregate")(aggregate)
     app.command("status")(status)
+    app.command("serve")(serve)
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
     bench_app.command("extractor")(bench_extractor)

@@ -1,0 +1,452 @@
+"""`fedclip-edge serve`: the on-device HTTP service of a model store, a version or a fused export.
+
+POST /classify (the image bytes as the body) -> {label, score, topk, model_version};
+GET /healthz; GET /metrics (Prometheus); POST /reload (look at the store's `current` now).
+
+Why this shape: a device answers a few concurrent callers (a camera loop, an app) with one model,
+so requests are micro-batched (serving/batcher.py) into one model call in one thread, the event
+loop only reads bodies, decodes in a small pool and answers. Memory is bounded: at most
+`queue_size` requests wait, each body is at most `max_body_bytes` (413 above), and a full queue
+answers 503 with Retry-After at once instead of queueing more. Hot swap: when the model is a
+store, a watcher reads its `current` pointer every `poll_s` seconds; a new version is opened
+beside the old one in a thread and then replaces it by one reference assignment, which the
+worker reads once per batch: a batch is always run by exactly one version and every answer names
+it; a version that fails to open is logged in one line and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fedclip_edge.errors import ConfigError
+from fedclip_edge.serving.batcher import MicroBatcher, QueueFull, ShuttingDown
+from fedclip_edge.serving.metrics import ServeMetrics
+
+log = logging.getLogger("fedclip_edge.serving.service")
+
+DEFAULT_MAX_BODY = 8 * 2**20
+DEFAULT_POLL_S = 0.5
+RETRY_AFTER_S = 1
+MAX_TOP_K = 100
+
+Opener = Callable[[Path], Any]  # a model path -> a Classifier (serving/classifier.py)
+
+
+def _rejected_types() -> tuple[type[BaseException], ...]:
+    from fedclip_edge.serving.classifier import ImageRejected
+
+    return (ImageRejected,)
+
+
+def default_opener(backend: str = "auto", max_batch: int = 8) -> Opener:
+    """open_classifier with the service's backend and a batch bound at least the service's."""
+
+    def opener(path: Path) -> Any:
+        from fedclip_edge.serving.classifier import open_classifier
+
+        return open_classifier(Path(path), backend=backend, max_batch=max(8, max_batch))
+
+    return opener
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "versions").is_dir() or (path / "current").is_file()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: ours carry their message, others get their type in front."""
+    from fedclip_edge.errors import FedClipError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, FedClipError) else f"{type(exc).__name__}: {text}"
+
+
+class ModelHolder:
+    """The classifier answering now and, for a store, the watcher that replaces it."""
+
+    def __init__(self, path: Path, opener: Opener, metrics: ServeMetrics | None = None) -> None:
+        self.path = Path(path)
+        self.opener = opener
+        self.metrics = metrics
+        self.store = None
+        if _is_store(self.path):
+            from fedclip_edge.serving.store import ModelStore
+
+            self.store = ModelStore(self.path)
+        self.current = opener(self.path)
+        self.failed: str | None = None  # a version that failed to open (not retried)
+        self.swaps = 0
+        self._lock = asyncio.Lock()
+        self._last_watch_error = ""
+        if metrics is not None:
+            metrics.set_model(self.current.version, str(self.path))
+
+    @property
+    def version(self) -> str:
+        return self.current.version
+
+    def _version_path(self, name: str) -> Path:
+        return self.path / "versions" / name
+
+    async def check(self) -> dict[str, Any]:
+        """Swap to the store's `current` if it names another version; what happened."""
+        if self.store is None:
+            return {"model_version": self.version, "swapped": False, "watching": False}
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                name = await loop.run_in_executor(None, self.store.current_name)
+            except Exception as exc:  # a pointer being replaced, a store being moved
+                msg = one_line(exc)
+                if msg != self._last_watch_error:
+                    log.warning("model store %s: %s; still serving %s", self.path, msg,
+                                self.version)
+                    self._last_watch_error = msg
+                return {"model_version": self.version, "swapped": False, "error": msg}
+            self._last_watch_error = ""
+            if name is None or name == self.version or name == self.failed:
+                return {"model_version": self.version, "swapped": False, "current": name}
+            old = self.version
+            t0 = time.monotonic()
+            try:
+                new = await loop.run_in_executor(None, self.opener, self._version_path(name))
+            except Exception as exc:
+                self.failed = name
+                msg = one_line(exc)
+                log.error("hot swap to %s failed: %s; still serving %s", name, msg, old)
+                if self.metrics is not None:
+                    self.metrics.swaps.labels("failed").inc()
+                return {"model_version": old, "swapped": False, "failed": name, "error": msg}
+            self.current = new  # the swap: one reference, read once per batch by the worker
+            self.failed = None
+            self.swaps += 1
+            if self.metrics is not None:
+                self.metrics.swaps.labels("ok").inc()
+                self.metrics.set_model(new.version, str(self._version_path(name)))
+            log.info("hot swap: now serving %s (was %s; opened in %.1f s)", new.version, old,
+                     time.monotonic() - t0)
+            return {"model_version": new.version, "swapped": True, "previous": old}
+
+    async def watch(self, poll_s: float) -> None:
+        while True:
+            await asyncio.sleep(poll_s)
+            await self.check()
+
+
+@dataclass
+class _Item:
+    body: bytes
+    array: np.ndarray
+    decoded_by: Any  # the classifier whose preprocessing made `array`
+
+
+class _Reply(Exception):
+    """An error answer: HTTP status, metric reason, one-line message."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.reason, self.retry_after = status, reason, retry_after
+
+
+@dataclass
+class ServiceSettings:
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    queue_size: int = 64
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    poll_s: float = DEFAULT_POLL_S
+    decode_threads: int = 0  # 0: min(4, cores)
+
+    def check(self) -> None:
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"--max-batch {self.max_batch}: want 1..1024")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"--max-wait-ms {self.max_wait_ms}: want 0..10000")
+        if not 1 <= self.queue_size <= 100_000:
+            raise ConfigError(f"--queue-size {self.queue_size}: want 1..100000")
+        if not 1 <= self.max_body_bytes <= 2**31:
+            raise ConfigError(f"--max-body-mb: {self.max_body_bytes} bytes: want 1 B..2 GiB")
+        if not 0.01 <= self.poll_s <= 3600:
+            raise ConfigError(f"--poll-s {self.poll_s}: want 0.01..3600")
+
+
+class Service:
+    """What the app's routes share: the model holder, the batcher, the metrics."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        settings: ServiceSettings,
+        opener: Opener,
+        before_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        settings.check()
+        self.settings = settings
+        self.before_batch = before_batch  # tests hold the worker here (in its thread)
+        self.batcher = MicroBatcher(
+            self._run,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000,
+            queue_size=settings.queue_size,
+            on_batch=self._on_batch,
+        )
+        self.metrics = ServeMetrics(queue_depth=self.batcher.depth)
+        self.holder = ModelHolder(Path(model_path), opener, self.metrics)
+        self.rejected = _rejected_types()
+        threads = settings.decode_threads or min(4, os.cpu_count() or 1)
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="serve-decode")
+        self.stopping = False
+        self._watcher: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _run(self, items: list[_Item]) -> list[Any]:
+        if self.before_batch is not None:
+            self.before_batch(len(items))
+        clf = self.holder.current  # read once: the whole batch runs on this version
+        out: list[Any] = [None] * len(items)
+        ready: list[tuple[int, np.ndarray]] = []
+        for i, it in enumerate(items):
+            if it.decoded_by is clf:
+                ready.append((i, it.array))
+                continue
+            try:  # decoded by the version before a swap: use this version's preprocessing
+                ready.append((i, clf.decode(it.body)))
+            except self.rejected as exc:
+                out[i] = exc
+        if ready:
+            probs = np.asarray(clf.predict(np.stack([a for _, a in ready])))
+            for (i, _), row in zip(ready, probs):
+                out[i] = (clf.version, clf.classes, row)
+        return out
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+
+    # ------------------------------------------------------------------ the event loop
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        if self.holder.store is not None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                self.holder.watch(self.settings.poll_s), name="model-watcher"
+            )
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.batcher.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise _Reply(400, "bad_request", "Content-Length is not a number") from None
+            if n > limit:
+                raise _Reply(413, "body_too_large",
+                             f"body of {n} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Reply(413, "body_too_large", f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _top_k(self, request: Request) -> int:
+        raw = request.query_params.get("top_k", "3")
+        try:
+            k = int(raw)
+        except ValueError:
+            raise _Reply(400, "bad_request", f"top_k={raw!r} is not an integer") from None
+        if not 1 <= k <= MAX_TOP_K:
+            raise _Reply(400, "bad_request", f"top_k={k}: want 1..{MAX_TOP_K}")
+        return k
+
+    async def classify(self, request: Request) -> dict[str, Any]:
+        if self.stopping:
+            raise _Reply(503, "shutting_down", "the service is stopping", RETRY_AFTER_S)
+        k = self._top_k(request)
+        if self.batcher.full():  # refuse before reading the body: backpressure costs nothing
+            raise _Reply(503, "queue_full",
+                         f"queue full ({self.batcher.depth()} waiting); retry later",
+                         RETRY_AFTER_S)
+        body = await self._read_body(request)
+        if not body:
+            raise _Reply(400, "empty_body", "empty body: send the image file's bytes")
+        clf = self.holder.current
+        loop = asyncio.get_running_loop()
+        try:
+            array = await loop.run_in_executor(self.decode_pool, clf.decode, body)
+        except self.rejected as exc:
+            raise _Reply(422, "bad_image", one_line(exc)) from None
+        except Exception as exc:  # a decoder failure the classifier did not name: still 4xx
+            log.warning("decode failed: %s", one_line(exc))
+            raise _Reply(422, "bad_image", f"not a readable image ({one_line(exc)})") from None
+        try:
+            result = await self.batcher.submit(_Item(body, array, clf))
+        except QueueFull as exc:
+            raise _Reply(503, "queue_full", f"{exc}; retry later", RETRY_AFTER_S) from None
+        except ShuttingDown as exc:
+            raise _Reply(503, "shutting_down", str(exc), RETRY_AFTER_S) from None
+        if isinstance(result, BaseException):
+            raise _Reply(422, "bad_image", one_line(result))
+        version, classes, probs = result
+        order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
+        topk = [{"label": classes[i], "score": _score(probs[i])} for i in order]
+        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk,
+                "model_version": version}
+
+    def health(self) -> dict[str, Any]:
+        clf = self.holder.current
+        return {
+            "status": "stopping" if self.stopping else "ok",
+            "model_version": clf.version,
+            "classes": len(clf.classes),
+            "queue": self.batcher.depth(),
+            "queue_size": self.settings.queue_size,
+            "max_batch": self.settings.max_batch,
+            "watching_store": self.holder.store is not None,
+            "swaps": self.holder.swaps,
+            "failed_version": self.holder.failed,
+        }
+
+
+def _score(p: Any) -> float:
+    v = float(p)
+    return round(v, 6) if math.isfinite(v) else 0.0
+
+
+def create_app(
+    model_path: Path,
+    *,
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    queue_size: int = 64,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    backend: str = "auto",
+    poll_s: float = DEFAULT_POLL_S,
+    opener: Opener | None = None,
+    before_batch: Callable[[int], None] | None = None,
+) -> Starlette:
+    """The service as an ASGI app; the model is opened here (a bad path fails before binding).
+
+    `opener` replaces open_classifier (tests); `before_batch(n)` runs in the model thread
+    before each batch (tests hold the worker with it to make a full queue certain).
+    """
+    settings = ServiceSettings(max_batch, max_wait_ms, queue_size, max_body_bytes, poll_s)
+    service = Service(
+        Path(model_path), settings, opener or default_opener(backend, max_batch), before_batch
+    )
+    m = service.metrics
+
+    async def classify(request: Request) -> Response:
+        t0 = time.perf_counter()
+        headers = {}
+        try:
+            payload, status = await service.classify(request), 200
+        except _Reply as r:
+            payload, status = {"error": str(r), "reason": r.reason}, r.status
+            if r.retry_after is not None:
+                headers["Retry-After"] = str(r.retry_after)
+            m.errors.labels(r.reason).inc()
+        except ClientDisconnect:
+            m.requests.labels("499").inc()
+            raise
+        except Exception as exc:  # a bug or a failed model call: one line, the service stays
+            log.error("classify failed: %s", one_line(exc))
+            payload = {"error": f"internal error: {one_line(exc)}", "reason": "internal"}
+            status = 500
+            m.errors.labels("internal").inc()
+        m.requests.labels(str(status)).inc()
+        m.latency.observe(time.perf_counter() - t0)
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    async def healthz(request: Request) -> Response:
+        body = service.health()
+        return JSONResponse(body, status_code=503 if service.stopping else 200)
+
+    async def metrics(request: Request) -> Response:
+        return Response(m.render(), media_type=m.content_type)
+
+    async def reload(request: Request) -> Response:
+        return JSONResponse(await service.holder.check())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        log.info("serving %s (%s)", service.holder.version, model_path)
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/classify", classify, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/reload", reload, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+def connection_limit(queue_size: int, max_batch: int) -> int:
+    """uvicorn's limit_concurrency (503 above it): enough for a full queue, a running batch and
+    the bodies being read, so the bound on memory is this times the body limit."""
+    return queue_size + 2 * max_batch + 16
+
+
+def run_server(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    limit_concurrency: int | None = None,
+    log_level: str = "warning",
+) -> None:
+    """uvicorn in this thread until SIGINT/SIGTERM (graceful: running requests finish)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        access_log=False,
+        log_level=log_level,
+        limit_concurrency=limit_concurrency,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise ConfigError(f"could not serve on {host}:{port} (in use, or not an address here)")
