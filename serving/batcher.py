@@ -132,7 +132,7 @@ class MicroBatcher:
                     if not j.future.done():
                         j.future.set_exception(exc)
             else:
-                for j, r in zip(batch, results):
+                for j, r in zip(batch, results, strict=True):
                     if not j.future.done():
                         j.future.set_result(r)
             finally:

@@ -65,10 +65,6 @@ def default_opener(backend: str = "auto", max_batch: int = 8) -> Opener:
     return opener
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "versions").is_dir() or (path / "current").is_file()
-
-
 def one_line(exc: BaseException) -> str:
     """An exception as one line: ours carry their message, others get their type in front."""
     from fedclip_edge.errors import FedClipError
@@ -85,9 +81,9 @@ class ModelHolder:
         self.opener = opener
         self.metrics = metrics
         self.store = None
-        if _is_store(self.path):
-            from fedclip_edge.serving.store import ModelStore
+        from fedclip_edge.serving.store import ModelStore, is_store
 
+        if is_store(self.path):
             self.store = ModelStore(self.path)
         self.current = opener(self.path)
         self.failed: str | None = None  # a version that failed to open (not retried)
@@ -102,7 +98,8 @@ class ModelHolder:
         return self.current.version
 
     def _version_path(self, name: str) -> Path:
-        return self.path / "versions" / name
+        assert self.store is not None
+        return self.store.versions_dir / name
 
     async def check(self) -> dict[str, Any]:
         """Swap to the store's `current` if it names another version; what happened."""
@@ -232,7 +229,7 @@ class Service:
                 out[i] = exc
         if ready:
             probs = np.asarray(clf.predict(np.stack([a for _, a in ready])))
-            for (i, _), row in zip(ready, probs):
+            for (i, _), row in zip(ready, probs, strict=True):
                 out[i] = (clf.version, clf.classes, row)
         return out
 
@@ -302,8 +299,8 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             array = await loop.run_in_executor(self.decode_pool, clf.decode, body)
-        except self.rejected as exc:
-            raise _Reply(422, "bad_image", one_line(exc)) from None
+        except self.rejected as exc:  # the classifier's own one-line reason
+            raise _Reply(422, "bad_image", " ".join(str(exc).split()) or "not an image") from None
         except Exception as exc:  # a decoder failure the classifier did not name: still 4xx
             log.warning("decode failed: %s", one_line(exc))
             raise _Reply(422, "bad_image", f"not a readable image ({one_line(exc)})") from None
@@ -314,7 +311,7 @@ class Service:
         except ShuttingDown as exc:
             raise _Reply(503, "shutting_down", str(exc), RETRY_AFTER_S) from None
         if isinstance(result, BaseException):
-            raise _Reply(422, "bad_image", one_line(result))
+            raise _Reply(422, "bad_image", " ".join(str(result).split()) or "not an image")
         version, classes, probs = result
         order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
         topk = [{"label": classes[i], "score": _score(probs[i])} for i in order]
