@@ -167,7 +167,7 @@ def serve(
     )
     service = app.state.service
     typer.echo(
-        f"serving {service.holder.version} from {model} on http://{host}:{port} "
+        f"serving {service.holder.version or 'nothing yet'} from {model} on http://{host}:{port} "
         f"(max batch {max_batch}, queue {queue_size}"
         + (", watching the store for a new current" if service.holder.store else "")
         + ")",

@@ -27,6 +27,7 @@ REASONS = (
     "bad_image",
     "bad_request",
     "queue_full",
+    "no_model",
     "shutting_down",
     "internal",
 )

@@ -83,19 +83,27 @@ class ModelHolder:
         self.store = None
         from fedclip_edge.serving.store import ModelStore, is_store
 
+        self.current: Any = None  # None: a store whose agent has promoted nothing yet
         if is_store(self.path):
             self.store = ModelStore(self.path)
-        self.current = opener(self.path)
+            name = self.store.current_name()
+            if name is None:
+                log.warning("%s has no current version yet: answering 503 until the agent "
+                            "promotes one", self.path)
+            else:
+                self.current = opener(self._version_path(name))
+        else:
+            self.current = opener(self.path)
         self.failed: str | None = None  # a version that failed to open (not retried)
         self.swaps = 0
         self._lock = asyncio.Lock()
         self._last_watch_error = ""
-        if metrics is not None:
+        if metrics is not None and self.current is not None:
             metrics.set_model(self.current.version, str(self.path))
 
     @property
-    def version(self) -> str:
-        return self.current.version
+    def version(self) -> str | None:
+        return None if self.current is None else self.current.version
 
     def _version_path(self, name: str) -> Path:
         assert self.store is not None
@@ -296,6 +304,9 @@ class Service:
         if not body:
             raise _Reply(400, "empty_body", "empty body: send the image file's bytes")
         clf = self.holder.current
+        if clf is None:
+            raise _Reply(503, "no_model", "no model version is current yet (the agent promotes "
+                         "one at the end of a job)", RETRY_AFTER_S)
         loop = asyncio.get_running_loop()
         try:
             array = await loop.run_in_executor(self.decode_pool, clf.decode, body)
@@ -320,10 +331,11 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         clf = self.holder.current
+        status = "stopping" if self.stopping else "no_model" if clf is None else "ok"
         return {
-            "status": "stopping" if self.stopping else "ok",
-            "model_version": clf.version,
-            "classes": len(clf.classes),
+            "status": status,
+            "model_version": None if clf is None else clf.version,
+            "classes": None if clf is None else len(clf.classes),
             "queue": self.batcher.depth(),
             "queue_size": self.settings.queue_size,
             "max_batch": self.settings.max_batch,
@@ -385,7 +397,7 @@ def create_app(
 
     async def healthz(request: Request) -> Response:
         body = service.health()
-        return JSONResponse(body, status_code=503 if service.stopping else 200)
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(m.render(), media_type=m.content_type)
@@ -396,7 +408,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
-        log.info("serving %s (%s)", service.holder.version, model_path)
+        log.info("serving %s (%s)", service.holder.version or "nothing yet", model_path)
         try:
             yield
         finally:
