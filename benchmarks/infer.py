@@ -80,15 +80,16 @@ def _add_random_version(store: Path, artifact: Path, seed: int, kind: str) -> st
 
     m = json.loads((artifact / "manifest.json").read_text())
     dim = int(m["model"]["embed_dim"])
+    classes = list(m["class_features"]["classes"])
     torch.manual_seed(seed)
-    text = torch.randn(len(m["classes"]), dim, generator=torch.Generator().manual_seed(seed))
+    text = torch.randn(len(classes), dim, generator=torch.Generator().manual_seed(seed))
     rec = {"path": str(artifact.resolve()), "manifest_sha256": sha256_file(artifact /
            "manifest.json"), "model": m["model"]["name"],
            "weights_sha256": m["model"].get("weights_sha256"), "precision": m["precision"]}
     v = ModelStore(store).add(
         AttentionAdapter(dim).state_dict(), text,
         {"kind": kind, "job": "bench-infer", "round": 0, "client_id": "bench",
-         "classes": list(m["classes"]), "artifact": rec, "dim": dim, "logit_scale": 100.0,
+         "classes": classes, "artifact": rec, "dim": dim, "logit_scale": 100.0,
          "accuracy": {"split": "val", "n": 0}},
     )
     return v.name

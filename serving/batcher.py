@@ -76,6 +76,13 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serve-model")
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="micro-batcher")
 
+    def call_in_worker(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) in the model thread after what it runs now (e.g. closing a model)."""
+        if self._executor is not None:
+            self._executor.submit(fn, *args)
+        else:
+            fn(*args)
+
     async def submit(self, item: Any) -> Any:
         """Queue `item` and wait for its result; QueueFull at once if the queue is full."""
         if self._closed:

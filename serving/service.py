@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,7 @@ class ModelHolder:
         else:
             self.current = opener(self.path)
         self.failed: str | None = None  # a version that failed to open (not retried)
+        self.retire: Callable[[Any], None] | None = None  # closes a replaced classifier
         self.swaps = 0
         self._lock = asyncio.Lock()
         self._last_watch_error = ""
@@ -138,7 +140,10 @@ class ModelHolder:
                 if self.metrics is not None:
                     self.metrics.swaps.labels("failed").inc()
                 return {"model_version": old, "swapped": False, "failed": name, "error": msg}
-            self.current = new  # the swap: one reference, read once per batch by the worker
+            previous, self.current = self.current, new  # the swap: one reference, read once
+            # per batch by the worker; the old one is closed after the batch running now
+            if previous is not None and self.retire is not None:
+                self.retire(previous)
             self.failed = None
             self.swaps += 1
             if self.metrics is not None:
@@ -213,6 +218,7 @@ class Service:
         )
         self.metrics = ServeMetrics(queue_depth=self.batcher.depth)
         self.holder = ModelHolder(Path(model_path), opener, self.metrics)
+        self.holder.retire = self._retire
         self.rejected = _rejected_types()
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="serve-decode")
@@ -240,6 +246,11 @@ class Service:
             for (i, _), row in zip(ready, probs, strict=True):
                 out[i] = (clf.version, clf.classes, row)
         return out
+
+    def _retire(self, clf: Any) -> None:
+        """Close a replaced classifier in the model thread: after the batch that may still
+        use it, before any batch that could (none: they read the new one)."""
+        self.batcher.call_in_worker(_close_quietly, clf)
 
     def _on_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -325,9 +336,8 @@ class Service:
             raise _Reply(422, "bad_image", " ".join(str(result).split()) or "not an image")
         version, classes, probs = result
         order = np.argsort(-probs, kind="stable")[: min(k, len(classes))]
-        topk = [{"label": classes[i], "score": _score(probs[i])} for i in order]
-        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk,
-                "model_version": version}
+        topk = [[classes[i], _score(probs[i])] for i in order]  # as `classify --json` writes
+        return {"label": topk[0][0], "score": topk[0][1], "topk": topk, "model_version": version}
 
     def health(self) -> dict[str, Any]:
         clf = self.holder.current
@@ -343,6 +353,16 @@ class Service:
             "swaps": self.holder.swaps,
             "failed_version": self.holder.failed,
         }
+
+
+def _close_quietly(clf: Any) -> None:
+    close = getattr(clf, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as exc:  # a backend that fails to close must not stop the service
+        log.warning("closing %s: %s", getattr(clf, "version", "?"), one_line(exc))
 
 
 def _score(p: Any) -> float:
@@ -455,7 +475,20 @@ def run_server(
         timeout_graceful_shutdown=30,
         server_header=False,
     )
-    server = uvicorn.Server(config)
-    server.run()
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after its graceful shutdown (the process then
+            # dies of SIGTERM); a stop asked for by SIGTERM is this command's success: exit 0
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+                captured.remove(sig)
+
+    server = _Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 1 when it cannot bind (it logged why, one line)
+        if server.started:
+            raise
     if not server.started:
         raise ConfigError(f"could not serve on {host}:{port} (in use, or not an address here)")

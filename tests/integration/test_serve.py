@@ -45,7 +45,7 @@ N_IMAGES = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data, artifact = tiny_artifact.shared_artifact(tmp_path_factory)
-    classes = json.loads((artifact / "manifest.json").read_text())["classes"]
+    classes = json.loads((artifact / "manifest.json").read_text())["class_features"]["classes"]
     root = tmp_path_factory.mktemp("serve") / "models"
     v1 = add_version(root, artifact, classes, seed=0)
     v2 = add_version(root, artifact, classes, seed=1, kind="personal")
@@ -71,7 +71,7 @@ def _check_answer(setup: dict, r: httpx.Response, i: int) -> str:
     best = int(np.argmax(probs))
     assert body["label"] == setup["classes"][best]
     assert abs(body["score"] - float(probs[best])) < 1e-3, (body, probs)
-    assert [t["label"] for t in body["topk"]][0] == body["label"] and len(body["topk"]) == 3
+    assert body["topk"][0] == [body["label"], body["score"]] and len(body["topk"]) == 3
     return v
 
 
