@@ -20,6 +20,7 @@ from fedclip_edge.benchmarks.cli import (
     bench_soak,
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
+from fedclip_edge.benchmarks.cli_infer import bench_infer
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
@@ -318,6 +319,7 @@ def _register_parts() -> None:
     bench_app.command("aggregator")(bench_aggregator)
     bench_app.command("soak")(bench_soak)
     bench_app.command("codecs")(bench_codecs)
+    bench_app.command("infer")(bench_infer)
 
 
 def main(argv: list[str] | None = None) -> int:
