@@ -309,6 +309,8 @@ def run_infer_bench(
                      "precisions": list(precisions), "batches": sorted(set(batches)),
                      "rounds": rounds, "warmup": warmup, "threads": threads,
                      "images": f"{len(images)} synthetic JPEGs 640x480",
+                     "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY",
+                                                            "OMP_NUM_THREADS")},
                      "timing": "end to end from JPEG bytes (decode + preprocess + model), "
                                "interleaved rounds; images/s from the median call"},
         "versions": tool_versions(),
