@@ -268,6 +268,10 @@ def run_infer_bench(
     say = progress or (lambda _m: None)
     if rounds < 1 or warmup < 0 or not batches or min(batches) < 1:
         raise ExportError("--rounds must be >= 1, --warmup >= 0, --batch sizes positive")
+    target = serve_model or (models[-1] if models else None)
+    if serve_model is not None and serve_model not in models:
+        raise ExportError(f"--serve-model {serve_model} is not among --models "
+                          f"({', '.join(models)})")
     out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -293,10 +297,7 @@ def run_infer_bench(
         for clf in clfs.values():
             clf.close()
     serve = None
-    target = serve_model or (models[-1] if models else None)
     if target and serve_seconds > 0:
-        if target not in preps:
-            raise ExportError(f"--serve-model {target} is not among --models")
         serve = load_service(preps[target], images, seconds=serve_seconds,
                              clients=serve_clients, max_batch=serve_batch, swaps=swaps,
                              threads=threads, say=say)
