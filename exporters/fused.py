@@ -40,6 +40,12 @@ from fedclip_edge.errors import ExportError
 from fedclip_edge.exporters import names as N
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.export import ExportResult, tool_versions
+from fedclip_edge.exporters.fused_parity import (
+    FUSED_AGREEMENT,
+    fused_parity,
+    softmax,
+    torch_composition,
+)
 from fedclip_edge.exporters.manifest import (
     read_manifest,
     sha256_file,
@@ -51,8 +57,6 @@ from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_image
 
 Progress = Callable[[str], None]
 
-# Top-1 agreement with the torch composition an export must reach (pooled over every input).
-FUSED_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.99}
 GOLDEN_COUNT = 8
 
 
@@ -117,27 +121,6 @@ class FusedSource:
         return root, manifest
 
 
-def torch_composition(
-    state: dict[str, np.ndarray], class_matrix: np.ndarray, features: np.ndarray
-) -> np.ndarray:
-    """The reference logits: PyTorch AttentionAdapter, then @ class matrix, in float32."""
-    import torch
-
-    from fedclip_edge.adapter import AttentionAdapter
-
-    adapter = AttentionAdapter(class_matrix.shape[0]).eval()
-    adapter.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-    with torch.no_grad():
-        g = adapter(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-        return (g @ torch.from_numpy(class_matrix)).numpy()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def _reference_features(
     root: Path, manifest: dict[str, Any], inputs: np.ndarray
 ) -> tuple[np.ndarray | None, str]:
@@ -193,47 +176,6 @@ def _candidate(path: Path, precision: str, batches: list[np.ndarray]) -> tuple[l
     from fedclip_edge.exporters.export import _run_candidate
 
     return _run_candidate(path, precision, batches)
-
-
-def _fused_parity(
-    sets: dict[str, tuple[np.ndarray, np.ndarray]],
-    ref_logits: dict[str, np.ndarray],
-    cand_logits: dict[str, np.ndarray],
-    precision: str,
-    where: str,
-) -> dict[str, Any]:
-    per_set: dict[str, Any] = {}
-    agree_all: list[np.ndarray] = []
-    for name in sets:
-        ref, got = ref_logits[name], cand_logits[name]
-        same = ref.argmax(1) == got.argmax(1)
-        agree_all.append(same)
-        finite = bool(np.all(np.isfinite(got)))
-        per_set[name] = {
-            "count": int(len(ref)),
-            "top1_agreement": float(same.mean()),
-            "max_abs_logit_diff": float(np.abs(ref - got).max()) if finite else None,
-            "max_abs_prob_diff": float(np.abs(softmax(ref) - softmax(got)).max())
-            if finite
-            else None,
-            "min_cosine_logits": float(parity.cosine_rows(ref, got).min()),
-            "distinct_reference_predictions": int(len(np.unique(ref.argmax(1)))),
-        }
-    pooled = np.concatenate(agree_all)
-    bound = FUSED_AGREEMENT[precision]
-    agreement = float(pooled.mean())
-    diffs = [s["max_abs_prob_diff"] for s in per_set.values()]
-    return {
-        "status": "passed" if agreement >= bound and None not in diffs else "failed",
-        "measured_on": where,
-        "reference": "torch composition: PyTorch AttentionAdapter and class matrix (float32) on "
-        "the encoder's reference features",
-        "bound": {"min_top1_agreement": bound},
-        "top1_agreement": agreement,
-        "top1_agreement_over": {"sets": list(sets), "count": int(len(pooled))},
-        "max_abs_prob_diff": max((d for d in diffs if d is not None), default=None),
-        "sets": per_set,
-    }
 
 
 def export_fused(
@@ -353,8 +295,8 @@ def export_fused(
                   f"batch_{max_batch}": (max_in, None)}
         ref_logits_b = {**ref_logits, "batch_1": ref_all[:1], f"batch_{max_batch}": reps_ref}
         cand_b = {**cand, "batch_1": outs[0], f"batch_{max_batch}": outs[1]}
-        rep = _fused_parity(sets_b, ref_logits_b, cand_b, precision, where)  # type: ignore[arg-type]
-        rep["top1_agreement_over"]["sets"] = list(sets_b)
+        rep = fused_parity(sets_b, ref_logits_b, cand_b, precision, where,  # type: ignore[arg-type]
+                           pooled_sets=names)
         rep["reference_features"] = {"golden": "PyTorch fp32, recorded in the artifact",
                                      **{k: ref_where for k in names if k != "golden"}}
         rep["dynamic_batch_checked"] = [1, max_batch]

@@ -319,9 +319,9 @@ def tensorrt_step(
     engine = TensorRTFused(stage, manifest)
     got = {k: engine.run(x)[0] for k, (x, _) in sets.items()}
     engine.close()
-    from fedclip_edge.exporters.fused import FUSED_AGREEMENT, _fused_parity
+    from fedclip_edge.exporters.fused_parity import FUSED_AGREEMENT, fused_parity
 
-    rep = _fused_parity(sets, ref_logits, got, precision, engine.name)
+    rep = fused_parity(sets, ref_logits, got, precision, engine.name)
     if rep["status"] != "passed":
         raise ExportError(f"the {precision} TensorRT engine of the fused classifier misses its "
                           f"bound: top-1 agreement {100 * rep['top1_agreement']:.1f}% (bound "

@@ -175,3 +175,67 @@ def serve(
     )
     run_server(app, host, port, limit_concurrency=connection_limit(queue_size, max_batch),
                log_level=log_level)
+
+
+def classify(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Image files and folders (FOLDER/CLASS/x.jpg folders also get an "
+                       "accuracy line).", show_default=False),
+    ],
+    model: Annotated[
+        Path,
+        typer.Option("--model", help="A model store (its current version), one version folder, "
+                     "or a fused export (export --adapter)."),
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per row.", min=1)] = 3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image (and per labelled folder).")
+    ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(help="auto, onnxruntime[:cpu|cuda|tensorrt], tensorrt; a version folder "
+                     "also takes torch."),
+    ] = "auto",
+    batch: Annotated[int, typer.Option(help="Images decoded and predicted together.", min=1)] = 32,
+) -> None:
+    """Classify images with a device's model: one row per image; exits 2 when no image could be
+    classified (a file that is not an image is its own error row, the rest goes on)."""
+    from fedclip_edge.errors import DataError
+    from fedclip_edge.progress import progress
+    from fedclip_edge.serving.classifier import open_classifier
+    from fedclip_edge.serving.classify import accuracies, classify_items, collect
+
+    items, missing = collect(paths)
+    clf = open_classifier(model, backend=backend, max_batch=batch)
+    emit = (lambda row: typer.echo(json.dumps(row.to_dict()))) if as_json else None
+    for row in missing:
+        if emit:
+            emit(row)
+    with progress("classify", len(items), "images", enabled=len(items) > batch) as bar:
+        rows = classify_items(clf, items, top_k=top_k, on_row=emit, advance=bar.advance)
+    rows = missing + rows
+    folders = accuracies(rows, clf.classes)
+    if as_json:
+        for acc in folders:
+            typer.echo(json.dumps({**acc.to_dict(), "model_version": clf.version}))
+    else:
+        table = []
+        for r in rows:
+            if r.prediction is None:
+                table.append([str(r.item.path), "error", "-", r.error or "?"])
+                continue
+            p = r.prediction
+            mark = "" if r.correct is None else (" ok" if r.correct else f" (is {r.item.truth})")
+            table.append([str(r.item.path), p.label + mark, f"{p.score:.3f}",
+                          ", ".join(f"{c} {s:.3f}" for c, s in p.topk)])
+        for line in text_table(["image", "label", "score", "top-k"], table):
+            typer.echo(line)
+        typer.echo(f"model {clf.version} ({clf.backend})")
+        for acc in folders:
+            typer.echo(acc.line())
+    done = sum(1 for r in rows if r.prediction is not None)
+    if not done:
+        raise DataError(f"no image could be classified ({len(rows)} given, "
+                        f"{len(rows) - done} errors)" if rows else "no images found in "
+                        + ", ".join(map(str, paths)))
