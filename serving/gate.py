@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from fedclip_edge.errors import ConfigError
 
+# the agent's defaults (`--personalize-epochs`, `--promote-margin`); here, light to import
+DEFAULT_PERSONALIZE_EPOCHS = 5
+DEFAULT_PROMOTE_MARGIN = 0.0
+
 # accuracies are k/n: compare with a tolerance so 0.7 - 0.1 >= 0.6 holds as it does on paper
 EPS = 1e-9
 
