@@ -124,8 +124,13 @@ def test_serve_unit_reads_the_store_the_agent_writes_and_starts_after_it() -> No
     env = dict(ln.split("=", 1) for ln in
                (DEPLOY / "systemd" / "serve.env.example").read_text().splitlines()
                if ln and not ln.startswith("#"))
-    # the example's store is where the agent's unit keeps state, and its flags are real
-    assert env["FEDCLIP_MODELS"].startswith("/var/lib/fedclip-edge/")
+    # the example's store is the one the agent's example keeps (--models), and flags are real
+    agent_env = dict(ln.split("=", 1) for ln in
+                     (DEPLOY / "systemd" / "agent.env.example").read_text().splitlines()
+                     if ln and not ln.startswith("#"))
+    agent_args = agent_env["FEDCLIP_AGENT_ARGS"].split()
+    assert agent_args[agent_args.index("--models") + 1] == env["FEDCLIP_MODELS"]
+    _check_invocation(["agent", *agent_args], "agent.env.example")
     _check_invocation(["serve", *env["FEDCLIP_SERVE_ARGS"].split()], "serve.env.example")
 
 
@@ -313,8 +318,10 @@ def test_compose_serves_an_agents_model_store_beside_it() -> None:
         opts = dict(a.removeprefix("--").split("=", 1) for a in cmd if "=" in a)
         agent = name.replace("serve-", "agent-")
         assert agent in services and agent in svc["depends_on"], name
-        # the store lives in the volume the agent writes, under the agent's own name
-        assert opts["model"].startswith("/var/lib/fedclip-edge/") and agent in opts["model"]
+        # the store is the one the agent beside it keeps (its --models), in the shared volume
+        agent_opts = dict(a.removeprefix("--").split("=", 1)
+                          for a in services[agent]["command"] if "=" in a)
+        assert opts["model"] == agent_opts["models"], (name, agent)
         assert any(v.startswith("trial:/var/lib/fedclip-edge") for v in svc["volumes"])
         assert opts["host"] == "0.0.0.0"  # reachable through the published port
         assert any(p.split(":")[-1] == opts["port"] for p in svc["ports"])
