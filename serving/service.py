@@ -156,7 +156,10 @@ class ModelHolder:
     async def watch(self, poll_s: float) -> None:
         while True:
             await asyncio.sleep(poll_s)
-            await self.check()
+            try:
+                await self.check()
+            except Exception as exc:  # a bug here must not end the watching for good
+                log.error("model watcher: %s", one_line(exc))
 
 
 @dataclass

@@ -172,7 +172,9 @@ BAD_INPUTS = {
 
 @pytest.fixture(scope="module")
 def server(setup: dict):
-    app = create_app(setup["root"], max_batch=8, queue_size=32, max_body_bytes=256 * 1024)
+    # one version folder, not the store: no watcher here to swap while other tests move current
+    app = create_app(setup["root"] / "versions" / setup["v1"], max_batch=8, queue_size=32,
+                     max_body_bytes=256 * 1024)
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         yield c
 
