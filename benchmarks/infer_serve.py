@@ -61,20 +61,23 @@ def bare_loop(clf: Any, images: Sequence[bytes], batch: int, seconds: float) -> 
 
 
 async def _client_load(url: str, images: Sequence[bytes], clients: int, seconds: float,
-                       swap_at: Sequence[float], swap: Callable[[int], None]
+                       swap_at: Sequence[float], swap: Callable[[int], str]
                        ) -> dict[str, Any]:
+    """Clients post without pause; swap k happens at swap_at[k] (or when swap k-1 has taken
+    effect, if later); the run lasts `seconds` and at least until the last swap answered."""
     import httpx
 
     records: list[tuple[float, float, int, str]] = []  # (end time, latency, status, version)
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as ac:
+    swaps: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as ac:
         t0 = time.perf_counter()
-        stop = t0 + seconds
+        stop = asyncio.Event()
 
         async def client(k: int) -> None:
             i = k
-            while time.perf_counter() < stop:
+            while not stop.is_set():
                 t = time.perf_counter()
                 try:
                     r = await ac.post("/classify", content=images[i % len(images)])
@@ -92,12 +95,28 @@ async def _client_load(url: str, images: Sequence[bytes], clients: int, seconds:
             loop = asyncio.get_running_loop()
             for k, at in enumerate(swap_at):
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-                await loop.run_in_executor(None, swap, k)
+                asked = time.perf_counter()
+                target = await loop.run_in_executor(None, swap, k)
+                took = None
+                while time.perf_counter() - asked < 600:
+                    h = (await ac.get("/healthz")).json()
+                    if h.get("model_version") == target:
+                        took = time.perf_counter() - asked
+                        break
+                    await asyncio.sleep(0.1)
+                swaps.append({"to": target, "at_s": asked - t0, "took_s": took})
 
-        await asyncio.gather(swapper(), *(client(k) for k in range(clients)))
+        async def timer() -> None:
+            await asyncio.sleep(seconds)
+
+        tasks = [asyncio.ensure_future(client(k)) for k in range(clients)]
+        await asyncio.gather(swapper(), timer())
+        stop.set()
+        await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
         metrics = (await ac.get("/metrics")).text
-    return {"records": records, "errors": errors, "seconds": elapsed, "metrics": metrics}
+    return {"records": records, "errors": errors, "seconds": elapsed, "metrics": metrics,
+            "swaps": swaps}
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -162,9 +181,11 @@ def load_service(
         targets = [v2 if k % 2 == 0 else v1 for k in range(swaps)]
         swap_at = [seconds * (k + 1) / (swaps + 1) for k in range(swaps)]
         before = cpu_snapshot()
-        res = asyncio.run(_client_load(
-            url, images, clients, seconds, swap_at,
-            lambda k: store.promote(targets[k], f"bench infer: swap {k + 1}")))
+        def swap(k: int) -> str:
+            store.promote(targets[k], f"bench infer: swap {k + 1}")
+            return targets[k]
+
+        res = asyncio.run(_client_load(url, images, clients, seconds, swap_at, swap))
         contention = others_cpu_share(before, cpu_snapshot())
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -193,9 +214,11 @@ def load_service(
                     "mean_batch": (bsum / bcount) if bsum and bcount else None,
                     "others_cpu_share": contention},
         "ratio": service_ips / bare["images_per_s"] if bare["images_per_s"] else None,
-        "swaps_done": swaps, "swap_times_s": swap_at,
+        "swaps_done": sum(1 for w in res["swaps"] if w["took_s"] is not None),
+        "swaps": res["swaps"],
         "answers_by_version": by_version, "version_changes_seen": changes,
         "swaps_ok_metric": _metric(m, 'fedclip_serve_model_swaps_total{result="ok"}'),
         "failed": len(recs) - len(ok), "errors": res["errors"][:20],
-        "note": "clients run in the benchmark's process on the same cores as the service",
+        "note": "clients run in the benchmark's process on the same cores as the service; "
+                "the run lasts --serve-seconds and at least until the last swap took effect",
     }

@@ -255,9 +255,10 @@ def infer_serve_lines(report: dict[str, Any]) -> list[str]:
         f"{_num(svc['p50_ms'], '.0f')} ms, p99 {_num(svc['p99_ms'], '.0f')} ms, mean batch "
         f"{_num(svc['mean_batch'], '.1f')}; bare classifier {bare['images_per_s']:.1f} img/s "
         f"-> {_num(s['ratio'], '.2f')}x",
-        f"hot swaps {s['swaps_done']} (answer stream changed version {s['version_changes_seen']}"
-        f" times): {s['failed']} failed of {svc['requests']} requests; answers by version: "
-        f"{versions}",
+        f"hot swaps {s['swaps_done']} of {len(s['swaps'])} took effect (in "
+        + ", ".join(_num(w["took_s"], ".1f") + " s" for w in s["swaps"])
+        + f"; the answers changed version {s['version_changes_seen']} times): {s['failed']} "
+        f"failed of {svc['requests']} requests; answers by version: {versions}",
     ]
 
 

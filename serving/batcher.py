@@ -49,6 +49,8 @@ class MicroBatcher:
         max_wait_s: float = 0.005,
         queue_size: int = 64,
         on_batch: Callable[[int, float], None] | None = None,
+        pending: Callable[[], int] | None = None,
+        pending_grace_s: float = 0.02,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch and queue_size must be >= 1, max_wait_s >= 0")
@@ -57,6 +59,10 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.on_batch = on_batch  # (batch size, seconds in run) after each batch
+        # items on their way (e.g. being decoded): a batch waits up to pending_grace_s past
+        # max_wait for them, so clients answered together are batched together again
+        self.pending = pending
+        self.pending_grace_s = pending_grace_s
         self._items: collections.deque[_Job] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -105,6 +111,8 @@ class MicroBatcher:
                 batch.append(self._items.popleft())
                 continue
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and self.pending is not None and self.pending() > 0:
+                remaining = deadline + self.pending_grace_s - time.monotonic()
             if remaining <= 0:
                 break
             self._wakeup.clear()

@@ -140,6 +140,14 @@ class ModelHolder:
                 if self.metrics is not None:
                     self.metrics.swaps.labels("failed").inc()
                 return {"model_version": old, "swapped": False, "failed": name, "error": msg}
+            try:  # `current` moved on while this one opened (v1 -> v2 -> v1): do not serve it
+                still = await loop.run_in_executor(None, self.store.current_name)
+            except Exception:
+                still = name
+            if still != name:
+                log.info("hot swap to %s skipped: current is now %s", name, still)
+                await loop.run_in_executor(None, _close_quietly, new)
+                return {"model_version": old, "swapped": False, "current": still}
             previous, self.current = self.current, new  # the swap: one reference, read once
             # per batch by the worker; the old one is closed after the batch running now
             if previous is not None and self.retire is not None:
@@ -218,7 +226,9 @@ class Service:
             max_wait_s=settings.max_wait_ms / 1000,
             queue_size=settings.queue_size,
             on_batch=self._on_batch,
+            pending=lambda: self.decoding,
         )
+        self.decoding = 0  # requests between body read and queue (decoding)
         self.metrics = ServeMetrics(queue_depth=self.batcher.depth)
         self.holder = ModelHolder(Path(model_path), opener, self.metrics)
         self.holder.retire = self._retire
@@ -322,6 +332,7 @@ class Service:
             raise _Reply(503, "no_model", "no model version is current yet (the agent promotes "
                          "one at the end of a job)", RETRY_AFTER_S)
         loop = asyncio.get_running_loop()
+        self.decoding += 1
         try:
             array = await loop.run_in_executor(self.decode_pool, clf.decode, body)
         except self.rejected as exc:  # the classifier's own one-line reason
@@ -329,6 +340,8 @@ class Service:
         except Exception as exc:  # a decoder failure the classifier did not name: still 4xx
             log.warning("decode failed: %s", one_line(exc))
             raise _Reply(422, "bad_image", f"not a readable image ({one_line(exc)})") from None
+        finally:
+            self.decoding -= 1
         try:
             result = await self.batcher.submit(_Item(body, array, clf))
         except QueueFull as exc:

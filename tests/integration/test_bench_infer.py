@@ -45,7 +45,7 @@ def test_bench_infer_short_run(tmp_path_factory: pytest.TempPathFactory, tmp_pat
         "TensorRT" in r["backend"] for r in rows)
     s = report["serve"]
     assert s["failed"] == 0, s["errors"]
-    assert s["service"]["ok"] > 0 and s["swaps_done"] == 1
+    assert s["service"]["ok"] > 0 and s["swaps_done"] == 1 and s["swaps"][0]["took_s"] > 0
     assert s["ratio"] == pytest.approx(s["service"]["images_per_s"] / s["bare"]["images_per_s"])
     assert sum(s["answers_by_version"].values()) == s["service"]["ok"]
     md = infer_markdown(report)

@@ -143,3 +143,23 @@ def test_bad_settings_are_refused() -> None:
     for kw in ({"max_batch": 0}, {"queue_size": 0}, {"max_wait_s": -1}):
         with pytest.raises(ValueError):
             MicroBatcher(lambda xs: xs, **kw)
+
+
+def test_a_batch_waits_past_max_wait_for_items_on_their_way_and_only_for_them() -> None:
+    async def main() -> None:
+        seen: list[list[int]] = []
+        on_the_way = [1]
+        b = MicroBatcher(lambda xs: seen.append(list(xs)) or xs, max_batch=8, max_wait_s=0,
+                         queue_size=10, pending=lambda: on_the_way[0], pending_grace_s=30)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.05)  # far past max_wait (0): the worker holds 1, as 2 is coming
+        assert seen == []
+        on_the_way[0] = 0
+        second = await b.submit(2)
+        assert (await first, second) == (1, 2) and seen == [[1, 2]]
+        # nothing on its way: no waiting at all past max_wait
+        assert await b.submit(3) == 3 and seen[-1] == [3]
+        await b.stop()
+
+    asyncio.run(main())
