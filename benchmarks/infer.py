@@ -129,6 +129,11 @@ def prepare_model(
     for precision, use_trt in wanted:
         label = f"fused {precision}" + (" TensorRT" if use_trt else "")
         out = root / ("fused-" + precision + ("-trt" if use_trt else ""))
+        refused = out.with_name(out.name + ".refused")  # a failed export, not retried
+        if refused.is_file():
+            skipped.append({"model": model, "backend": label,
+                            "reason": refused.read_text().strip() + " (earlier run)"})
+            continue
         if not (out / "manifest.json").is_file():
             say(f"{model}: exporting the {label} graph")
             try:
@@ -136,6 +141,7 @@ def prepare_model(
                              precision=precision, trt=use_trt, overwrite=True,
                              parity_per_domain=2, parity_random=4)
             except FedClipError as exc:
+                refused.write_text(str(exc) + "\n")
                 skipped.append({"model": model, "backend": label, "reason": str(exc)})
                 continue
         fused[label] = out

@@ -180,13 +180,19 @@ def load_service(
             httpx.post(url + "/classify", content=b, timeout=120)
         targets = [v2 if k % 2 == 0 else v1 for k in range(swaps)]
         swap_at = [seconds * (k + 1) / (swaps + 1) for k in range(swaps)]
-        before = cpu_snapshot()
+
         def swap(k: int) -> str:
             store.promote(targets[k], f"bench infer: swap {k + 1}")
             return targets[k]
 
-        res = asyncio.run(_client_load(url, images, clients, seconds, swap_at, swap))
-        contention = others_cpu_share(before, cpu_snapshot())
+        # steady state first (the throughput goal), then the same load with the swaps
+        before = cpu_snapshot()
+        steady = asyncio.run(_client_load(url, images, clients, seconds, [], swap))
+        steady["others_cpu_share"] = others_cpu_share(before, cpu_snapshot())
+        say(f"{prep['model']}: the same load with {swaps} hot swaps")
+        before = cpu_snapshot()
+        swapping = asyncio.run(_client_load(url, images, clients, seconds, swap_at, swap))
+        swapping["others_cpu_share"] = others_cpu_share(before, cpu_snapshot())
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -194,31 +200,44 @@ def load_service(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    recs = res["records"]
+    phases = {"steady": _phase(steady), "swaps": _phase(swapping)}
+    recs = swapping["records"]
     ok = [r for r in recs if r[2] == 200]
     by_version: dict[str, int] = {}
     for r in ok:
         by_version[r[3]] = by_version.get(r[3], 0) + 1
     ordered = [r[3] for r in sorted(ok)]
     changes = sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if a != b)
-    m = res["metrics"]
-    bsum = _metric(m, "fedclip_serve_batch_size_sum")
-    bcount = _metric(m, "fedclip_serve_batch_size_count")
-    service_ips = len(ok) / res["seconds"]
+    steady_ips = phases["steady"]["images_per_s"]
     return {
         "model": prep["model"], "backend": backend, "max_batch": max_batch,
         "clients": clients, "seconds": seconds,
         "bare": bare,
-        "service": {"requests": len(recs), "ok": len(ok), "seconds": res["seconds"],
-                    "images_per_s": service_ips, **_pcts([r[1] for r in ok]),
-                    "mean_batch": (bsum / bcount) if bsum and bcount else None,
-                    "others_cpu_share": contention},
-        "ratio": service_ips / bare["images_per_s"] if bare["images_per_s"] else None,
-        "swaps_done": sum(1 for w in res["swaps"] if w["took_s"] is not None),
-        "swaps": res["swaps"],
+        "service": phases["steady"],
+        "service_during_swaps": phases["swaps"],
+        "ratio": steady_ips / bare["images_per_s"] if bare["images_per_s"] else None,
+        "ratio_during_swaps": (phases["swaps"]["images_per_s"] / bare["images_per_s"]
+                               if bare["images_per_s"] else None),
+        "swaps_done": sum(1 for w in swapping["swaps"] if w["took_s"] is not None),
+        "swaps": swapping["swaps"],
         "answers_by_version": by_version, "version_changes_seen": changes,
-        "swaps_ok_metric": _metric(m, 'fedclip_serve_model_swaps_total{result="ok"}'),
-        "failed": len(recs) - len(ok), "errors": res["errors"][:20],
+        "swaps_ok_metric": _metric(swapping["metrics"],
+                                   'fedclip_serve_model_swaps_total{result="ok"}'),
+        "failed": sum(p["requests"] - p["ok"] for p in phases.values()),
+        "errors": (steady["errors"] + swapping["errors"])[:20],
         "note": "clients run in the benchmark's process on the same cores as the service; "
-                "the run lasts --serve-seconds and at least until the last swap took effect",
+                "steady: --serve-seconds without swaps; swaps: --serve-seconds and at least "
+                "until the last swap took effect (opening a version costs CPU beside serving)",
     }
+
+
+def _phase(res: dict[str, Any]) -> dict[str, Any]:
+    recs = res["records"]
+    ok = [r for r in recs if r[2] == 200]
+    m = res["metrics"]
+    bsum = _metric(m, "fedclip_serve_batch_size_sum")
+    bcount = _metric(m, "fedclip_serve_batch_size_count")
+    return {"requests": len(recs), "ok": len(ok), "seconds": res["seconds"],
+            "images_per_s": len(ok) / res["seconds"], **_pcts([r[1] for r in ok]),
+            "mean_batch_cumulative": (bsum / bcount) if bsum and bcount else None,
+            "others_cpu_share": res.get("others_cpu_share")}

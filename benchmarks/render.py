@@ -247,18 +247,19 @@ def infer_serve_lines(report: dict[str, Any]) -> list[str]:
     s = report.get("serve")
     if not s:
         return []
-    svc, bare = s["service"], s["bare"]
+    svc, bare, sw = s["service"], s["bare"], s["service_during_swaps"]
     versions = ", ".join(f"{v} {n}" for v, n in sorted(s["answers_by_version"].items()))
     return [
         f"service ({s['model']}, {s['backend']}, max batch {s['max_batch']}, {s['clients']} "
-        f"clients, {svc['seconds']:.0f} s): {svc['images_per_s']:.1f} img/s, p50 "
-        f"{_num(svc['p50_ms'], '.0f')} ms, p99 {_num(svc['p99_ms'], '.0f')} ms, mean batch "
-        f"{_num(svc['mean_batch'], '.1f')}; bare classifier {bare['images_per_s']:.1f} img/s "
-        f"-> {_num(s['ratio'], '.2f')}x",
-        f"hot swaps {s['swaps_done']} of {len(s['swaps'])} took effect (in "
-        + ", ".join(_num(w["took_s"], ".1f") + " s" for w in s["swaps"])
-        + f"; the answers changed version {s['version_changes_seen']} times): {s['failed']} "
-        f"failed of {svc['requests']} requests; answers by version: {versions}",
+        f"clients, {svc['seconds']:.0f} s): {svc['images_per_s']:.2f} img/s, p50 "
+        f"{_num(svc['p50_ms'], '.0f')} ms, p99 {_num(svc['p99_ms'], '.0f')} ms; bare classifier "
+        f"{bare['images_per_s']:.2f} img/s -> {_num(s['ratio'], '.2f')}x",
+        f"the same load with hot swaps ({sw['seconds']:.0f} s): {sw['images_per_s']:.2f} img/s "
+        f"({_num(s['ratio_during_swaps'], '.2f')}x the bare classifier), p99 "
+        f"{_num(sw['p99_ms'], '.0f')} ms; swaps {s['swaps_done']} of {len(s['swaps'])} took "
+        "effect (in " + ", ".join(_num(w["took_s"], ".1f") + " s" for w in s["swaps"])
+        + f"; the answers changed version {s['version_changes_seen']} times); failed requests "
+        f"{s['failed']} of {svc['requests'] + sw['requests']}; answers by version: {versions}",
     ]
 
 
