@@ -29,8 +29,9 @@ def models_dir(agents: Path, client: str) -> Path:
 def measure_device(
     agents: Path, client: str, domain: str, data: Path, seed: int, *, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """One device's row: its current model (else its newest, marked not promoted), the val
-    accuracies the gate saw, and test accuracy in torch and through the fused ONNX graph."""
+    """One device's row: its current model (else the gate's newest candidate, marked not
+    promoted), the val accuracies the gate saw, and test accuracy in torch and through the fused
+    ONNX graph."""
     from fedclip_edge.exporters.fused import FusedSource, export_fused
     from fedclip_edge.serving.classifier import open_classifier
 
@@ -39,7 +40,8 @@ def measure_device(
     versions = store.versions()
     if current is None and not versions:
         return {"client": client, "version": None, "error": "no model kept"}
-    version = current or versions[-1]
+    candidates = [v for v in versions if v.manifest.get("gate_candidate")]
+    version = current or (candidates or versions)[-1]
     fs = load_feature_cache(agents / f"{client}-cache", [domain])
     d = fs.domains[domain]
     test = torch.from_numpy(split_indices(len(d), seed)[2]).long()
@@ -91,7 +93,7 @@ def device_models_table(rows: list[dict[str, Any]]) -> list[str]:
             str(r["predictions_differ"]),
         ])
     return text_table(
-        ["device", "model served", "val zero-shot", "val model", "test n", "test torch",
+        ["device", "model", "val zero-shot", "val model", "test n", "test torch",
          "test fused ONNX", "differ"],
         body,
     )

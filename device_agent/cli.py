@@ -49,7 +49,8 @@ def agent(
         Path | None,
         typer.Option(help="This device's model store: the job's final global adapter and its "
                      "personalized copy are kept there as versions, the better one promoted "
-                     "(default: models/ beside the feature cache folder; docs/serving.md)."),
+                     "if the gate allows (default: models/CLIENT-ID beside the feature cache "
+                     "folder; docs/serving.md)."),
     ] = None,
     personalize_epochs: Annotated[
         int,
@@ -136,6 +137,9 @@ def agent(
         update_codec=update_codec.value if update_codec is not None else None,
         topk_fraction=topk_fraction,
         state_file=state_file,
+        models=models,
+        personalize_epochs=personalize_epochs,
+        promote_margin=promote_margin,
         log=log,
     )
 

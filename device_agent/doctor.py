@@ -243,8 +243,8 @@ def _tls_context(o: BrokerOptions) -> ssl.SSLContext:
 def check_broker(o: BrokerOptions) -> list[Check]:
     """TCP, then TLS (certificate and host name), then an MQTT CONNECT with a throw-away client
     id and a clean session: it never takes over a device's session or sends a will."""
+    from fedclip_edge.broker.transport import parse_broker_url
     from fedclip_edge.errors import TransportError
-    from fedclip_edge.transport import parse_broker_url
 
     try:
         host, port, url_tls, url_user, url_password = parse_broker_url(o.url)

@@ -1,21 +1,20 @@
 """The agent's end of job (issue 17): keep the final global adapter and its personalized copy in
 this device's model store and let the gate pick what it serves (`serving.keep.keep_models`).
 
-Separate from the agent loop so that the loop calls one function once: nothing here speaks
-MQTT; it turns what the loop received (the final global, already decoded and, with signing on,
-verified) into the store's inputs.
+Separate from the loop so that the loop calls one function once, after the job's `done`. Nothing
+here speaks MQTT: it turns what the loop received (the final global, decoded and, with signing
+on, verified) into the store's inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedclip_edge.config import TrainConfig
+from fedclip_edge.device_agent.agent_config import round_generator
+from fedclip_edge.errors import ConfigError
 from fedclip_edge.serving.keep import KeptModels, keep_models
 
 
@@ -31,50 +30,45 @@ def default_models_path(cache: Path | None, client: str) -> Path:
     return base / "models" / client
 
 
-def keep_job_models(
-    *,
-    models: Path,
-    job: str,
-    client_id: str,
-    final_frame: bytes,
-    final_state: dict[str, torch.Tensor],
-    seed: int,
-    rounds: int,
-    train: dict[str, Any],
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    text_features: torch.Tensor,
-    classes: list[str],
-    logit_scale: float,
-    artifact: dict[str, Any] | None,
-    signature_checked: bool,
-    personalize_epochs: int,
-    promote_margin: float,
-    generator: torch.Generator,
-    log: Callable[[str], None],
-) -> KeptModels:
-    """The final global (round `rounds`) and its personalized copy, gated on the val split."""
-    tcfg = TrainConfig.from_untrusted(train) if train else TrainConfig()
-    names = list(classes) or [f"class{i}" for i in range(int(text_features.shape[0]))]
-    return keep_models(
-        models,
-        global_state=final_state,
-        text_features=text_features,
-        classes=names,
-        logit_scale=logit_scale,
+def keep_final_models(agent: Any) -> KeptModels | None:
+    """`agent` is the loop's Agent (duck-typed: an import would be a cycle). The final global
+    (round `rounds`, the job's seed and training settings) and its personalized copy, measured
+    on the device's val split, written to `agent.cfg.models` and gated; one line per decision."""
+    g, state, cfg, data = agent.final_global, agent.final_state, agent.cfg, agent.data
+    if g is None or state is None:
+        agent.log("no final global adapter received: no model kept")
+        return None
+    try:
+        tcfg = TrainConfig.from_untrusted(g.train) if g.train else TrainConfig()
+    except ConfigError as exc:
+        agent.log(f"error: the final global's training settings are refused ({exc}): no model "
+                  "kept")
+        return None
+    splits = data.split(g.seed)
+    classes = list(data.classes) or [f"class{i}" for i in range(int(data.text_features.shape[0]))]
+    kept = keep_models(
+        cfg.models,
+        global_state=state,
+        text_features=data.text_features,
+        classes=classes,
+        logit_scale=data.logit_scale,
         train=splits["train"],
         val=splits["val"],
         train_cfg=tcfg,
-        personalize_epochs=personalize_epochs,
-        promote_margin=promote_margin,
+        personalize_epochs=cfg.personalize_epochs,
+        promote_margin=cfg.promote_margin,
         provenance={
-            "job": job,
-            "round": rounds,
-            "client_id": client_id,
-            "global_sha256": hashlib.sha256(final_frame).hexdigest(),
-            "signature_checked": signature_checked,
-            "artifact": artifact,
-            "split_seed": seed,
+            "job": cfg.job,
+            "round": g.rounds,
+            "client_id": cfg.client_id,
+            "global_sha256": hashlib.sha256(g.frame).hexdigest(),
+            "signature_checked": agent._registry is not None,
+            "artifact": data.artifact,
+            "split_seed": g.seed,
         },
-        generator=generator,
-        log=log,
+        # the round after the last: a generator no training round of this job used
+        generator=round_generator(g.seed, g.rounds + 1, cfg.client_id),
+        log=agent.log,
     )
+    agent.log(f"models in {cfg.models}: current {kept.current or 'none'}")
+    return kept

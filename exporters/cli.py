@@ -1,4 +1,4 @@
-"""`fedclip-edge export`: wiring only; the work is in `exporters.pipeline.export_artifact`.
+"""`fedclip-edge export`: wiring only; the work is in `exporters.export.export_artifact`.
 
 Register with `app.command("export")(export)`. Errors are FedClipError (ExportError, ModelError,
 ...) and propagate to the main CLI, which prints one `error:` line and exits with their code.

@@ -162,6 +162,7 @@ def keep_models(
             **base,
             "kind": kind,
             "promoted": decision.promote == kind,
+            "gate_candidate": decision.candidate == kind,
             "gate": decision.reasons[kind],
         }
         if kind == "personal":

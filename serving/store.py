@@ -300,14 +300,21 @@ class ModelStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time (agent, CLI); readers need no lock (renames are atomic)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """One writer at a time (agent, CLI); readers need no lock (renames are atomic). A
+        failed write (disk full, read-only, a file where a folder should be) is one line."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / ".lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+        except OSError as exc:
+            where = exc.filename or self.root
+            raise ModelStoreError(
+                f"{where}: cannot write the model store ({exc.strerror or exc})"
+            ) from None
 
     def add(
         self,
@@ -383,8 +390,14 @@ class ModelStore:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _require(self) -> None:
+        """Promote and rollback work on an existing store; they never create one."""
+        if not self.versions_dir.is_dir():
+            raise ModelStoreError(f"{self.root}: not a model store (no versions/ folder)")
+
     def promote(self, name: str, reason: str) -> ModelVersion:
         """Make `name` current (it is checked first); the change is one history line."""
+        self._require()
         with self._locked():
             version = self.version(name)
             if self.current_name() != name:
@@ -405,6 +418,7 @@ class ModelStore:
 
     def rollback(self, reason: str = "rollback") -> ModelVersion:
         """Back to the version that was current before the current one (again: further back)."""
+        self._require()
         with self._locked():
             current = self.current_name()
             stack = self._stack()

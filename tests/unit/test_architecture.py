@@ -4,8 +4,7 @@ Built from the source with the standard library's `ast`, module names exactly as
 `packages` and `package-dir` install them (`broker/aggregator.py` is
 `fedclip_edge.broker.aggregator`). Every import statement counts, wherever it sits (module top,
 inside a function, under `if TYPE_CHECKING`): a lazy import is still a dependency, only a later
-one. Calls such as `importlib.import_module("...")` are not import statements and do not count
-(the deprecated one-release aliases rely on that).
+one. Calls such as `importlib.import_module("...")` are not import statements and do not count.
 
 An edge goes to the module an import names: `from fedclip_edge.broker import protocol` is an edge
 to `fedclip_edge.broker.protocol`, `from fedclip_edge.broker import X` (X not a submodule) an
@@ -329,3 +328,21 @@ def test_checker_sees_no_cycle_through_a_package_init(tmp_path: Path) -> None:
     (tmp_path / "pkg/a.py").write_text("from pkg import X\n")  # now a imports the init
     graph, _ = build_graph(files)
     assert cycles(graph) == [["pkg", "pkg.a", "pkg"]]
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        f"{TOP}.aggregator",
+        f"{TOP}.protocol",
+        f"{TOP}.transport",
+        f"{TOP}.metrics",
+        f"{TOP}.procs",
+        f"{TOP}.pipeline",
+        f"{TOP}.exporters.pipeline",
+    ],
+)
+def test_the_removed_module_aliases_stay_removed(package, old: str) -> None:
+    """The old paths moved (CHANGELOG.md says where); one module per name, no second copy."""
+    files, _, _ = package
+    assert old not in files

@@ -63,7 +63,7 @@ def test_fused_onnx_accuracy_equals_torch_within_one_image(device) -> None:
     assert agree_within(row, images=1), row
     assert (agents / "dev-photo-fused" / "manifest.json").is_file()
     table = device_models_table([row])
-    assert table[0].split()[:3] == ["device", "model", "served"]
+    assert table[0].split()[:4] == ["device", "model", "val", "zero-shot"]
     assert table[2].startswith("dev-photo") and row["version"] in table[2]
 
 

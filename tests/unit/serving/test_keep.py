@@ -118,6 +118,8 @@ def test_writes_both_versions_with_their_provenance(tmp_path: Path, data) -> Non
     )
     assert kept.decision == d and d.promote is not None
     promoted = p if d.promote == "personal" else g
+    assert [v.manifest["gate_candidate"] for v in (g, p)] == [d.candidate == "global",
+                                                             d.candidate == "personal"]
     assert kept.current == store.current_name() == promoted.name
     assert (
         promoted.manifest["promoted"] is True and promoted.manifest["gate"] == d.reasons[d.promote]

@@ -80,8 +80,9 @@ def test_a_failure_mid_add_leaves_no_half_version(tmp_path: Path, monkeypatch) -
         raise OSError("disk gone")
 
     monkeypatch.setattr(store_mod, "_before_rename", crash)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(ModelStoreError, match="cannot write the model store") as err:
         _add(store, "personal")
+    assert "disk gone" in str(err.value) and "\n" not in str(err.value)
     assert seen and not seen[0].exists()
     assert sorted(p.name for p in store.versions_dir.iterdir()) == ["v0001-global"]
     monkeypatch.undo()
@@ -130,11 +131,21 @@ def test_promote_rollback_and_history(tmp_path: Path) -> None:
     assert store.rollback().name == "v0001-global"
 
 
+def test_a_store_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ModelStoreError, match="cannot write the model store"):
+        _add(ModelStore(tmp_path / "file"))
+
+
 def test_rollback_on_an_empty_store_and_unknown_names(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "m")
+    for change in (store.rollback, lambda: store.promote("v0001-global", "x")):
+        with pytest.raises(ModelStoreError, match="not a model store"):
+            change()
+    assert not store.root.exists()  # never created by a promote or rollback
+    _add(store)
     with pytest.raises(ModelStoreError, match="nothing to roll back to"):
         store.rollback()
-    _add(store)
     with pytest.raises(ModelStoreError, match="no version 'v0009-global'"):
         store.promote("v0009-global", "x")
     with pytest.raises(ModelStoreError, match="not a version name"):
