@@ -39,7 +39,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def fused_parity(
-    sets: dict[str, tuple[np.ndarray, np.ndarray]],
     ref_logits: dict[str, np.ndarray],
     cand_logits: dict[str, np.ndarray],
     precision: str,
@@ -49,8 +48,8 @@ def fused_parity(
     """Per-set and pooled agreement, logit and probability differences, and the verdict."""
     per_set: dict[str, Any] = {}
     agree_all: list[np.ndarray] = []
-    pooled_names = list(sets) if pooled_sets is None else pooled_sets
-    for name in sets:
+    pooled_names = list(ref_logits) if pooled_sets is None else pooled_sets
+    for name in ref_logits:
         ref, got = ref_logits[name], cand_logits[name]
         same = ref.argmax(1) == got.argmax(1)
         if name in pooled_names:

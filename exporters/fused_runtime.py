@@ -321,7 +321,7 @@ def tensorrt_step(
     engine.close()
     from fedclip_edge.exporters.fused_parity import FUSED_AGREEMENT, fused_parity
 
-    rep = fused_parity(sets, ref_logits, got, precision, engine.name)
+    rep = fused_parity(ref_logits, got, precision, engine.name)
     if rep["status"] != "passed":
         raise ExportError(f"the {precision} TensorRT engine of the fused classifier misses its "
                           f"bound: top-1 agreement {100 * rep['top1_agreement']:.1f}% (bound "

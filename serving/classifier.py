@@ -77,6 +77,11 @@ def decode_image(data: bytes, cfg: PreprocessConfig, max_pixels: int = MAX_PIXEL
                 img = Image.open(io.BytesIO(bytes(data)))
             except UnidentifiedImageError:
                 raise ImageRejected("not an image (unrecognized format)") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise ImageRejected(
+                    f"image too large: its header claims more than {max_pixels} pixels "
+                    "(a decompression bomb?)"
+                ) from None
             w, h = img.size
             if w < 1 or h < 1:
                 raise ImageRejected(f"image has no pixels ({w}x{h})")
