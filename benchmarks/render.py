@@ -216,3 +216,76 @@ def fedavg_plots(report: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_cost.png", dpi=110)
     plt.close(fig)
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def infer_table(report: dict[str, Any]) -> Any:
+    """`bench infer`'s backends as a rich table: end to end from JPEG bytes."""
+    from rich.table import Table
+
+    m = report["machine"]
+    table = Table(title=f"classifier end to end from JPEG bytes: {m['cpu']} ({m['cpu_count']} "
+                  "cores)" + (f", {m['gpu']}" if m.get("gpu") else ""))
+    for col in ("model", "backend", "batch", "img/s", "p50 ms", "p99 ms", "decode ms",
+                "x torch", "others' CPU"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    for r in report["results"]:
+        table.add_row(
+            r["model"], r["backend"], str(r["batch"]), f"{r['images_per_s']:.1f}",
+            f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['decode_ms']:.1f}",
+            _num(r.get("ratio_to_torch"), ".2f") + ("x" if r.get("ratio_to_torch") else ""),
+            _contention(r.get("others_cpu_share")),
+        )
+    return table
+
+
+def infer_serve_lines(report: dict[str, Any]) -> list[str]:
+    """The service against the bare classifier, as plain lines (every figure from the JSON)."""
+    s = report.get("serve")
+    if not s:
+        return []
+    svc, bare, sw = s["service"], s["bare"], s["service_during_swaps"]
+    versions = ", ".join(f"{v} {n}" for v, n in sorted(s["answers_by_version"].items()))
+    return [
+        f"service ({s['model']}, {s['backend']}, max batch {s['max_batch']}, {s['clients']} "
+        f"clients, {svc['seconds']:.0f} s): {svc['images_per_s']:.2f} img/s, p50 "
+        f"{_num(svc['p50_ms'], '.0f')} ms, p99 {_num(svc['p99_ms'], '.0f')} ms; bare classifier "
+        f"{bare['images_per_s']:.2f} img/s -> {_num(s['ratio'], '.2f')}x",
+        f"the same load with hot swaps ({sw['seconds']:.0f} s): {sw['images_per_s']:.2f} img/s "
+        f"({_num(s['ratio_during_swaps'], '.2f')}x the bare classifier), p99 "
+        f"{_num(sw['p99_ms'], '.0f')} ms; swaps {s['swaps_done']} of {len(s['swaps'])} took "
+        "effect (in " + ", ".join(_num(w["took_s"], ".1f") + " s" for w in s["swaps"])
+        + f"; the answers changed version {s['version_changes_seen']} times); failed requests "
+        f"{s['failed']} of {svc['requests'] + sw['requests']}; answers by version: {versions}",
+    ]
+
+
+def infer_markdown(report: dict[str, Any]) -> str:
+    """The tables docs/benchmarks.md quotes."""
+    m = report["machine"]
+    la, lb = report["load_average_before"], report["load_average_after"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores); load average {la[0]:.2f} before, "
+        f"{lb[0]:.2f} after.",
+        "",
+        "| model | backend | batch | img/s | p50 ms | p99 ms | decode ms | x torch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        ratio = r.get("ratio_to_torch")
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:.1f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['decode_ms']:.1f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    lines += ["", *infer_serve_lines(report), ""]
+    for g in report["goals"]:
+        ratio = "" if g.get("ratio") is None else f"{g['ratio']:.2f}x (goal >= {g['min_ratio']}x) "
+        lines.append(f"- goal: {g['what']} ({g['model']}): {ratio}"
+                     f"{'met' if g['met'] else 'missed'}")
+    for s in report["skipped"]:
+        lines.append(f"- skipped {s['model']} {s['backend']}: {s['reason']}")
+    return "\n".join(lines) + "\n"

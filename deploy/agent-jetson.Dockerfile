@@ -52,6 +52,7 @@ COPY exporters exporters
 COPY device_agent device_agent
 COPY broker broker
 COPY benchmarks benchmarks
+COPY serving serving
 RUN python3 -m pip install --no-deps . \
  && python3 -c "import fedclip_edge.device_agent.agent, fedclip_edge.exporters.runtimes"
 

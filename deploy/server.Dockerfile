@@ -32,6 +32,7 @@ COPY exporters exporters
 COPY device_agent device_agent
 COPY broker broker
 COPY benchmarks benchmarks
+COPY serving serving
 # --no-deps: every dependency is already pinned above; pip check proves none is missing.
 RUN python -m pip install --no-deps . \
  && python -m pip check \

@@ -20,6 +20,7 @@ from fedclip_edge.benchmarks.cli import (
     bench_soak,
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
+from fedclip_edge.benchmarks.cli_infer import bench_infer
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
@@ -38,7 +39,7 @@ from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, run_demo, run_simulation
-from fedclip_edge.serving.cli import classify, models_app
+from fedclip_edge.serving.cli import classify, models_app, serve
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -309,6 +310,7 @@ def _register_parts() -> None:
     app.command("doctor")(doctor)
     app.command("aggregate")(aggregate)
     app.command("status")(status)
+    app.command("serve")(serve)
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
     app.add_typer(models_app, name="models")
@@ -318,6 +320,7 @@ def _register_parts() -> None:
     bench_app.command("aggregator")(bench_aggregator)
     bench_app.command("soak")(bench_soak)
     bench_app.command("codecs")(bench_codecs)
+    bench_app.command("infer")(bench_infer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,8 @@ def _unit_keys(unit: Path) -> dict[str, dict[str, str]]:
 
 def test_units_exist() -> None:
     assert [u.name for u in UNITS] == ["fedclip-edge-agent.service",
-                                        "fedclip-edge-aggregator.service"]
+                                        "fedclip-edge-aggregator.service",
+                                        "fedclip-edge-serve.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
@@ -111,7 +112,26 @@ def test_env_examples_define_every_variable_the_units_use() -> None:
         defined = {ln.split("=", 1)[0] for ln in example.read_text().splitlines()
                    if ln and not ln.startswith("#")}
         assert used <= defined, f"{example.name} lacks {sorted(used - defined)}"
-        assert "FEDCLIP_MQTT_PASSWORD" in defined  # read by --password's envvar
+        if "--broker" in _exec_start(unit):
+            assert "FEDCLIP_MQTT_PASSWORD" in defined  # read by --password's envvar
+
+
+def test_serve_unit_reads_the_store_the_agent_writes_and_starts_after_it() -> None:
+    serve = DEPLOY / "systemd" / "fedclip-edge-serve.service"
+    argv = _exec_start(serve)
+    assert argv[1] == "serve" and argv[argv.index("--model") + 1] == "${FEDCLIP_MODELS}"
+    assert "fedclip-edge-agent.service" in _unit_keys(serve)["Unit"]["After"]
+    env = dict(ln.split("=", 1) for ln in
+               (DEPLOY / "systemd" / "serve.env.example").read_text().splitlines()
+               if ln and not ln.startswith("#"))
+    # the example's store is the one the agent's example keeps (--models), and flags are real
+    agent_env = dict(ln.split("=", 1) for ln in
+                     (DEPLOY / "systemd" / "agent.env.example").read_text().splitlines()
+                     if ln and not ln.startswith("#"))
+    agent_args = agent_env["FEDCLIP_AGENT_ARGS"].split()
+    assert agent_args[agent_args.index("--models") + 1] == env["FEDCLIP_MODELS"]
+    _check_invocation(["agent", *agent_args], "agent.env.example")
+    _check_invocation(["serve", *env["FEDCLIP_SERVE_ARGS"].split()], "serve.env.example")
 
 
 # ----------------------------------------------------------------------------- containers
@@ -286,6 +306,25 @@ def test_compose_clients_use_real_flags_and_their_own_credentials(pki: Path) -> 
             assert account == name
             domains.append(opts["domain"])
     assert len(set(domains)) == len(domains) and set(domains) <= set(DOMAINS)
+
+
+def test_compose_serves_an_agents_model_store_beside_it() -> None:
+    services = _compose()["services"]
+    serving = {n: s for n, s in services.items() if s.get("command", [None])[0] == "serve"}
+    assert serving, "no compose service runs `fedclip-edge serve`"
+    for name, svc in serving.items():
+        cmd = svc["command"]
+        _check_invocation(cmd, f"compose service {name}")
+        opts = dict(a.removeprefix("--").split("=", 1) for a in cmd if "=" in a)
+        agent = name.replace("serve-", "agent-")
+        assert agent in services and agent in svc["depends_on"], name
+        # the store is the one the agent beside it keeps (its --models), in the shared volume
+        agent_opts = dict(a.removeprefix("--").split("=", 1)
+                          for a in services[agent]["command"] if "=" in a)
+        assert opts["model"] == agent_opts["models"], (name, agent)
+        assert any(v.startswith("trial:/var/lib/fedclip-edge") for v in svc["volumes"])
+        assert opts["host"] == "0.0.0.0"  # reachable through the published port
+        assert any(p.split(":")[-1] == opts["port"] for p in svc["ports"])
 
 
 def test_compose_config_where_docker_compose_runs(pki: Path) -> None:
