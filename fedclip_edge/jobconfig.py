@@ -102,6 +102,7 @@ class AgentSection:
     topk_fraction: float | None = key("topk_fraction", AGENT)
     idle_timeout: float | None = key("idle_timeout", AGENT)
     keepalive: int | None = key("keepalive", AGENT)
+    threads: int | None = key("threads", AGENT)  # torch's CPU threads for local training
 
 
 @dataclass(frozen=True)
