@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +29,16 @@ def pip(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def index() -> None:
-    """Skip (not in CI) when pip cannot reach its index."""
+def flwr_latest() -> str:
+    """Flower's newest release on the index. Skip (not in CI) when pip cannot reach it."""
     try:
         probe = pip("index", "versions", "flwr", timeout=120)
-        reason = None if probe.returncode == 0 else probe.stderr.strip().splitlines()[-1:]
+        found = re.match(r"flwr \(([^)]+)\)", probe.stdout.strip())
+        reason = None if found else (probe.stderr.strip().splitlines() or ["no answer"])[-1]
     except subprocess.TimeoutExpired:
         reason = "no answer from the index in 120 s"
     if reason is None:
-        return
+        return found.group(1)
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must reach the package index to check the resolver: {reason}")
     pytest.skip(f"the package index is not reachable from here: {reason}")
@@ -54,9 +56,11 @@ def resolve(tmp_path: Path, *requirements: str) -> tuple[int, dict[str, str], st
     return 0, names, proc.stderr
 
 
-def test_fedclip_edge_and_flower_resolve_together(index: None, tmp_path: Path) -> None:
-    rc, found, err = resolve(tmp_path, str(ROOT), "flwr")
-    assert rc == 0, f"pip could not install fedclip-edge beside flwr:\n{err[-3000:]}"
+def test_fedclip_edge_and_flower_resolve_together(flwr_latest: str, tmp_path: Path) -> None:
+    """With today's Flower: unpinned, pip backtracks to a years-old flwr without the typer pin,
+    which "resolves" but is not what a Flower user has."""
+    rc, found, err = resolve(tmp_path, str(ROOT), f"flwr=={flwr_latest}")
+    assert rc == 0, f"pip could not install fedclip-edge beside flwr {flwr_latest}:\n{err[-3000:]}"
     assert {"fedclip-edge", "flwr", "typer", "torch"} <= found.keys()
     assert "amqtt" not in found  # the embedded broker stays an extra
     typer = tuple(int(p) for p in found["typer"].split(".")[:2])
