@@ -21,7 +21,7 @@ from typing import Any
 
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.demo_models import device_models_table, measure_devices, models_dir
-from fedclip_edge.broker.embedded import EmbeddedBroker
+from fedclip_edge.broker.embedded import EmbeddedBroker, broker_class
 from fedclip_edge.broker.transport import MqttTransport
 from fedclip_edge.codecs import (
     DEFAULT_TOPK_FRACTION,
@@ -167,6 +167,8 @@ def run_mqtt_demo(
         check_topk_fraction(topk_fraction)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if broker is None:
+        broker_class()  # the 'embedded' extra: say so now, not after building the model
     out = Path(out)
     t0 = time.perf_counter()
     log("1/5 offline default model (fedclip-tiny, pretrained here on synthetic data)")

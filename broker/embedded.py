@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedclip_edge.errors import Interrupted, TransportError
+from fedclip_edge.errors import ConfigError, Interrupted, TransportError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
@@ -38,6 +38,22 @@ _LISTENER = "default"
 _SHUTDOWN_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
+
+EXTRA_HINT = (
+    "the embedded MQTT broker needs amqtt, installed with fedclip-edge's 'embedded' extra: "
+    "pip install 'fedclip-edge[embedded]' (or give --broker mqtt://HOST:PORT to use your own)"
+)
+
+
+def broker_class() -> type:
+    """amqtt's Broker, or one ConfigError naming the extra. Imported late: a CLI that never runs
+    a broker stays fast, and an install beside Flower (whose typer pin amqtt cannot share) runs
+    everything else without it."""
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:
+        raise ConfigError(f"{EXTRA_HINT} [{exc}]") from exc
+    return Broker
 
 
 def quiet_amqtt_logging(level: int = logging.CRITICAL) -> None:
@@ -116,9 +132,7 @@ async def _start_amqtt(host: str, port: int) -> tuple[Any, int]:
     (port 0 picks a free one)."""
     if not 0 <= port <= 65535:
         raise TransportError(f"port must be between 0 and 65535, got {port}")
-    from amqtt.broker import Broker  # imported here: a CLI that never runs a broker stays fast
-
-    broker = Broker(amqtt_config(host, port))
+    broker = broker_class()(amqtt_config(host, port))
     _close_streams_after_session(broker)
     try:
         await broker.start()
@@ -233,6 +247,7 @@ class EmbeddedBroker:
         not accepting within `start_timeout` seconds."""
         if self._thread is not None:
             raise TransportError("this embedded broker was already started; make a new one")
+        broker_class()  # a missing extra is the caller's one-line error, not the thread's
         if self.quiet:
             quiet_amqtt_logging()
         self._thread = threading.Thread(
@@ -321,6 +336,7 @@ def run_broker(
     Prints `broker listening on mqtt://HOST:PORT` (flushed) once the port accepts connections,
     or calls `on_ready(url)` instead; scripts wait for that line. Raises TransportError when it
     cannot listen."""
+    broker_class()
     if quiet:
         quiet_amqtt_logging()
 

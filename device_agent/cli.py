@@ -15,6 +15,10 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
 from fedclip_edge.serving.gate import DEFAULT_PERSONALIZE_EPOCHS, DEFAULT_PROMOTE_MARGIN
 
+# The adapter's local training is a few small matrix products per batch (d x d, d <= 1024): one
+# thread trains it in milliseconds, and more threads only contend with what else the device runs.
+DEFAULT_AGENT_THREADS = 1
+
 
 def agent(
     broker: Annotated[str, typer.Option(help="Broker URL: mqtt://host:port or mqtts://host:port")],
@@ -99,11 +103,24 @@ def agent(
         typer.Option(help="The exporting key's public half: the artifact must be signed by it."),
     ] = None,
     insecure_unsigned: opt.InsecureUnsigned = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1, max=256,
+            help="CPU threads for torch (local training). The device does other work too "
+            "(a camera pipeline, the runtime's own threads): one thread leaves it the rest.",
+        ),
+    ] = DEFAULT_AGENT_THREADS,
     config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
+    import torch
+
     from fedclip_edge.broker.transport import TlsOptions
     from fedclip_edge.device_agent.agent import run_agent
+
+    # before any torch work; OpenMP's wait policy is set when the package loads (passive)
+    torch.set_num_threads(threads)
 
     tls = TlsOptions.from_options(ca_certs, certfile, keyfile, tls_insecure)
 

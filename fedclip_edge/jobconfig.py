@@ -105,6 +105,7 @@ class AgentSection:
     models: Path | None = key("models", AGENT)  # the device's model store (docs/serving.md)
     personalize_epochs: int | None = key("personalize_epochs", AGENT)
     promote_margin: float | None = key("promote_margin", AGENT)
+    threads: int | None = key("threads", AGENT)  # torch's CPU threads for local training
 
 
 @dataclass(frozen=True)

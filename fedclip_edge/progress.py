@@ -3,7 +3,7 @@
 On a terminal a rich bar redraws in place; in a log file (stderr not a terminal) the bar would
 print nothing until the end, so a plain line goes out at the start, every few seconds
 (`FEDCLIP_EDGE_PROGRESS_SECONDS`, default 5) and at the end:
-`features: 512/2400 images (21%), 35.2 images/s`.
+`features: 512/2400 images (21%), 35.2 images/s, about 54 s left`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ def _every_s() -> float:
         return max(0.0, float(os.environ.get("FEDCLIP_EDGE_PROGRESS_SECONDS", DEFAULT_EVERY_S)))
     except ValueError:
         return DEFAULT_EVERY_S
+
+
+def _left(seconds: float) -> str:
+    """Time left at the rate so far, coarse on purpose: the rate moves with the machine's load."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s left"
+    if seconds < 90 * 60:
+        return f"about {round(seconds / 60)} min left"
+    return f"about {seconds / 3600:.1f} h left"
 
 
 def _rate(per_s: float) -> str:
@@ -49,6 +58,7 @@ class LineProgress:
         self.clock = clock
         self.done = 0
         self.note = ""
+        self._closed = False
         self.t0 = clock()
         self._last = self.t0
         self._print()
@@ -56,7 +66,12 @@ class LineProgress:
     def line(self) -> str:
         pct = f" ({self.done / self.total:.0%})" if self.total else ""
         elapsed = self.clock() - self.t0
-        rate = f", {_rate(self.done / elapsed)} {self.unit}/s" if self.done and elapsed > 0 else ""
+        rate = ""
+        if self.done and elapsed > 0:
+            per_s = self.done / elapsed
+            rate = f", {_rate(per_s)} {self.unit}/s"
+            if 0 < self.done < self.total and not self._closed:
+                rate += f", {_left((self.total - self.done) / per_s)}"
         note = f", {self.note}" if self.note else ""
         return f"{self.label}: {self.done}/{self.total} {self.unit}{pct}{rate}{note}"
 
@@ -79,6 +94,7 @@ class LineProgress:
 
     def close(self) -> None:
         """The final count, unless the last line already said it."""
+        self._closed = True
         if self.done != self._printed:
             self._print()
 

@@ -32,7 +32,7 @@ want="$(cat "$ROOT/pyproject.toml" "$ROOT/ci/constraints.txt" | sha256sum | cut 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing fedclip-edge and its dependencies into $VENV (first time: several minutes)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/ci/constraints.txt" -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/ci/constraints.txt" -e "$ROOT[dev,embedded]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

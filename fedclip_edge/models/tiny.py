@@ -2,8 +2,8 @@
 
 No weights can be downloaded on the build machines, and a random-init CLIP is useless for
 FedCLIP (its image features barely depend on the image). So `fedclip-tiny` is pretrained here,
-deterministically from a seed, in about 1.5 minutes on 2 CPU cores, and cached. What made it
-train (MEASURED.md): AdamW lr 5e-4 with a one-cycle schedule and gradient clipping at 1.0.
+deterministically from a seed (build times, idle and busy: docs/results.md), and cached. What
+made it train (MEASURED.md): AdamW lr 5e-4 with a one-cycle schedule and gradient clipping at 1.0.
 Measured here on top of that (docs/results.md): a ViT tower (64 px, patch 8, 4 layers) stayed
 near chance in the same time budget while a small ResNet tower (open_clip's ModifiedResNet, layers
 [1,1,1,1], width 16) learned; same-caption targets learned colour words but not shape, while
@@ -64,7 +64,12 @@ class PretrainConfig:
         ("sketch", 0.05),
     )
     eval_per_class: int = 20  # per domain and class, for the recorded zero-shot accuracy
-    threads: int = 2  # fixed, so the result does not depend on the machine's core count
+    # Fixed, so the weights do not depend on the machine's core count: another thread count sums
+    # in another order, and 640 steps turn last-bit differences into other weights (a 1-thread
+    # build scores differently, docs/results.md). On a busy machine the two threads wait for each
+    # other passively (OMP_WAIT_POLICY, set in fedclip_edge/__init__.py), so the rate falls with
+    # the CPU share instead of collapsing; the wait policy does not change the weights.
+    threads: int = 2
 
 
 def checkpoint_path(seed: int = 0) -> Path:
@@ -249,13 +254,16 @@ def ensure_pretrained(seed: int = 0, progress: bool = True) -> tuple[Path, dict[
                 return path, json.loads(meta_path.read_text())
             except (OSError, json.JSONDecodeError):
                 pass  # rebuild below
+        cfg = PretrainConfig(seed=seed)
         if progress:
+            steps = cfg.epochs * math.ceil(cfg.images / cfg.batch_size)
             print(
-                f"building the offline default model {MODEL_NAME} (seed {seed}): pretraining on "
-                f"synthetic data, about 1.5 minutes on 2 CPU cores; cached at {path}",
+                f"building the offline default model {MODEL_NAME} (seed {seed}), once: {steps} "
+                f"pretraining steps on synthetic data with {cfg.threads} threads (the progress "
+                f"lines say how long is left); cached at {path}",
                 flush=True,
             )
-        state, meta = pretrain(PretrainConfig(seed=seed), progress=progress)
+        state, meta = pretrain(cfg, progress=progress)
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file(state, str(tmp))

@@ -1,7 +1,7 @@
 """The acceptance test of the foundation: on synthetic data, with the offline default model
 built from nothing, FedCLIP's adapted accuracy beats zero-shot by more than the seeds' spread.
 
-Slow: pretrains fedclip-tiny (about 1.5 minutes on 2 cores) unless FEDCLIP_EDGE_CACHE already
+Slow: pretrains fedclip-tiny (minutes: docs/results.md) unless FEDCLIP_EDGE_CACHE already
 holds it.
 """
 

@@ -140,7 +140,7 @@ def test_line_progress_prints_at_start_every_interval_and_at_the_end() -> None:
     lines = out.getvalue().splitlines()
     assert lines == [
         "features: 0/100 images (0%)",
-        "features: 50/100 images (50%), 10.0 images/s",
+        "features: 50/100 images (50%), 10.0 images/s, about 5 s left",
         "features: 100/100 images (100%), 10.0 images/s",
     ]
     now[0] = 0.0
@@ -149,3 +149,18 @@ def test_line_progress_prints_at_start_every_interval_and_at_the_end() -> None:
     p.advance(3)
     p.close()  # the end is always reported, even within the interval
     assert out.getvalue().splitlines()[-1] == "synth: 3/10 images (30%), 3.0 images/s"
+
+
+def test_line_progress_says_how_long_is_left() -> None:
+    """At the rate so far: 64 of 640 steps in 100 s is 900 s left, 15 min."""
+    now = [0.0]
+    out = io.StringIO()
+    p = LineProgress("pretrain", 640, "steps", stream=out, every_s=0.0, clock=lambda: now[0])
+    now[0] = 100.0
+    p.advance(64)
+    now[0] = 5000.0
+    p.advance(1)
+    assert out.getvalue().splitlines()[1:] == [
+        "pretrain: 64/640 steps (10%), 0.64 steps/s, about 15 min left",
+        "pretrain: 65/640 steps (10%), 0.013 steps/s, about 12.3 h left",
+    ]
