@@ -105,6 +105,9 @@ class AgentSection:
     models: Path | None = key("models", AGENT)  # the device's model store (docs/serving.md)
     personalize_epochs: int | None = key("personalize_epochs", AGENT)
     promote_margin: float | None = key("promote_margin", AGENT)
+    dp_clip: float | None = key("dp_clip", AGENT)  # local DP (docs/privacy.md)
+    dp_noise_multiplier: float | None = key("dp_noise_multiplier", AGENT)
+    dp_delta: float | None = key("dp_delta", AGENT)
 
 
 @dataclass(frozen=True)
