@@ -97,3 +97,39 @@ def test_local_dp_options_refused_in_one_line() -> None:
         AgentConfig(JOB, "dev-a", dp_clip=-1.0, **base)
     with pytest.raises(ConfigError, match="--dp-delta"):
         AgentConfig(JOB, "dev-a", dp_clip=1.0, dp_delta=2.0, **base)
+
+
+def test_job_file_dp_keys_reach_the_agent_and_flags_win(tmp_path, monkeypatch) -> None:
+    """Through the real parser: [agent] dp_* keys fill the options, a flag overrides."""
+    import fedclip_edge.device_agent.agent as agent_mod
+    from fedclip_edge.device_agent.cli import main
+
+    seen: dict[str, object] = {}
+
+    def fake_run_agent(**kwargs: object) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(agent_mod, "run_agent", fake_run_agent)
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[broker]\nurl = "mqtt://127.0.0.1:1"\n[job]\nid = "j"\n'
+                   '[agent]\ndata = "d"\nartifacts = "a"\ndp_clip = 0.5\n'
+                   'dp_noise_multiplier = 3.0\n')
+    assert main(["--config", str(cfg), "--client-id", "dev-a", "--insecure-unsigned",
+                 "--dp-noise-multiplier", "4"]) == 0
+    assert seen["dp_clip"] == 0.5 and seen["dp_noise_multiplier"] == 4.0
+    assert seen["dp_delta"] == 1e-5
+
+
+def test_noise_without_clip_is_one_error_line(tmp_path, capsys) -> None:
+    from fedclip_edge.device_agent.cli import main
+
+    code = main(["--broker", "mqtt://127.0.0.1:1", "--job", "j", "--client-id", "dev-a",
+                 "--data", str(tmp_path), "--artifacts", str(tmp_path), "--insecure-unsigned",
+                 "--dp-noise-multiplier", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert [line for line in err if line.startswith("error:")] == [
+        "error: --dp-noise-multiplier needs --dp-clip: noise is scaled to the clip norm "
+        "(std = multiplier x clip)"]
+    assert not any("Traceback" in line for line in err)
