@@ -32,6 +32,7 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, DELTA_CODECS
 from fedclip_edge.device_agent.agent_config import (
+    DEFAULT_LOCAL_DP_DELTA,
     AgentConfig,
     LocalData,
     client_index,
@@ -166,6 +167,9 @@ def run_agent(
     models: Path | None = None,
     personalize_epochs: int = DEFAULT_PERSONALIZE_EPOCHS,
     promote_margin: float = DEFAULT_PROMOTE_MARGIN,
+    dp_clip: float | None = None,
+    dp_noise_multiplier: float = 0.0,
+    dp_delta: float = DEFAULT_LOCAL_DP_DELTA,
     log: Callable[[str], None] = print,
 ) -> int:
     """Features, then the MQTT loop, then (job done) the models kept in `models` (default:
@@ -185,7 +189,13 @@ def run_agent(
         models=models or default_models_path(cache, client_id),
         personalize_epochs=personalize_epochs,
         promote_margin=promote_margin,
+        dp_clip=dp_clip,
+        dp_noise_multiplier=dp_noise_multiplier,
+        dp_delta=dp_delta,
     )
+    if cfg.dp_clip is not None:
+        log(f"local DP: update delta clipped to L2 norm {cfg.dp_clip:g}, Gaussian noise std "
+            f"{cfg.dp_noise_multiplier * cfg.dp_clip:g} (docs/privacy.md)")
     if cfg.codec in DELTA_CODECS:
         log(f"update codec {cfg.codec}: error-feedback state in {cfg.state_file}")
     if artifact_key_file is not None:

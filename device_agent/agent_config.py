@@ -4,6 +4,7 @@ the seeds of its local training (a function of seed, round and client only)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,24 @@ class LocalData:
         return out
 
 
+DEFAULT_LOCAL_DP_DELTA = 1e-5
+
+
+def check_local_dp(clip: float | None, noise_multiplier: float, delta: float) -> None:
+    """--dp-clip / --dp-noise-multiplier / --dp-delta, refused in one line each."""
+    if clip is None:
+        if noise_multiplier:
+            raise ConfigError("--dp-noise-multiplier needs --dp-clip: noise is scaled to the "
+                              "clip norm (std = multiplier x clip)")
+        return
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ConfigError(f"--dp-clip {clip}: the L2 clip norm must be a number > 0")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ConfigError(f"--dp-noise-multiplier {noise_multiplier}: must be >= 0")
+    if not 0 < delta < 1:
+        raise ConfigError(f"--dp-delta {delta}: must be in (0, 1)")
+
+
 @dataclass
 class AgentConfig:
     job: str
@@ -91,6 +110,11 @@ class AgentConfig:
     models: Path | None = None
     personalize_epochs: int = DEFAULT_PERSONALIZE_EPOCHS
     promote_margin: float = DEFAULT_PROMOTE_MARGIN
+    # local DP (docs/privacy.md): the update delta clipped to L2 norm dp_clip and noised with
+    # std dp_noise_multiplier * dp_clip before encoding and signing; None: no local DP
+    dp_clip: float | None = None
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = DEFAULT_LOCAL_DP_DELTA  # the delta at which the device reports epsilon
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
@@ -104,6 +128,7 @@ class AgentConfig:
             if self.update_dtype == "float16" and self.update_codec != "fp16":
                 raise ConfigError("give --update-codec or --update-dtype float16, not both")
         check_margin(self.promote_margin)
+        check_local_dp(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs {self.personalize_epochs}: 0 or more")
         try:

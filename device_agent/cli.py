@@ -111,6 +111,21 @@ def agent(
             "(a camera pipeline, the runtime's own threads): one thread leaves it the rest.",
         ),
     ] = DEFAULT_AGENT_THREADS,
+    dp_clip: Annotated[
+        float | None,
+        typer.Option(help="Local differential privacy: clip this device's update delta to this "
+                     "L2 norm (over the whole adapter) before encoding and signing "
+                     "(docs/privacy.md). Off unless given."),
+    ] = None,
+    dp_noise_multiplier: Annotated[
+        float,
+        typer.Option(min=0.0, help="Local DP: Gaussian noise of std this x --dp-clip on every "
+                     "coordinate of the clipped delta; the device logs its epsilon each round."),
+    ] = 0.0,
+    dp_delta: Annotated[
+        float,
+        typer.Option(help="Local DP: the delta at which the device reports its epsilon."),
+    ] = 1e-5,
     config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
@@ -157,6 +172,9 @@ def agent(
         models=models,
         personalize_epochs=personalize_epochs,
         promote_margin=promote_margin,
+        dp_clip=dp_clip,
+        dp_noise_multiplier=dp_noise_multiplier,
+        dp_delta=dp_delta,
         log=log,
     )
 

@@ -74,6 +74,10 @@ class Agent(RoundWork):
         # accepted messages taken from the transport early, to see what supersedes a round
         self._pending: deque[tuple[P.Control | P.GlobalModel, Received]] = deque()
         self._codec_state: CodecState | None = None  # delta codecs: loaded on first use
+        # local DP (round_work._local_dp): noise from an OS-seeded generator made on first use
+        self._dp_generator: torch.Generator | None = None
+        self.dp_rounds = 0
+        self.dp_epsilon: float | None = None
         n = int(data.labels.shape[0])
         self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
                                                  strict=True)}

@@ -8,6 +8,7 @@ re-sends the same bytes instead of applying the residual twice.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData, round
 from fedclip_edge.device_agent.codec_state import CodecState, global_digest
 from fedclip_edge.device_agent.outbox import Outbox
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.privacy.accountant import local_epsilon
+from fedclip_edge.privacy.dp import apply_delta, delta_of, privatize_delta, secure_generator
 from fedclip_edge.train import accuracy, train_local
 from fedclip_edge.wire import encode_frame, encode_update, expected_shapes
 
@@ -43,6 +46,9 @@ class RoundWork(Outbox):
     _extract_reported: bool
     _codec_state: CodecState | None
     _superseded: Callable[[int], str | None]
+    _dp_generator: torch.Generator | None
+    dp_rounds: int  # rounds counted in the device's epsilon (local DP)
+    dp_epsilon: float | None
 
     def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
                         msg: Received) -> None:
@@ -98,7 +104,11 @@ class RoundWork(Outbox):
         if why is not None:  # before encoding: encoding moves the error-feedback residual on
             self.log(f"round {g.round}: trained but not sent, {why} arrived meanwhile")
             return
-        payload = self._encode_update(g, state, adapter.state_dict(), samples, metrics)
+        local = adapter.state_dict()
+        dp_note = ""
+        if self.cfg.dp_clip is not None:
+            local, dp_note = self._local_dp(g.round, state, local, metrics)
+        payload = self._encode_update(g, state, local, samples, metrics)
         self.last_trained = g.round
         self.rounds_trained += 1
         self._cached = (g.round, payload)
@@ -107,9 +117,35 @@ class RoundWork(Outbox):
         self.log(
             f"round {g.round} | samples {samples} | loss {res.loss:.4f} | compute {train_s:.3f}s"
             f" | wait {wait_s:.3f}s | down {msg.wire_bytes} B | up {self._last_wire} B"
-            f" ({self.cfg.codec}) | upload {upload}"
+            f" ({self.cfg.codec}) | upload {upload}{dp_note}"
         )
         self._ready_at = self.clock()
+
+    def _local_dp(self, rnd: int, glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor],
+                  metrics: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+        """Local DP before anything leaves the device: the delta from the round's global is
+        clipped to --dp-clip and noised (std multiplier x clip) from an unpredictable
+        generator; the codec then encodes the noised adapter (post-processing keeps the
+        guarantee). The device's epsilon assumes it took part in every round up to this one
+        (the round number bounds its participations, restarts included) with sampling rate 1:
+        it cannot know how often the aggregator picks it."""
+        cfg = self.cfg
+        assert cfg.dp_clip is not None
+        if self._dp_generator is None:
+            self._dp_generator = secure_generator()
+        noised, _norm = privatize_delta(delta_of(local, glob), cfg.dp_clip,
+                                       cfg.dp_noise_multiplier, self._dp_generator)
+        self.dp_rounds = max(self.dp_rounds + 1, rnd)
+        self.dp_epsilon = local_epsilon(cfg.dp_noise_multiplier, self.dp_rounds, cfg.dp_delta)
+        metrics.update({"dp_clip": cfg.dp_clip, "dp_noise_multiplier": cfg.dp_noise_multiplier,
+                        "dp_delta": cfg.dp_delta, "dp_rounds": self.dp_rounds})
+        # the norm (or whether it was clipped) stays here: it is not covered by the noise
+        if math.isfinite(self.dp_epsilon):  # z = 0 (clipping only): no finite epsilon to send
+            metrics["dp_epsilon"] = self.dp_epsilon
+        note = (f" | local DP clip {cfg.dp_clip:g} z {cfg.dp_noise_multiplier:g}: "
+                f"epsilon {self.dp_epsilon:.3g} at delta {cfg.dp_delta:g} "
+                f"after {self.dp_rounds} round(s)")
+        return apply_delta(glob, noised), note
 
     def _encode_update(self, g: P.GlobalModel, glob: dict[str, torch.Tensor],
                        local: dict[str, torch.Tensor], samples: int,

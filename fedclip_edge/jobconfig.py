@@ -106,6 +106,9 @@ class AgentSection:
     personalize_epochs: int | None = key("personalize_epochs", AGENT)
     promote_margin: float | None = key("promote_margin", AGENT)
     threads: int | None = key("threads", AGENT)  # torch's CPU threads for local training
+    dp_clip: float | None = key("dp_clip", AGENT)  # local DP (docs/privacy.md)
+    dp_noise_multiplier: float | None = key("dp_noise_multiplier", AGENT)
+    dp_delta: float | None = key("dp_delta", AGENT)
 
 
 @dataclass(frozen=True)
