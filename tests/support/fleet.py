@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from typing import Any
 
 import torch
 
@@ -44,13 +45,15 @@ def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
 
 
 def start_agents(
-    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD
+    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD,
+    **agent_options: Any,
 ) -> list[tuple[Agent, threading.Thread]]:
-    """One running agent per client name (daemon threads; they end when the job is done)."""
+    """One running agent per client name (daemon threads; they end when the job is done);
+    `agent_options`: more AgentConfig fields (an update codec)."""
     out = []
     for c in clients:
         cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
-                          aggregator_key=keys.aggregator_public())
+                          aggregator_key=keys.aggregator_public(), **agent_options)
         t = MemoryTransport(
             broker,
             c,
