@@ -57,6 +57,8 @@ def make_federation(
     update_codec: str | None = None,
     strategy: str = "fedavg",
     strategy_options: dict[str, Any] | None = None,
+    plugins: tuple[Any, ...] = (),
+    resume: bool = False,
 ) -> tuple[MemoryBroker, Aggregator, list[threading.Thread]]:
     """Three agents started (their threads end after the job) and an aggregator ready to
     `run()` (3 updates a round); the agents send `update_codec` frames when given."""
@@ -77,11 +79,13 @@ def make_federation(
         signing_key=keys.key(keys.AGGREGATOR),
         strategy=strategy,
         strategy_options=strategy_options or {},
+        resume=resume,
     )
     agg = Aggregator(
         MemoryTransport(broker, "aggregator"),
         cfg,
         log=lambda line: None,
         hooks=_Rogue(broker, hooks),
+        plugins=plugins,
     )
     return broker, agg, [th for _, th in agents]
