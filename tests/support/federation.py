@@ -59,11 +59,13 @@ def make_federation(
     strategy_options: dict[str, Any] | None = None,
     plugins: tuple[Any, ...] = (),
     resume: bool = False,
+    agents: bool = True,
 ) -> tuple[MemoryBroker, Aggregator, list[threading.Thread]]:
     """Three agents started (their threads end after the job) and an aggregator ready to
-    `run()` (3 updates a round); the agents send `update_codec` frames when given."""
+    `run()` (3 updates a round); the agents send `update_codec` frames when given.
+    `agents=False`: the aggregator alone (to read a run folder back, no job to serve)."""
     broker = MemoryBroker()
-    agents = start_agents(broker, CLIENTS, update_codec=update_codec)
+    running = start_agents(broker, CLIENTS, update_codec=update_codec) if agents else []
     cfg = AggregatorConfig(
         job=JOB,
         rounds=rounds,
@@ -88,4 +90,4 @@ def make_federation(
         hooks=_Rogue(broker, hooks),
         plugins=plugins,
     )
-    return broker, agg, [th for _, th in agents]
+    return broker, agg, [th for _, th in running]

@@ -52,7 +52,8 @@ def test_plugins_see_every_update_and_their_state_survives_a_resume(tmp_path: Pa
     agg.t.close()
 
     again = Counting()
-    _, resumed, threads = make_federation(tmp_path, rounds=2, plugins=(again,), resume=True)
+    _, resumed, _ = make_federation(tmp_path, rounds=2, plugins=(again,), resume=True,
+                                    agents=False)
     resumed._init_state()
     assert len(again.updates) == 6 and resumed.completed == 2
     resumed.t.close()
