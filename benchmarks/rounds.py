@@ -1,7 +1,9 @@
 """The round loop both methods of `bench fedavg` share, and what one round records.
 
 Why one loop: FedCLIP and full FedAvg must differ only in what is trained and shipped (the
-adapter or the whole image tower), never in how a round is run, timed or counted.
+adapter or the whole image tower), never in how a round is run, timed or counted. The round
+itself is the round engine's (`fedclip_edge.rounds`), which simulate and the aggregator drive
+too; this module is the benchmark's fleet (timed exchanges, in process or over MQTT).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from fedclip_edge.benchmarks.mqtt_link import MqttLink, UpCodec, xfer
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, DELTA_CODECS, ErrorFeedback
+from fedclip_edge.rounds import InProcessFleet, OpenRound, RoundEngine, Update
 from fedclip_edge.strategy import FedAvg
 
 
@@ -49,55 +52,65 @@ def federate(
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
 ) -> None:
-    """The round loop both methods share: ship the global model down, train locally, ship the
-    update up (real wire frames), average, evaluate (timed apart), record, save.
+    """Both methods' rounds, driven through the round engine (`fedclip_edge.rounds`, as
+    simulate and the aggregator): ship the global model down, train locally, ship the update up
+    (real wire frames, in process or over MQTT), average, then evaluate (timed apart), record,
+    save.
 
     `update_codec`: the uplink's codec (as `agent --update-codec`); each client keeps its
     error-feedback residual across rounds, as a device does."""
-    strategy = FedAvg("uniform")
+    engine = RoundEngine(FedAvg("uniform"))  # evaluation is timed apart, below
     cum_wall, cum_bytes = start_wall, 0
     feedback = {c.name: ErrorFeedback() for c in parts}
-    for rnd in range(1, rounds + 1):
-        t_round = time.perf_counter()
-        acc_round = strategy.start_round()
-        per_client = {}
+    base: dict[str, torch.Tensor] = {}  # the round's global on the CPU: the codecs' base
+
+    def publish(rnd: OpenRound) -> None:
+        nonlocal base
         base = (
-            {k: v.detach().to("cpu", torch.float32).clone() for k, v in state(global_model).items()}
+            {k: v.detach().to("cpu", torch.float32).clone() for k, v in rnd.global_state.items()}
             if update_codec is not None
             else {}
         )
-        for ci, c in enumerate(parts):
-            down, b_down, s_down, m_down = xfer(
-                link, state(global_model), rnd=rnd, client=c.name, dtype=dtype, down=True
-            )
-            local = make_local()
-            local.load_state_dict(down, strict=False)
-            t = time.perf_counter()
-            loss, steps, samples = train(
-                local, c, torch.Generator().manual_seed(seed * 1000 + rnd * 31 + ci)
-            )
-            compute = time.perf_counter() - t
-            codec = None if update_codec is None else UpCodec(
-                update_codec, base,
-                feedback[c.name] if update_codec in DELTA_CODECS else None, topk_fraction,
-            )
-            up, b_up, s_up, m_up = xfer(
-                link, state(local), rnd=rnd, client=c.name, dtype=dtype, down=False,
-                samples=samples, up=codec,
-            )
-            acc_round.add(up, samples)
-            per_client[c.name] = {
-                "compute_s": compute,
-                "bytes_down": b_down,
-                "bytes_up": b_up,
-                "transfer_s": s_down + s_up,
-                "messages_down": m_down,
-                "messages_up": m_up,
-                "loss": loss,
-                "steps": steps,
-            }
-            del local
-        global_model.load_state_dict(acc_round.result(), strict=False)
+
+    def work(rnd: OpenRound, ci: int, client: str) -> Update:
+        c = parts[ci]
+        down, b_down, s_down, m_down = xfer(
+            link, rnd.global_state, rnd=rnd.number, client=c.name, dtype=dtype, down=True
+        )
+        local = make_local()
+        local.load_state_dict(down, strict=False)
+        t = time.perf_counter()
+        loss, steps, samples = train(
+            local, c, torch.Generator().manual_seed(seed * 1000 + rnd.number * 31 + ci)
+        )
+        compute = time.perf_counter() - t
+        codec = None if update_codec is None else UpCodec(
+            update_codec, base,
+            feedback[c.name] if update_codec in DELTA_CODECS else None, topk_fraction,
+        )
+        up, b_up, s_up, m_up = xfer(
+            link, state(local), rnd=rnd.number, client=c.name, dtype=dtype, down=False,
+            samples=samples, up=codec,
+        )
+        del local
+        return Update(c.name, up, samples, record={
+            "compute_s": compute,
+            "bytes_down": b_down,
+            "bytes_up": b_up,
+            "transfer_s": s_down + s_up,
+            "messages_down": m_down,
+            "messages_up": m_up,
+            "loss": loss,
+            "steps": steps,
+        })
+
+    fleet = InProcessFleet([c.name for c in parts], work, on_publish=publish)
+    for rnd in range(1, rounds + 1):
+        t_round = time.perf_counter()
+        result = engine.run_round(rnd, state(global_model), fleet)
+        assert result is not None  # every client answers in process
+        per_client = result.answered
+        global_model.load_state_dict(result.state, strict=False)
         wall = time.perf_counter() - t_round
         t = time.perf_counter()
         accs, gen = evaluate()

@@ -1,15 +1,18 @@
 """The aggregator: rounds over a transport, with validation, atomic round state and resume.
 
-A strategy owns aggregation (`FedAvg`'s streaming `RunningMean`), a transport owns messages;
-this module owns the round: publish the global adapter (retained), collect updates until every
-active device answered or the deadline passed, validate each one, aggregate when at least
-`min_clients` arrived, and commit the round to disk before starting the next.
+The round itself is the round engine's (`fedclip_edge.rounds`: the strategy, the plug-ins
+between collect and aggregate, evaluation), which `simulate` and `bench fedavg` drive too; this
+module is its MQTT fleet: publish the global adapter (retained), collect updates until every
+active device answered or the deadline passed (retrying a short round), and commit each round
+to disk before starting the next.
 
-Who takes part lives in `roster.py`, the run folder (commit order, resume) in `store.py`, the
-reports in `report.py`, the command in `cli.py`. `--resume` redoes the round after the last
-committed one: devices train deterministically from the same global adapter and seeds, so the
-result is the one an uninterrupted run gets. Instrumentation (benchmarks, tests) subclasses
-`AggregatorHooks` instead of overriding private methods.
+Message handling (what makes a status or an update acceptable) lives in `ingest.py`, the
+validation thread's decoding in `prevalidate.py`, who takes part in `roster.py`, the run folder
+(commit order, resume) in `store.py`, the reports in `report.py`, the command in `cli.py`.
+`--resume` redoes the round after the last committed one: devices train deterministically
+from the same global adapter and seeds, so the result is the one an uninterrupted run gets.
+Instrumentation (benchmarks, tests) subclasses `AggregatorHooks` instead of overriding private
+methods.
 """
 
 from __future__ import annotations
@@ -29,45 +32,25 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
-from fedclip_edge.broker.hierarchy import SITE_BACKEND, read_site_weight
+from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old home)
+    MAX_DIM,
+    MAX_SAMPLES,
+    MessageIntake,
+    device_metrics,
+)
+from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
+from fedclip_edge.rounds import OpenRound, RoundEngine, RoundPlugin
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import Strategy, make_strategy, over_sites_note
+from fedclip_edge.strategy import Strategy, make_strategy
 from fedclip_edge.train import accuracy
-from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_update, encode_frame
+from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, encode_frame
 
 POLICIES = ("retry", "stop")
-# A device's sample count weighs its update (samples weighting): bounded so that one claim
-# cannot outweigh a fleet by orders of magnitude beyond any real dataset, nor overflow a float.
-MAX_SAMPLES = 10**9
-# What a device's metrics may carry into metrics.jsonl: finite numbers within this bound, short
-# strings; everything else is dropped, so no device value can break a commit or a report.
-_MAX_METRIC = 1e15
-_TEXT_METRICS = frozenset({"backend", "update_codec", "update_dtype", "site_weighting"})
-
-
-def device_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A device's self-reported metrics, keeping only well-formed values (their names are
-    bounded by the envelope's header size)."""
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if not isinstance(k, str) or len(k) > 64:
-            continue
-        num = M._num(v)
-        if num is not None and abs(num) <= _MAX_METRIC:
-            out[k] = int(v) if isinstance(v, int) else num
-        elif isinstance(v, str) and k in _TEXT_METRICS and len(v) <= 128:
-            out[k] = v
-    return out
-
-
-# Widest feature a device may report (CLIP ViT-bigG is 1280): bounds the adapter the aggregator
-# allocates from a hello, 2*(d*d+d) floats.
-MAX_DIM = 8192
 
 
 @dataclass
@@ -148,8 +131,11 @@ class AggregatorHooks:
         """state.json names this round; reports are written."""
 
 
-class Aggregator:
-    """One federated job over a transport. `run()` returns the final global adapter."""
+class Aggregator(MessageIntake):
+    """One federated job over a transport. `run()` returns the final global adapter.
+
+    It is the round engine's fleet over MQTT (`publish`, `collect`); `plugins` are the round
+    engine's (between collect and aggregate, every update passes them)."""
 
     def __init__(
         self,
@@ -160,6 +146,7 @@ class Aggregator:
         console: Any = None,
         clock: Callable[[], float] = time.monotonic,
         hooks: AggregatorHooks | None = None,
+        plugins: tuple[RoundPlugin, ...] = (),
     ) -> None:
         self.t = transport
         self.cfg = cfg
@@ -169,7 +156,7 @@ class Aggregator:
         self.hooks = hooks or AggregatorHooks()
         self.store = RunStore(cfg.out)
         self.out = self.store.out
-        self.strategy = cfg.make_strategy()
+        self.engine = RoundEngine(cfg.make_strategy(), evaluate=self._evaluate, plugins=plugins)
         self.roster = Roster()
         self.counters: Counter[str] = Counter()
         self.completed = 0
@@ -180,16 +167,26 @@ class Aggregator:
         self._global_payload = b""
         self._epoch_seen = 0
         self.history: list[dict[str, Any]] = []
-        # per round, reset in _run_round
+        # per round, set in publish()
         self._round = 0
-        self._acc: Any = None
-        self._answered: dict[str, dict[str, Any]] = {}
+        self._open: OpenRound | None = None  # the round engine's open (or last) round
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
+        self._attempts = 0  # retries of the round
+        self._wall = 0.0  # the round's wall time, publish to the end of collect
         self._warned_over_sites = False
-        # (round, its global): what the validation thread may decode delta frames against.
-        # Replaced as one tuple (never mutated), so the worker reads a consistent pair.
-        self._decode_ctx: tuple[int, dict[str, torch.Tensor]] | None = None
+        # the round (its number and global) the validation thread may decode delta frames
+        # against: replaced as one object (never mutated), so the worker reads a consistent pair
+        self._decode_ctx: OpenRound | None = None
+
+    @property
+    def strategy(self) -> Strategy:
+        """The round engine's strategy (a site adopts the central's weighting by setting it)."""
+        return self.engine.strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        self.engine.strategy = strategy
 
     @property
     def devices(self) -> dict[str, Device]:
@@ -222,6 +219,7 @@ class Aggregator:
         self.roster = Roster.from_dict(resumed.devices)
         self.history = resumed.history
         self.cfg.dim = resumed.dim
+        self.engine.load_plugin_state(resumed.plugins)
         self.log(
             f"resuming job {self.cfg.job} after round {self.completed} "
             f"(global adapter {Path(resumed.global_file).name})"
@@ -247,185 +245,6 @@ class Aggregator:
         self.global_state = {
             k: v.detach().clone() for k, v in AttentionAdapter(self.cfg.dim).state_dict().items()
         }
-
-    # ------------------------------------------------------------------ messages
-    def _reject(self, reason: str, topic: str, message: str) -> None:
-        self.counters[f"rejected_{reason}"] += 1
-        self.hooks.message_rejected(self, reason)
-        self.log(f"rejected ({reason}) on {topic}: {message}")
-
-    def _handle(self, msg: Received) -> None:
-        is_update = False
-        t0 = time.perf_counter()
-        accepted = False
-        try:
-            job, kind, client = P.parse_topic(msg.topic)
-            if job != self.cfg.job:
-                raise P.MessageRejected("job", f"topic is for job {job!r}")
-            if kind == "status":
-                self._on_status(client or "", msg)
-            elif kind == "update":
-                is_update = True
-                self._on_update(client or "", msg)
-                accepted = True
-        except P.MessageRejected as exc:
-            self._reject(exc.reason, msg.topic, exc.message)
-        except Exception as exc:  # a message must never stop the job: count it and go on
-            self._reject("internal", msg.topic, f"{type(exc).__name__}: {exc}"[:300])
-        if is_update:
-            self.hooks.update_handled(self, time.perf_counter() - t0, accepted)
-
-    def _on_status(self, client: str, msg: Received) -> None:
-        st = P.decode_message(msg.payload)
-        if not isinstance(st, P.Status):
-            raise P.MessageRejected("type", "a status topic carries only hello/status")
-        if st.client != client:
-            raise P.MessageRejected("client_mismatch", f"status of {st.client!r} on {client!r}")
-        if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(st, self.cfg.registry, job=self.cfg.job)  # admitted only if registered
-        dev = self.roster.get(client)
-        if st.state == "offline":
-            if dev is not None and dev.session and st.session and st.session != dev.session:
-                # the will of an earlier process of this device, published after its restarted
-                # process said hello (a kill -9 and a quick restart): not about the live one
-                self.counters["stale_will"] += 1
-                return
-            if dev is not None and dev.active:
-                self.roster.set_state(client, "offline")
-                self.log(f"device {client} is offline")
-            return
-        if dev is None or not dev.active or st.hello:
-            if self.cfg.dim is not None and st.dim != self.cfg.dim:
-                raise P.MessageRejected(
-                    "dim", f"device {client} reports feature width {st.dim}, the job's is "
-                    f"{self.cfg.dim}"
-                )
-            if not 0 < st.dim <= MAX_DIM:
-                raise P.MessageRejected("dim", f"device {client} reports feature width {st.dim}")
-            if dev is None or not dev.active:
-                self.log(
-                    f"device {client} online: {sum(st.samples.values())} samples "
-                    f"{st.samples}, {st.backend}"
-                )
-            if st.backend == SITE_BACKEND and not self._warned_over_sites:
-                note = over_sites_note(self.strategy)  # a robust rule over sites: say so once
-                if note is not None:
-                    self._warned_over_sites = True
-                    self.log(f"warning: {note}")
-            dev = Device(
-                client, st.state, dict(st.samples), st.backend, st.dim, dict(st.versions),
-                session=st.session,
-            )
-            self.roster.put(dev)
-            # a chunked global cannot be retained: send it again to a (re)joining device
-            if (
-                self._round
-                and len(self._global_payload) > self.t.max_payload
-                and st.round < self._round
-            ):
-                self._publish_global()
-        self.roster.set_state(client, st.state)
-        if st.state == "uploaded" and st.upload_s is not None:
-            self._uploads[(client, st.round)] = st.upload_s
-
-    def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
-        """On the transport's validation thread (`prevalidate.py`): the pure part of
-        `_on_update`, (update or its exception, frame or its exception or None).
-
-        A frame is decoded here only against the global of the round it names (delta codecs
-        add to it); an update for another round gets frame None and is decided, and decoded
-        if need be, on the main loop."""
-        if "/update/" not in msg.topic:
-            return None
-        try:
-            up: Any = P.decode_message(msg.payload, self.cfg.max_update_bytes + 1024 * 1024)
-        except P.MessageRejected as exc:
-            return exc, None
-        if not isinstance(up, P.Update):
-            return up, None
-        ctx = self._decode_ctx  # one read: the round and its global belong together
-        if ctx is None or up.round != ctx[0]:
-            return up, None
-        try:
-            frame: Any = decode_update(up.frame, ctx[1], max_bytes=self.cfg.max_update_bytes)
-        except FrameRejected as exc:
-            frame = exc
-        return up, (ctx[0], frame)
-
-    def _on_update(self, client: str, msg: Received) -> None:
-        pre = getattr(msg, "decoded", None)  # set by a prevalidating transport
-        if pre is not None and isinstance(pre[0], Exception):
-            raise pre[0]
-        up = pre[0] if pre is not None else P.decode_message(
-            msg.payload, self.cfg.max_update_bytes + 1024 * 1024
-        )
-        if not isinstance(up, P.Update):
-            raise P.MessageRejected("type", "an update topic carries only updates")
-        if up.job != self.cfg.job:
-            raise P.MessageRejected("job", f"update for job {up.job!r}")
-        if up.client != client:
-            raise P.MessageRejected("client_mismatch", f"update of {up.client!r} on {client!r}")
-        if client not in self.roster:
-            raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
-        if up.round < self._round or up.round <= self.completed:
-            # also between rounds (resumed, not yet open: _round is 0): a committed round's
-            # update is stale, not "future"
-            raise P.MessageRejected("stale", f"update for round {up.round}, now {self._round}"
-                                    f" (round {self.completed} committed)")
-        if up.round > self._round:
-            raise P.MessageRejected("future", f"update for round {up.round}, now {self._round}")
-        if client in self._answered:
-            raise P.MessageRejected("duplicate", f"second update of {client} for round {up.round}")
-        if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(up, self.cfg.registry)
-        assert self.global_state is not None
-        try:
-            # the worker's result only when it decoded against this round's global
-            if pre is not None and pre[1] is not None and pre[1][0] == self._round:
-                if isinstance(pre[1][1], Exception):
-                    raise pre[1][1]
-                frame = pre[1][1]
-            else:
-                frame = decode_update(
-                    up.frame, self.global_state, max_bytes=self.cfg.max_update_bytes
-                )
-        except FrameRejected as exc:
-            raise P.MessageRejected(f"frame_{exc.reason}", exc.message) from None
-        if (frame.job, frame.round, frame.client) != (up.job, up.round, up.client):
-            raise P.MessageRejected("fields", "frame job/round/client differ from the envelope")
-        if not 0 <= up.samples <= MAX_SAMPLES:
-            raise P.MessageRejected("fields", f"update claims {up.samples} samples")
-        rec = device_metrics(up.metrics)
-        dev = self.roster.get(client)
-        # a site's update is the mean of its devices: it weighs what they would together
-        weight = (
-            read_site_weight(up.metrics, up.samples, self.cfg.weighting)
-            if dev is not None and dev.backend == SITE_BACKEND
-            else None
-        )
-        if weight is None:
-            self._acc.add(frame.tensors, up.samples, self.global_state)
-        else:
-            self._acc.add(frame.tensors, up.samples, self.global_state, weight=weight)
-        latency = self.clock() - self._published_at
-        self.counters["accepted"] += 1
-        rec.update(
-            {
-                "kind": "client",
-                "round": up.round,
-                "client": client,
-                "samples": up.samples,
-                "bytes_up": msg.wire_bytes,
-                "update_latency_s": latency,
-                "update_dtype": frame.dtype,
-                "update_codec": frame.codec,  # what the frame is, not what the device says
-            }
-        )
-        rec.setdefault("bytes_down", len(self._global_payload))
-        self._answered[client] = rec
-        self.roster.answered(client)
 
     # ------------------------------------------------------------------ publishing
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None:
@@ -473,61 +292,80 @@ class Aggregator:
                 finally:
                     self.t.ack(msg)  # validated and added (or counted as rejected): PUBACK now
 
-    # ------------------------------------------------------------------ rounds
+    # ------------------------------------------------------------------ rounds (the fleet)
     def _round_done(self) -> bool:
         return len(self._answered) >= self.cfg.min_clients and self.roster.all_active_answered
 
-    def _run_round(self, rnd: int) -> bool:
-        self._round = rnd
-        assert self.global_state is not None
-        self._decode_ctx = (rnd, self.global_state)
-        self._acc = self.strategy.start_round()
-        self._answered = {}
+    def publish(self, rnd: OpenRound) -> None:
+        """The round engine's publish: the round's global goes out, retained."""
+        self._round = rnd.number
+        self._open = self._decode_ctx = rnd
         self.roster.start_round()
         self._uploads = {}
-        self.hooks.round_started(self, rnd)
-        t0 = self._published_at = self.clock()
+        self.hooks.round_started(self, rnd.number)
+        self._published_at = self.clock()
         self._publish_global(have=())
-        attempts = 0
+
+    def collect(self, rnd: OpenRound) -> bool:
+        """The round engine's collect: handle messages (accepted updates go to `rnd`) until
+        every active device answered or the deadline, retrying a short round; then wait the
+        upload grace. False when too few updates came (policy `stop` or retries spent)."""
+        attempts = self._attempts = 0
         while True:
             self._pump(self.clock() + self.cfg.round_timeout_s, self._round_done)
             if len(self._answered) >= self.cfg.min_clients:
                 break
-            attempts += 1
+            attempts = self._attempts = attempts + 1
             self.log(
-                f"round {rnd}: {len(self._answered)} of the {self.cfg.min_clients} updates "
-                f"needed arrived within {self.cfg.round_timeout_s:g}s"
+                f"round {rnd.number}: {len(self._answered)} of the {self.cfg.min_clients} "
+                f"updates needed arrived within {self.cfg.round_timeout_s:g}s"
             )
             if self.cfg.on_short == "stop" or attempts > self.cfg.max_retries:
                 return False
-            self.log(f"round {rnd}: retry {attempts}/{self.cfg.max_retries}, same global adapter")
+            self.log(
+                f"round {rnd.number}: retry {attempts}/{self.cfg.max_retries}, same global adapter"
+            )
             self._publish_global()
-        self.hooks.round_closed(self, rnd)
+        self.hooks.round_closed(self, rnd.number)
         answered = set(self._answered)
         self._pump(
             self.clock() + self.cfg.upload_grace_s,
-            lambda: all((c, rnd) in self._uploads for c in answered),
+            lambda: all((c, rnd.number) in self._uploads for c in answered),
         )
-        wall = self.clock() - t0
-        assert self._acc is not None
-        new_state = self._acc.result()
-        self.hooks.before_commit(self, rnd, wall)
+        self._wall = self.clock() - self._published_at
+        return True
+
+    def _run_round(self, rnd: int) -> bool:
+        assert self.global_state is not None
+        result = self.engine.run_round(rnd, self.global_state, self)
+        if result is None:
+            return False
+        self.hooks.before_commit(self, rnd, self._wall)
         t1 = time.perf_counter()
-        self._commit(rnd, new_state, wall, attempts)
+        self._commit(rnd, result.state, self._wall, self._attempts,
+                     heldout=result.evaluation.get("heldout_acc"))
         commit_s = time.perf_counter() - t1
         # the plot redraws every client's history: every 5 rounds and at the end, not each round
         self._write_reports(plot=rnd % 5 == 0 or rnd >= self.cfg.rounds)
         self.hooks.after_commit(self, rnd, commit_s, time.perf_counter() - t1 - commit_s)
         return True
 
-    def _evaluate(self, state: dict[str, torch.Tensor]) -> float | None:
+    def _evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The round engine's evaluation: the held-out accuracy when --eval-features is given."""
         if self._eval is None:
-            return None
+            return {"heldout_acc": None}
         adapter = AttentionAdapter(int(self.cfg.dim or 0))
         adapter.load_state_dict(state)
-        return accuracy(adapter, *self._eval)
+        return {"heldout_acc": accuracy(adapter, *self._eval)}
 
-    def _commit(self, rnd: int, state: dict[str, torch.Tensor], wall: float, retries: int) -> None:
+    def _commit(
+        self,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        wall: float,
+        retries: int,
+        heldout: float | None = None,
+    ) -> None:
         rows = []
         for c, rec in sorted(self._answered.items()):
             rec = dict(rec)
@@ -540,7 +378,7 @@ class Aggregator:
             active=sorted(self.active),
             wall=wall,
             retries=retries,
-            heldout=self._evaluate(state),
+            heldout=heldout,
             counters=self.counters,
         )
         self.history.append(
@@ -564,6 +402,8 @@ class Aggregator:
                 "devices": self.roster.to_dict(),
                 "counters": dict(self.counters),
                 "history": self.history,
+                # the round engine's plug-ins (an accountant, a residual): --resume continues them
+                **({"plugins": self.engine.plugin_state()} if self.engine.plugins else {}),
             },
         )
         self.global_state = state
@@ -586,6 +426,10 @@ class Aggregator:
             draw=plot,
             log=self.log,
         )
+
+    def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
+        """On the validation thread: `prevalidate.predecode` against the open round."""
+        return predecode(msg, self._decode_ctx, self.cfg.max_update_bytes)
 
     def _start_prevalidation(self) -> None:
         """With a prevalidating transport, updates are decoded on its worker thread."""
@@ -630,7 +474,7 @@ class Aggregator:
                 )
         # the final adapter stays retained (round rounds+1: nothing left to train)
         self._round = self.cfg.rounds + 1
-        self._answered = {}
+        self._open = None
         self._publish_global(have=())  # before "done": devices keep the final adapter
         self._publish_control("done")
         self._round = 0

@@ -9,6 +9,9 @@ arrival order; the worker only attaches its result to the message.
 
 Memory stays bounded: a message held here is not acknowledged yet, so it still counts against
 the transport's byte bound (`max_inflight_bytes`), and at most `depth` decoded messages wait.
+
+`predecode` is what the aggregator runs on the worker (the pure part of its update handling,
+`ingest.py`); `PrevalidateMixin` is the worker.
 """
 
 from __future__ import annotations
@@ -19,7 +22,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import MqttTransport, Received, Transport
+from fedclip_edge.rounds import OpenRound
+from fedclip_edge.wire import FrameRejected
+
+
+def predecode(
+    msg: Received, ctx: OpenRound | None, max_update_bytes: int
+) -> tuple[Any, Any] | None:
+    """On the validation thread: (update or its exception, (round, frame or its exception) or
+    None) for an update message; None for any other.
+
+    A frame is decoded here only against the global of the round it names (`ctx`, the round
+    engine's open round: delta codecs add to its global); an update for another round gets
+    None and is decided, and decoded if need be, on the aggregator's loop."""
+    if "/update/" not in msg.topic:
+        return None
+    try:
+        up: Any = P.decode_message(msg.payload, max_update_bytes + 1024 * 1024)
+    except P.MessageRejected as exc:
+        return exc, None
+    if not isinstance(up, P.Update):
+        return up, None
+    if ctx is None or up.round != ctx.number:
+        return up, None
+    try:
+        frame: Any = ctx.decode(up.frame, max_bytes=max_update_bytes)
+    except FrameRejected as exc:
+        frame = exc
+    return up, (ctx.number, frame)
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,8 @@ class SiteAggregator(Aggregator):
                 "upstream (the central counts this site as late)"
             )
             return
-        acc = self._acc
+        acc = self._open
+        assert acc is not None
         losses = [r["loss"] for r in self._answered.values()
                   if isinstance(r.get("loss"), (int, float))]
         payload = self._partial_payload(
@@ -290,7 +291,7 @@ class SiteAggregator(Aggregator):
         """Hand the central's final adapter (if any) and `done` to this site's devices."""
         if self.final_state is not None:
             self._round = self.cfg.rounds + 1
-            self._answered = {}
+            self._open = None
             self._publish_global(have=())
         self._round = 0
         self._publish_control("done")

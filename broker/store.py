@@ -39,6 +39,7 @@ class Resumed:
     devices: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     global_file: str = ""
+    plugins: list[dict[str, Any]] = field(default_factory=list)  # the round engine's plug-ins
 
 
 def save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> str:
@@ -116,6 +117,7 @@ class RunStore:
             devices=dict(st.get("devices", {})),
             history=list(st.get("history", [])),
             global_file=rel,
+            plugins=list(st.get("plugins", [])),
         )
 
     def commit(

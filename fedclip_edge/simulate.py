@@ -15,15 +15,24 @@ from typing import Any
 import torch
 
 from fedclip_edge.adapter import AttentionAdapter
-from fedclip_edge.codecs import ErrorFeedback
 from fedclip_edge.config import SimulationConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
+from fedclip_edge.rounds import (
+    BestRound,
+    InProcessFleet,
+    OpenRound,
+    RoundEngine,
+    Update,
+    Uplink,
+    better,
+    records,
+)
 from fedclip_edge.tables import points, text_table
 from fedclip_edge.train import accuracy, personalize, train_local
-from fedclip_edge.wire import decode_update, encode_frame, encode_update
+from fedclip_edge.wire import encode_frame, encode_update
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -42,14 +51,6 @@ def _std(xs: list[float]) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
 
-def _better(candidate: float, best: float) -> bool:
-    """Strictly higher wins, so the earliest round wins ties; a nan (empty validation) never
-    wins over a number."""
-    if math.isnan(candidate):
-        return False
-    return math.isnan(best) or candidate > best
-
-
 def select_round(mean_val_accs: Sequence[float]) -> int:
     """The round (1-based) that the reference selects: the best mean validation accuracy among
     the trained rounds, the earliest on ties. Zero-shot is not a candidate: it is reported
@@ -58,7 +59,7 @@ def select_round(mean_val_accs: Sequence[float]) -> int:
         raise ValueError("no trained round to select from")
     best, best_val = 1, float("nan")
     for rnd, v in enumerate(mean_val_accs, start=1):
-        if _better(v, best_val):
+        if better(v, best_val):
             best, best_val = rnd, v
     return best
 
@@ -110,15 +111,12 @@ def run_seed(
     held = fs.domains[cfg.test_domain]
     torch.manual_seed(seed)
     global_adapter = AttentionAdapter(fs.dim)
-    strategy = cfg.make_strategy()
 
     zero_shot_test = {c: accuracy(None, *splits[c]["test"], text) for c in clients}
     zero_shot_val = {c: accuracy(None, *splits[c]["val"], text) for c in clients}
     history: list[dict[str, Any]] = []
     zs_val_mean = _mean(list(zero_shot_val.values()))
-    best: dict[str, Any] = {"round": 0, "val": float("nan")}
-    best_state = copy.deepcopy(global_adapter.state_dict())
-    init_state = copy.deepcopy(best_state)
+    init_state = copy.deepcopy(global_adapter.state_dict())
     steps: dict[str, int] = {c: 0 for c in clients}
     log(
         f"seed {seed}: clients {', '.join(clients)}; held out {cfg.test_domain}; "
@@ -126,67 +124,61 @@ def run_seed(
     )
     # Each client's update goes through the wire codec as on a device: encoded against the
     # round's global with the client's own error feedback, decoded by the server.
-    feedback = {c: ErrorFeedback() for c in clients}
+    uplink = Uplink(cfg.update_codec, job="simulate", topk_fraction=cfg.topk_fraction)
     down_bytes = len(encode_frame(global_adapter.state_dict(), job="simulate", round=0, client="s"))
-    for rnd in range(1, cfg.rounds + 1):
-        acc = strategy.start_round()
-        losses = {}
-        up_bytes: dict[str, int] = {}
-        global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
-        for ci, c in enumerate(clients):
-            local = AttentionAdapter(fs.dim)
-            local.load_state_dict(global_state)
-            feats, labels = splits[c]["train"]
-            res = train_local(
-                local,
-                feats,
-                labels,
-                text,
-                cfg.train,
-                logit_scale=fs.logit_scale,
-                generator=_generator(seed, rnd, ci),
-            )
-            losses[c] = res.loss
-            steps[c] += res.steps
-            frame = encode_update(
-                local.state_dict(),
-                global_state,
-                codec=cfg.update_codec,
-                job="simulate",
-                round=rnd,
-                client=c,
-                feedback=feedback[c],
-                topk_fraction=cfg.topk_fraction,
-            )
-            up_bytes[c] = len(frame)
-            update = decode_update(frame, global_state).tensors
-            acc.add(update, res.samples if res.samples else len(labels), global_state)
-        global_adapter.load_state_dict(acc.result())
+
+    def work(rnd: OpenRound, ci: int, c: str) -> Update:
+        local = AttentionAdapter(fs.dim)
+        local.load_state_dict(rnd.global_state)
+        feats, labels = splits[c]["train"]
+        res = train_local(
+            local, feats, labels, text, cfg.train, logit_scale=fs.logit_scale,
+            generator=_generator(seed, rnd.number, ci),
+        )
+        steps[c] += res.steps
+        update, nbytes = uplink.send(rnd, c, local.state_dict())
+        return Update(c, update, res.samples if res.samples else len(labels),
+                      record={"loss": res.loss, "up_bytes": nbytes})
+
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        global_adapter.load_state_dict(state)
         val = {c: accuracy(global_adapter, *splits[c]["val"], text) for c in clients}
-        test = {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients}
-        gen = accuracy(global_adapter, held.features, held.labels, text)
+        return {
+            "val_acc": val,
+            "mean_val_acc": _mean(list(val.values())),
+            "test_acc": {c: accuracy(global_adapter, *splits[c]["test"], text) for c in clients},
+            "generalization_acc": accuracy(global_adapter, held.features, held.labels, text),
+        }
+
+    best = BestRound("mean_val_acc")  # as select_round()
+    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best)
+    fleet = InProcessFleet(clients, work)
+    for rnd in range(1, cfg.rounds + 1):
+        global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
+        done = engine.run_round(rnd, global_state, fleet)
+        assert done is not None  # every client answers in process
+        ev = done.evaluation
+        losses = records(done.answered, "loss")
         entry = {
             "round": rnd,
             "train_loss": losses,
-            "val_acc": val,
-            "mean_val_acc": _mean(list(val.values())),
-            "test_acc": test,
-            "generalization_acc": gen,
-            "up_bytes": up_bytes,
+            "val_acc": ev["val_acc"],
+            "mean_val_acc": ev["mean_val_acc"],
+            "test_acc": ev["test_acc"],
+            "generalization_acc": ev["generalization_acc"],
+            "up_bytes": records(done.answered, "up_bytes"),
         }
         history.append(entry)
-        mean_val = entry["mean_val_acc"]
-        if best["round"] == 0 or _better(mean_val, best["val"]):  # as select_round()
-            best = {"round": rnd, "val": mean_val}
-            best_state = copy.deepcopy(global_adapter.state_dict())
         log(
             f"round {rnd:>3}/{cfg.rounds} | loss {_mean(list(losses.values())):.4f} | val "
-            f"{mean_val:.1%} | test "
-            + " ".join(f"{c} {a:.1%}" for c, a in test.items())
-            + f" | held-out {cfg.test_domain} {gen:.1%}"
+            f"{entry['mean_val_acc']:.1%} | test "
+            + " ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
+            + f" | held-out {cfg.test_domain} {entry['generalization_acc']:.1%}"
         )
 
-    best_round = best["round"]
+    best_round = best.round
+    assert best.state is not None
+    best_state = best.state
     moved = _movement(init_state, global_adapter.state_dict())
     global_adapter.load_state_dict(best_state)
     pers = dict(history[best_round - 1]["test_acc"])

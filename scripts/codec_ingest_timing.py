@@ -39,7 +39,8 @@ def main(repeats: int) -> None:
     glob = {k: v.clone() for k, v in AttentionAdapter(D).state_dict().items()}
     agg.global_state = glob
     agg.roster.put(Device("c", "online", {"train": 10}, "x", D))
-    agg._round, agg._decode_ctx = 1, (1, glob)
+    agg._round = 1
+    agg._open = agg._decode_ctx = agg.engine.open(1, glob)
     g = torch.Generator().manual_seed(1)
     local = {k: v + 1e-3 * v.abs().mean() * torch.randn(v.shape, generator=g)
              for k, v in glob.items()}
@@ -57,7 +58,7 @@ def main(repeats: int) -> None:
                                               for c in payloads}
 
     def handle(msg: Received) -> float:
-        agg._answered, agg._acc = {}, agg.strategy.start_round()
+        agg._open = agg._decode_ctx = agg.engine.open(1, glob)  # a fresh round each time
         t = time.perf_counter()
         agg._handle(msg)
         return time.perf_counter() - t

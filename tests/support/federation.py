@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
@@ -49,12 +50,22 @@ class _Rogue(AggregatorHooks):
 
 
 def make_federation(
-    out: Path, *, rounds: int = 2, hooks: AggregatorHooks | None = None
+    out: Path,
+    *,
+    rounds: int = 2,
+    hooks: AggregatorHooks | None = None,
+    update_codec: str | None = None,
+    strategy: str = "fedavg",
+    strategy_options: dict[str, Any] | None = None,
+    plugins: tuple[Any, ...] = (),
+    resume: bool = False,
+    agents: bool = True,
 ) -> tuple[MemoryBroker, Aggregator, list[threading.Thread]]:
     """Three agents started (their threads end after the job) and an aggregator ready to
-    `run()` (3 updates a round)."""
+    `run()` (3 updates a round); the agents send `update_codec` frames when given.
+    `agents=False`: the aggregator alone (to read a run folder back, no job to serve)."""
     broker = MemoryBroker()
-    agents = start_agents(broker, CLIENTS)
+    running = start_agents(broker, CLIENTS, update_codec=update_codec) if agents else []
     cfg = AggregatorConfig(
         job=JOB,
         rounds=rounds,
@@ -68,11 +79,15 @@ def make_federation(
         seed=3,
         registry=keys.registry(CLIENTS),
         signing_key=keys.key(keys.AGGREGATOR),
+        strategy=strategy,
+        strategy_options=strategy_options or {},
+        resume=resume,
     )
     agg = Aggregator(
         MemoryTransport(broker, "aggregator"),
         cfg,
         log=lambda line: None,
         hooks=_Rogue(broker, hooks),
+        plugins=plugins,
     )
-    return broker, agg, [th for _, th in agents]
+    return broker, agg, [th for _, th in running]

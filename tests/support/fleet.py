@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,14 +50,16 @@ def start_agents(
     clients: list[str],
     max_payload: int = P.DEFAULT_MAX_PAYLOAD,
     models: Path | None = None,
+    **agent_options: Any,
 ) -> list[tuple[Agent, threading.Thread]]:
     """One running agent per client name (daemon threads; they end when the job is done).
-    `models`: each keeps its models in models/<client> at the job's end (else none kept)."""
+    `models`: each keeps its models in models/<client> at the job's end (else none kept);
+    `agent_options`: more AgentConfig fields (an update codec)."""
     out = []
     for c in clients:
         cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
                           aggregator_key=keys.aggregator_public(),
-                          models=models / c if models is not None else None)
+                          models=models / c if models is not None else None, **agent_options)
         t = MemoryTransport(
             broker,
             c,
