@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
@@ -99,32 +100,49 @@ def aggregate(
     job: Annotated[str, typer.Option(help="Job id (a topic level: A-Z a-z 0-9 _ . -).")],
     out: Annotated[Path, typer.Option(help="Output folder: state, adapters, metrics, plot.")],
     rounds: Annotated[
-        int | None, typer.Option(help="Federated rounds to run (a site: the central's).")
+        int | None,
+        typer.Option(help="Federated rounds to run (a site: the central's).", **R.ROUNDS),
     ] = None,
-    min_clients: Annotated[int, typer.Option(help="Updates needed to aggregate a round.")] = 1,
-    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
+    min_clients: Annotated[
+        int, typer.Option(help="Updates needed to aggregate a round.", **R.CLIENTS)
+    ] = 1,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for updates.", **R.SECONDS)
+    ] = 60.0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/state.json.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed: initial adapter and devices' training.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed: initial adapter and devices' training.", **R.SEED)
+    ] = 0,
     preset: Annotated[str, typer.Option(help="Local training preset: reference | learning.")] = (
         "reference"
     ),
-    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the preset's learning rate.", **R.LR)
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override local epochs per round.", **R.EPOCHS)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Override the local batch size.", **R.BATCH)
+    ] = None,
     weighting: Annotated[str, typer.Option(help="FedAvg weights: uniform | samples.")] = (
         "uniform"
     ),
     on_short: Annotated[str, typer.Option(help="Too few updates: retry | stop.")] = "retry",
-    max_retries: Annotated[int, typer.Option(help="Retries of a short round.")] = 2,
-    wait_clients: Annotated[float, typer.Option(help="Seconds to wait for devices first.")] = 60.0,
-    dim: Annotated[int | None, typer.Option(help="Feature width (default: from devices).")] = None,
+    max_retries: Annotated[int, typer.Option(help="Retries of a short round.", **R.RETRIES)] = 2,
+    wait_clients: Annotated[
+        float, typer.Option(help="Seconds to wait for devices first.", **R.SECONDS0)
+    ] = 60.0,
+    dim: Annotated[
+        int | None, typer.Option(help="Feature width (default: from devices).", **R.DIM)
+    ] = None,
     eval_features: Annotated[
         Path | None,
         typer.Option(help="Feature cache for held-out accuracy of each global adapter."),
     ] = None,
     eval_domain: Annotated[str | None, typer.Option(help="Domain of --eval-features.")] = None,
     max_payload: Annotated[
-        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.", **R.PAYLOAD)
     ] = P.DEFAULT_MAX_PAYLOAD,
     username: Annotated[str | None, typer.Option(help="MQTT username.")] = P.AGGREGATOR_ID,
     password: opt.Password = None,
@@ -138,7 +156,7 @@ def aggregate(
         typer.Option(
             help="Bytes of received, not yet validated updates held in memory (MiB); beyond "
             "it the broker keeps them (updates are acknowledged only once validated).",
-            min=1,
+            **R.MB,
         ),
     ] = DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
     device_keys: Annotated[
@@ -313,7 +331,8 @@ def status(
         False
     ),
     wait: Annotated[
-        float, typer.Option(help="Seconds without a new retained message that end the read.")
+        float,
+        typer.Option(help="Seconds without a new retained message that end the read.", **R.SECONDS),
     ] = 1.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (read-only is enough).")] = (
         None

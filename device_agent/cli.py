@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
 
@@ -45,11 +46,14 @@ def agent(
                      "agent-state/JOB-CLIENT.safetensors beside the feature cache folder)."),
     ] = None,
     max_payload: Annotated[
-        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.", **R.PAYLOAD)
     ] = DEFAULT_MAX_PAYLOAD,
     idle_timeout: Annotated[
         float,
-        typer.Option(help="Give up after this many seconds without a message from the aggregator."),
+        typer.Option(
+            help="Give up after this many seconds without a message from the aggregator.",
+            **R.SECONDS,
+        ),
     ] = 600.0,
     connect_timeout: opt.ConnectTimeout = 30.0,
     keepalive: Annotated[
@@ -141,8 +145,12 @@ def doctor(
     cache: Annotated[
         Path | None, typer.Option(help="Cache folder to check (default: $FEDCLIP_EDGE_CACHE).")
     ] = None,
-    min_free_gb: Annotated[float, typer.Option(help="Least free space for the cache.")] = 1.0,
-    timeout: Annotated[float, typer.Option(help="Seconds for each broker step.")] = 5.0,
+    min_free_gb: Annotated[
+        float, typer.Option(help="Least free space for the cache.", **R.GB)
+    ] = 1.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds for each broker step.", **R.SECONDS)
+    ] = 5.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Check that this device can run the agent; exit 1 when any line is red."""

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.exporters.export import export_artifact
 from fedclip_edge.exporters.signature import sign_exported_artifact
 
@@ -69,11 +70,12 @@ def export(
     max_batch: Annotated[
         int,
         typer.Option(
-            help="Largest batch the artifact is checked at (and the TensorRT profile's max)."
+            help="Largest batch the artifact is checked at (and the TensorRT profile's max).",
+            **R.BATCH,
         ),
     ] = 32,
     opt_batch: Annotated[
-        int, typer.Option(help="Typical device batch: the TensorRT profile's opt shape.")
+        int, typer.Option(help="Typical device batch: the TensorRT profile's opt shape.", **R.BATCH)
     ] = 8,
     classes: Annotated[
         Path | None,
@@ -95,8 +97,8 @@ def export(
             "not importable).",
         ),
     ] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).")] = 17,
-    seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').")] = 0,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).", **R.OPSET)] = 17,
+    seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').", **R.SEED)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     sign_key: Annotated[
         Path | None,
