@@ -131,6 +131,12 @@ def doctor(
         Path | None, typer.Option(help="Also verify this artifact and run its golden set on "
                                   "every backend available here.")
     ] = None,
+    artifact_key: Annotated[
+        Path | None,
+        typer.Option(help="With --artifacts: the exporting key's public half; the manifest's "
+                     "signature must verify with it (without it, doctor says nothing was "
+                     "verified)."),
+    ] = None,
     broker: Annotated[
         str | None, typer.Option(help="Also check this broker: TCP, TLS, MQTT login.")
     ] = None,
@@ -165,8 +171,12 @@ def doctor(
                                                                          keyfile)),
             insecure=tls_insecure, timeout_s=timeout,
         )
+    if artifact_key is not None and artifacts is None:
+        from fedclip_edge.errors import ConfigError
+
+        raise ConfigError("--artifact-key checks an artifact: give --artifacts DIR too")
     rows = run_checks(artifacts=artifacts, broker=opts, cache=cache,
-                      min_free_bytes=int(min_free_gb * 2**30))
+                      min_free_bytes=int(min_free_gb * 2**30), artifact_key=artifact_key)
     if json_out:
         typer.echo(json.dumps({"ok": not failed(rows), "checks": [r.to_dict() for r in rows]},
                               indent=2))
