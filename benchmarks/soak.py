@@ -308,6 +308,8 @@ class Soak:
                 str(self.cfg.seed), "--wait-clients", "120", "--connect-timeout", "60",
                 "--max-retries", "5", "--device-keys", str(self.out / "keys" / "devices"),
                 "--signing-key", str(self.out / "keys" / "aggregator.key"),
+                # plain FedAvg: the reconciliation recomputes each global as the exact mean
+                "--strategy", "fedavg",
                 *(("--resume",) if resume else ())]
 
     @property

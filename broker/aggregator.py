@@ -36,7 +36,7 @@ from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import Strategy, make_strategy, over_sites_note
+from fedclip_edge.strategy import Strategy, check_round_size, make_strategy, over_sites_note
 from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, FrameRejected, decode_update, encode_frame
 
@@ -103,7 +103,8 @@ class AggregatorConfig:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
     def __post_init__(self) -> None:
-        self.make_strategy()  # a typo in a name or option fails before anything starts
+        # a typo in a name or option, or a trim that drops nothing, fails before anything starts
+        check_round_size(self.make_strategy(), self.min_clients)
         P.check_id(self.job, "job")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")

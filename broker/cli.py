@@ -31,6 +31,7 @@ from fedclip_edge.cli_runner import run_app, run_command
 from fedclip_edge.config import train_config
 from fedclip_edge.errors import ConfigError, Interrupted
 from fedclip_edge.signing import KeyRegistry, load_private_key, load_public_key
+from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
 
 broker_app = typer.Typer(
     help="MQTT broker: an embedded one for local runs, demos and tests (production: mosquitto, "
@@ -203,7 +204,7 @@ def aggregate(
         Path | None,
         typer.Option(help="Site: the central aggregator's public key (its globals are signed)."),
     ] = None,
-    strategy: opt.Strategy = "fedavg",
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     config: opt.config_option("aggregate") = None,

@@ -97,7 +97,10 @@ def config_option(command: str) -> Any:
 # and demo.
 Strategy = Annotated[
     str,
-    typer.Option(help="Aggregation: fedavg | clip | trimmed-mean | median (docs/strategies.md)."),
+    typer.Option(
+        help="Aggregation: fedavg-clip (FedAvg, each delta clipped at 3x the round's median "
+        "norm) | fedavg | clip | trimmed-mean | median (docs/strategies.md)."
+    ),
 ]
 ClipBound = Annotated[
     str | None, typer.Option(help="clip: L2 bound of a client's delta, or 'auto' (median).")

@@ -39,6 +39,7 @@ from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, run_demo, run_simulation
+from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -188,7 +189,7 @@ def simulate_cmd(
             help="Local fine-tuning epochs of the global adapter before evaluation.", **R.EPOCHS0
         ),
     ] = 0,
-    strategy: opt.Strategy = "fedavg",
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
@@ -283,7 +284,7 @@ def demo(
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for updates.", **R.SECONDS)
     ] = 60.0,
-    strategy: opt.Strategy = "fedavg",
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
