@@ -344,11 +344,22 @@ def status(
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
     connect_timeout: opt.ConnectTimeout = 10.0,
+    device_keys: Annotated[
+        Path | None,
+        typer.Option(help="The devices' public keys (as the aggregator's --device-keys): with "
+                     "--aggregator-key, only signed retained state is shown."),
+    ] = None,
+    aggregator_key: Annotated[
+        Path | None,
+        typer.Option(help="The aggregator's public key: its globals and controls must verify."),
+    ] = None,
 ) -> None:
     """Show a job: devices and backends, the round, who answered, accuracy, latency, bytes,
     rejections; from the broker's retained topics and/or the aggregator's run folder."""
     import json
     import os
+
+    from fedclip_edge.broker.status import Signers
 
     if broker is None and out is None:
         raise ConfigError("give --broker URL --job J, --out DIR, or both")
@@ -359,6 +370,12 @@ def status(
             P.check_id(job, "job")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if (device_keys is None) != (aggregator_key is None):
+        raise ConfigError("give --device-keys and --aggregator-key together (who signs what)")
+    signers = None
+    if device_keys is not None and aggregator_key is not None:
+        signers = Signers(KeyRegistry.load(device_keys),
+                          KeyRegistry({P.AGGREGATOR_ID: load_public_key(aggregator_key)}))
     messages = None
     if broker is not None:
         assert job is not None
@@ -376,7 +393,7 @@ def status(
             )
         finally:
             transport.close()
-    st = build_status(job, messages, out, broker=broker)
+    st = build_status(job, messages, out, broker=broker, signers=signers)
     typer.echo(json.dumps(st, indent=2, allow_nan=False) if as_json else format_status(st))
 
 
