@@ -25,6 +25,7 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_app, run_command
@@ -260,6 +261,8 @@ def aggregate(
         max_inflight_bytes=int(max_inflight_mb * 2**20),
         # nothing larger than an update (plus its envelope) is reassembled from chunks
         max_message_bytes=cfg.max_update_bytes + 2**20,
+        # a flood costs its sender: over-limit messages dropped, counted, one line per interval
+        rate_limit=SenderRateLimit(log=lambda line: print(line, flush=True)),
     )
     console = Console(width=None if sys.stdout.isatty() else 160)
 
