@@ -8,6 +8,7 @@ re-sends the same bytes instead of applying the residual twice.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData, round
 from fedclip_edge.device_agent.codec_state import CodecState, global_digest
 from fedclip_edge.device_agent.outbox import Outbox
 from fedclip_edge.errors import ConfigError
-from fedclip_edge.train import accuracy, train_local
+from fedclip_edge.train import TrainingStopped, accuracy, train_local
 from fedclip_edge.wire import encode_frame, encode_update, expected_shapes
 
 
@@ -43,6 +44,7 @@ class RoundWork(Outbox):
     _extract_reported: bool
     _codec_state: CodecState | None
     _superseded: Callable[[int], str | None]
+    stop: threading.Event  # SIGTERM/SIGINT: training ends at its next step boundary
 
     def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
                         msg: Received) -> None:
@@ -70,10 +72,15 @@ class RoundWork(Outbox):
             "global_test_acc": accuracy(adapter, *splits["test"], text),
         }
         t0 = self.clock()
-        res = train_local(
-            adapter, *splits["train"], text, tcfg, logit_scale=self.data.logit_scale,
-            generator=round_generator(g.seed, g.round, self.cfg.client_id),
-        )
+        try:
+            res = train_local(
+                adapter, *splits["train"], text, tcfg, logit_scale=self.data.logit_scale,
+                generator=round_generator(g.seed, g.round, self.cfg.client_id),
+                stop=self.stop,
+            )
+        except TrainingStopped as exc:  # a part-trained adapter is no round's update
+            self.log(f"round {g.round}: stopped after {exc.steps} step(s), not sent")
+            return
         train_s = self.clock() - t0
         metrics.update(
             {

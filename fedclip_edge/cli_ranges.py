@@ -15,8 +15,8 @@ from fedclip_edge.broker.protocol import MAX_DIM, MAX_MESSAGE_BYTES, MAX_ROUND, 
 ROUNDS: dict[str, Any] = {"min": 1, "max": MAX_ROUND}
 # numpy's legacy RandomState takes seeds below 2**32; torch.manual_seed more
 SEED: dict[str, Any] = {"min": 0, "max": 2**32 - 1}
-EPOCHS: dict[str, Any] = {"min": 1, "max": 10_000}
-EPOCHS0: dict[str, Any] = {"min": 0, "max": 10_000}  # optional extra epochs: 0 means none
+EPOCHS: dict[str, Any] = {"min": 1, "max": 1_000}  # what a device accepts (config.py)
+EPOCHS0: dict[str, Any] = {"min": 0, "max": 1_000}  # optional extra epochs: 0 means none
 BATCH: dict[str, Any] = {"min": 1, "max": 65_536}
 CLIENTS: dict[str, Any] = {"min": 1, "max": 1_000_000}
 COUNT: dict[str, Any] = {"min": 1, "max": 1_000_000}  # images per class, repeats, windows
