@@ -29,7 +29,14 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
-from fedclip_edge.broker.hierarchy import SITE_BACKEND, read_site_weight
+from fedclip_edge.broker.authn import signature_holds
+from fedclip_edge.broker.hierarchy import (
+    SITE_BACKEND,
+    SiteRegistry,
+    check_site_role,
+    check_weight_claim,
+    read_site_weight,
+)
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
@@ -93,6 +100,9 @@ class AggregatorConfig:
     # who may take part (device public keys) and the aggregator's own signing key; running
     # without them must be asked for explicitly (insecure_unsigned)
     registry: KeyRegistry | None = None
+    # the sites this central accepts (their keys, each site's largest weight); a hello saying
+    # "site" from anyone else is refused (`site_claim`)
+    sites: SiteRegistry | None = None
     signing_key: Ed25519PrivateKey | None = None
     insecure_unsigned: bool = False
     # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
@@ -105,6 +115,11 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         # a typo in a name or option, or a trim that drops nothing, fails before anything starts
         check_round_size(self.make_strategy(), self.min_clients)
+        if self.sites is not None and self.registry is not None:
+            both = sorted(set(self.sites.keys.ids()) & set(self.registry.ids()))
+            if both:
+                raise ConfigError(f"{', '.join(both)}: in both --device-keys and --site-keys (a "
+                                  "key speaks as a device or as a site, not both)")
         P.check_id(self.job, "job")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
@@ -122,6 +137,12 @@ class AggregatorConfig:
     @property
     def signed(self) -> bool:
         return not self.insecure_unsigned
+
+    def keys_of(self, client: str) -> KeyRegistry | None:
+        """The registry `client` signs under: the sites' for a registered site."""
+        if self.sites is not None and client in self.sites:
+            return self.sites.keys
+        return self.registry
 
 
 class AggregatorHooks:
@@ -283,8 +304,11 @@ class Aggregator:
         if st.client != client:
             raise P.MessageRejected("client_mismatch", f"status of {st.client!r} on {client!r}")
         if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(st, self.cfg.registry, job=self.cfg.job)  # admitted only if registered
+            keys_of = self.cfg.keys_of(client)
+            assert keys_of is not None
+            authn.verify(st, keys_of, job=self.cfg.job)  # admitted only if registered
+        if st.state != "offline":
+            check_site_role(client, st.backend, self.cfg.sites, self.cfg.signed)
         dev = self.roster.get(client)
         if st.state == "offline":
             if dev is not None and dev.session and st.session and st.session != dev.session:
@@ -348,6 +372,8 @@ class Aggregator:
         ctx = self._decode_ctx  # one read: the round and its global belong together
         if ctx is None or up.round != ctx[0]:
             return up, None
+        if not signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed):
+            return up, None  # not decoded: the main loop refuses it with its reason, unread
         try:
             frame: Any = decode_update(up.frame, ctx[1], max_bytes=self.cfg.max_update_bytes)
         except FrameRejected as exc:
@@ -379,8 +405,9 @@ class Aggregator:
         if client in self._answered:
             raise P.MessageRejected("duplicate", f"second update of {client} for round {up.round}")
         if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(up, self.cfg.registry)
+            keys_of = self.cfg.keys_of(client)
+            assert keys_of is not None
+            authn.verify(up, keys_of)
         assert self.global_state is not None
         try:
             # the worker's result only when it decoded against this round's global
@@ -400,12 +427,11 @@ class Aggregator:
             raise P.MessageRejected("fields", f"update claims {up.samples} samples")
         rec = device_metrics(up.metrics)
         dev = self.roster.get(client)
-        # a site's update is the mean of its devices: it weighs what they would together
-        weight = (
-            read_site_weight(up.metrics, up.samples, self.cfg.weighting)
-            if dev is not None and dev.backend == SITE_BACKEND
-            else None
-        )
+        # a site's update is the mean of its devices: it weighs what they would together, up
+        # to what the site is registered for; a device may claim no site weight at all
+        is_site = dev is not None and dev.backend == SITE_BACKEND
+        weight = read_site_weight(up.metrics, up.samples, self.cfg.weighting) if is_site else None
+        check_weight_claim(client, is_site, up.metrics, weight, self.cfg.sites, self.cfg.signed)
         if weight is None:
             self._acc.add(frame.tensors, up.samples, self.global_state)
         else:

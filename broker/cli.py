@@ -25,6 +25,7 @@ from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from fedclip_edge.broker.hierarchy import SiteRegistry
 from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
@@ -171,6 +172,17 @@ def aggregate(
     signing_key: Annotated[
         Path | None, typer.Option(help="The aggregator's private key: signs every global.")
     ] = None,
+    site_keys: Annotated[
+        Path | None,
+        typer.Option(help="Central: the sites it accepts, as --device-keys (a folder of "
+                     "<site>.pub, with an optional <site>.max-weight). Without it no hello may "
+                     "say 'site' in a signed job."),
+    ] = None,
+    site_max_weight: Annotated[
+        float,
+        typer.Option(help="Central: the largest weight (devices or samples) a site without "
+                     "its own <site>.max-weight may claim.", min=1.0, max=1e12),
+    ] = 10_000.0,
     insecure_unsigned: opt.InsecureUnsigned = False,
     metrics_port: Annotated[
         int, typer.Option(help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
@@ -240,6 +252,7 @@ def aggregate(
         resume=resume,
         connect_timeout_s=connect_timeout,
         registry=KeyRegistry.load(device_keys) if device_keys else None,
+        sites=SiteRegistry.load(site_keys, site_max_weight) if site_keys else None,
         signing_key=load_private_key(signing_key) if signing_key else None,
         insecure_unsigned=insecure_unsigned,
         strategy=strategy,
