@@ -27,7 +27,9 @@ from fedclip_edge.wire import FrameRejected, decode_frame
 # the fault kinds, in the order the report lists them
 FAULT_KINDS = (
     "kill_agent", "restart_broker", "kill_aggregator", "garbage", "replay", "foreign_signed",
+    "site_claim", "flood",
 )
+_RATE_LIMITED = re.compile(r"rate limit: dropped (\d+) messages")
 _ROUND_LINE = re.compile(r"\] round (\d+) \| samples .* \| upload (\S+)$")
 _RESENT = re.compile(r"\] round (\d+): (aggregator lacks my update|reconnected), sending")
 _DROPPED = re.compile(r"\] round (\d+): unsent update dropped")
@@ -323,9 +325,23 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         "aggregators_started": len(soak.procs.logs.get("aggregator", [])),
         "agent_starts": sum(len(soak.procs.logs.get(c, [])) for c in soak.clients),
         "leaked": leaked,
+        # the flood's messages over its sender's limit: dropped at the transport, one summary
+        # line per interval (not rejections: never decoded, never in state.json's counters)
+        "rate_limited": _rate_limited(soak.procs.logs.get("aggregator", [])),
     }
     report["line"] = figures_line(report)
     return report
+
+
+def _rate_limited(paths: list[Path]) -> int:
+    n = 0
+    for path in paths:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        n += sum(int(m.group(1)) for m in _RATE_LIMITED.finditer(text))
+    return n
 
 
 def figures_line(r: dict[str, Any]) -> str:
@@ -337,7 +353,7 @@ def figures_line(r: dict[str, Any]) -> str:
         f"{r['config']['rounds']} ({r['config']['agents']} agents, seed {r['config']['seed']}) | "
         f"faults {faults} | updates sent {r['updates_sent']} "
         f"({r['update_messages_sent_by_devices']} messages), accepted {r['accepted']} | "
-        f"rejected {rej} | lost {len(r['lost'])} | "
+        f"rejected {rej} | rate-limited {r.get('rate_limited', 0)} | lost {len(r['lost'])} | "
         f"globals {r['rounds_check']['checked']}/{r['rounds_committed']} match | leaked "
         f"{len(r['leaked'])} | {r['wall_s']:.0f}s"
     )
