@@ -264,7 +264,7 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
     forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
 
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
-    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay"}
+    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
     for _, topic, payload in recorded_msgs:
         if hashlib.sha256(payload).hexdigest() in junk:
             continue  # an injected forgery must not count as the device's update
