@@ -54,8 +54,9 @@ def agent(
     ] = None,
     personalize_epochs: Annotated[
         int,
-        typer.Option(min=0, max=1_000, help="Local fine-tuning epochs of the final global adapter on this "
-                     "device's training split (as simulate --personalize-epochs); 0: none."),
+        typer.Option(min=0, max=1_000, help="Local fine-tuning epochs of the final global "
+                     "adapter on this device's training split (as simulate "
+                     "--personalize-epochs); 0: none."),
     ] = DEFAULT_PERSONALIZE_EPOCHS,
     promote_margin: Annotated[
         float,

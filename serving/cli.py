@@ -131,7 +131,9 @@ def classify(
         typer.Option(help="auto, onnxruntime[:cpu|cuda|tensorrt], tensorrt; a version folder "
                      "also takes torch."),
     ] = "auto",
-    batch: Annotated[int, typer.Option(help="Images decoded and predicted together.", min=1, max=65_536)] = 32,
+    batch: Annotated[
+        int, typer.Option(help="Images decoded and predicted together.", min=1, max=65_536)
+    ] = 32,
 ) -> None:
     """Classify images with a device's model: one row per image; exits 2 when no image could be
     classified (a file that is not an image is its own error row, the rest goes on)."""
