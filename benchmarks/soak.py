@@ -142,6 +142,7 @@ class Children:
         self.all: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.logs: dict[str, list[Path]] = defaultdict(list)
         self.killed: set[Path] = set()  # logs of incarnations this run killed with -9
+        self.committed_at_kill: dict[Path, int] = {}  # their last committed round
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         n = len(self.logs[name]) + 1
@@ -161,6 +162,11 @@ class Children:
         proc.kill()
         proc.wait(30)
         self.killed.add(self.logs[name][-1])
+
+    def note_committed(self, name: str, completed: int) -> None:
+        """The round the killed incarnation of `name` had committed (state.json read after its
+        death, before its successor starts): its log may lack that round's line."""
+        self.committed_at_kill[self.logs[name][-1]] = completed
 
     def stop_all(self) -> None:
         for _, proc in self.all:
@@ -367,6 +373,7 @@ class Soak:
             f.outcome = "injected"
         elif f.kind == "kill_aggregator":
             self.procs.kill("aggregator")
+            self.procs.note_committed("aggregator", self._completed())
             self.procs.start("aggregator", self._agg_cmd(resume=True))
             f.outcome = "injected"
         elif f.kind == "restart_broker":

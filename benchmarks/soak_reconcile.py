@@ -80,14 +80,24 @@ def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
             "logged": logged}
 
 
-def _aggregator_log(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
+def _aggregator_log(paths: list[Path], killed: set[Path],
+                    committed_at_kill: dict[Path, int] | None = None) -> dict[str, Any]:
     """Every rejection line of every aggregator incarnation, and which were counted in a
-    committed state (lines after the last commit of a killed incarnation were not)."""
+    committed state (lines after the last commit of a killed incarnation were not).
+
+    The aggregator writes state.json, then prints the round's line: a kill -9 between the two
+    leaves a log whose last round line is older than what was committed. Then every line of
+    that log preceded the commit (one thread does both), so all were counted."""
     rejected: list[dict[str, Any]] = []
     uncounted: Counter[str] = Counter()
     for path in paths:
         lines = path.read_text(errors="replace").splitlines()
-        last_commit = max((i for i, ln in enumerate(lines) if _COMMIT.search(ln)), default=-1)
+        commits = [(i, int(m.group(1))) for i, ln in enumerate(lines)
+                   if (m := _COMMIT.search(ln))]
+        last_commit = max((i for i, _ in commits), default=-1)
+        at_kill = (committed_at_kill or {}).get(path)
+        if at_kill is not None and at_kill > max((r for _, r in commits), default=0):
+            last_commit = len(lines)  # its last round line was never printed
         for i, line in enumerate(lines):
             m = _REJECTED.search(line)
             if not m:
@@ -227,7 +237,8 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         accepted[rnd].append(c)
     row_counts = Counter(client_rows)
 
-    agg = _aggregator_log(soak.procs.logs.get("aggregator", []), soak.procs.killed)
+    agg = _aggregator_log(soak.procs.logs.get("aggregator", []), soak.procs.killed,
+                          soak.procs.committed_at_kill)
     rejected_for: dict[tuple[str, int], list[str]] = defaultdict(list)
     for r in agg["rejected"]:
         if r["kind"] == "update" and r["round"] is not None:

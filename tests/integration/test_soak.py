@@ -119,6 +119,13 @@ def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
         ("envelope", "dev-2", None), ("stale", "dev-1", 1), ("duplicate", "dev-3", 2)]
     # the killed aggregator's rejection after its last commit never reached a state.json
     assert dict(agg["uncounted"]) == {"stale": 1}
+    # ... unless it had committed round 2 and died before printing round 2's line: then the
+    # stale line preceded that commit and was counted
+    a1.write_text("round 1/6 | clients 4/4 | loss 0.5\n"
+                  "rejected (stale) on fedclip/soak0/update/dev-1: update for round 1, now 2\n")
+    assert dict(_aggregator_log([a1], killed={a1}, committed_at_kill={a1: 1})["uncounted"]) == {
+        "stale": 1}
+    assert dict(_aggregator_log([a1], killed={a1}, committed_at_kill={a1: 2})["uncounted"]) == {}
     from fedclip_edge.benchmarks.soak_reconcile import _rate_limited
 
     a2.write_text(a2.read_text() + "rate limit: dropped 2500 messages (172500 bytes) in the last "
