@@ -327,6 +327,8 @@ def aggregate(
         raise Interrupted(AGGREGATE_INTERRUPTED) from None
     finally:
         transport.close()
+        if transport.rate_limit is not None:
+            transport.rate_limit.report(force=True)  # the drops of the last, unfinished interval
         if metrics is not None:
             metrics.close()
         if up_transport is not None:
