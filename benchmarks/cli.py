@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.benchmarks.aggregator import DEFAULT_DEVICES
 from fedclip_edge.benchmarks.aggregator import run_bench as aggregator_bench
 from fedclip_edge.benchmarks.brokers import KINDS
@@ -43,12 +44,20 @@ def bench_extractor(
             "onnxruntime:tensorrt, torch:cuda)."
         ),
     ] = None,
-    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes: --batch 1 8 32.")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed rounds per batch size (median).")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per backend and batch size.")] = 2,
+    batch: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes: --batch 1 8 32.", **R.BATCH)
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="Timed rounds per batch size (median).", **R.COUNT)
+    ] = 5,
+    warmup: Annotated[
+        int, typer.Option(help="Untimed runs per backend and batch size.", **R.COUNT0)
+    ] = 2,
     threads: Annotated[
         int | None,
-        typer.Option(help="CPU threads for torch and ONNX Runtime (default: all cores)."),
+        typer.Option(
+            help="CPU threads for torch and ONNX Runtime (default: all cores).", **R.THREADS
+        ),
     ] = None,
     json_out: Annotated[
         Path | None,
@@ -105,18 +114,21 @@ def bench_fedavg(
         str, typer.Option("--model", "-m", help="open_clip architecture or fedclip-tiny.")
     ] = "fedclip-tiny",
     pretrained: Annotated[str | None, typer.Option(help="Tag, checkpoint file or 'none'.")] = None,
-    clients: Annotated[int, typer.Option(help="Clients, one per domain.")] = 3,
-    rounds: Annotated[int, typer.Option(help="Rounds of each method.")] = 3,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    clients: Annotated[int, typer.Option(help="Clients, one per domain.", **R.CLIENTS)] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds of each method.", **R.ROUNDS)] = 3,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.", **R.EPOCHS)] = 1,
     test_domain: Annotated[
         str | None, typer.Option(help="Held-out domain for generalization.")
     ] = None,
     per_client: Annotated[
-        int | None, typer.Option(help="Use at most this many images per client (a quick run).")
+        int | None,
+        typer.Option(help="Use at most this many images per client (a quick run).", **R.COUNT),
     ] = None,
     loss: Annotated[str, typer.Option(help="clip (reference) or ce.")] = "clip",
-    lr: Annotated[float, typer.Option(help="Learning rate of both methods.")] = 5e-5,
-    weight_decay: Annotated[float, typer.Option(help="Coupled L2 of both methods.")] = 0.2,
+    lr: Annotated[float, typer.Option(help="Learning rate of both methods.", **R.LR)] = 5e-5,
+    weight_decay: Annotated[
+        float, typer.Option(help="Coupled L2 of both methods.", **R.WEIGHT_DECAY)
+    ] = 0.2,
     fp16: Annotated[bool, typer.Option("--fp16", help="Ship FedCLIP's adapter in fp16.")] = False,
     fedavg_fp16: Annotated[
         bool, typer.Option("--fedavg-fp16", help="Ship full FedAvg's image tower in fp16 too.")
@@ -129,10 +141,10 @@ def bench_fedavg(
         typer.Option(help="mqtt: broker URL (default: a private mosquitto on loopback)."),
     ] = None,
     max_payload: Annotated[
-        int, typer.Option(help="mqtt: payload bytes above which frames are chunked.")
+        int, typer.Option(help="mqtt: payload bytes above which frames are chunked.", **R.PAYLOAD)
     ] = 64 * 1024 * 1024,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.", **R.SEED)] = 0,
     update_codec: opt.OptionalUpdateCodec = None,
     topk_fraction: opt.TopkFraction = 0.01,
 ) -> None:
@@ -181,7 +193,9 @@ def bench_aggregator(
     out: Annotated[Path, typer.Option(help="Folder for bench_aggregator.json.")],
     devices: Annotated[
         list[int] | None,
-        typer.Option(help="Simulated device counts, one round each: --devices 10 --devices 100."),
+        typer.Option(
+            help="Simulated device counts, one round each: --devices 10 --devices 100.", **R.CLIENTS
+        ),
     ] = None,
     broker: Annotated[
         str | None,
@@ -190,30 +204,40 @@ def bench_aggregator(
     broker_kind: Annotated[
         str, typer.Option(help="Private broker: auto (mosquitto if installed), mosquitto, amqtt.")
     ] = "auto",
-    dim: Annotated[int, typer.Option(help="Adapter width (512: ViT-B-32, 2.1 MB frames).")] = 512,
+    dim: Annotated[
+        int, typer.Option(help="Adapter width (512: ViT-B-32, 2.1 MB frames).", **R.DIM)
+    ] = 512,
     publishers: Annotated[
-        int, typer.Option(help="MQTT connections that speak for the simulated devices.")
+        int, typer.Option(help="MQTT connections that speak for the simulated devices.", **R.COUNT)
     ] = 4,
     window: Annotated[
-        int, typer.Option(help="Unacknowledged QoS 1 publishes per connection.")
+        int, typer.Option(help="Unacknowledged QoS 1 publishes per connection.", **R.COUNT)
     ] = 16,
     rate: Annotated[
-        float, typer.Option(help="Cap on updates/s sent (0: as fast as the broker takes them).")
+        float,
+        typer.Option(help="Cap on updates/s sent (0: as fast as the broker takes them).", **R.RATE),
     ] = 0.0,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed per device count.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds allowed per device count.", **R.SECONDS)
+    ] = 300.0,
     torch_threads: Annotated[
         int,
-        typer.Option(help="torch threads in the aggregator (0: torch's default, as `aggregate`)."),
+        typer.Option(
+            help="torch threads in the aggregator (0: torch's default, as `aggregate`).",
+            **R.THREADS,
+        ),
     ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the global adapter and the updates.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the global adapter and the updates.", **R.SEED)
+    ] = 0,
     keep: Annotated[bool, typer.Option(help="Keep the aggregator's folders and logs.")] = False,
     sites: Annotated[
         int,
         typer.Option(help="Through this many site brokers bridged to a central one, a site "
-                     "aggregator each (0: one broker, one aggregator).", min=0),
+                     "aggregator each (0: one broker, one aggregator).", min=0, max=1000),
     ] = 0,
     publishers_per_site: Annotated[
-        int, typer.Option(help="--sites: MQTT connections per site broker.", min=1)
+        int, typer.Option(help="--sites: MQTT connections per site broker.", min=1, max=1000)
     ] = 2,
 ) -> None:
     """N simulated devices, one round each, through a real broker: loss, updates/s, memory."""
@@ -265,19 +289,28 @@ def bench_aggregator(
 
 def bench_soak(
     out: Annotated[Path, typer.Option(help="Run folder (data, logs, aggregator, soak.json).")],
-    agents: Annotated[int, typer.Option(help="Device agents (processes).", min=2)] = 8,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=2)] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the chaos schedule and the job.")] = 0,
+    agents: Annotated[int, typer.Option(help="Device agents (processes).", min=2, max=1000)] = 8,
+    rounds: Annotated[
+        int, typer.Option(help="Federated rounds.", min=2, max=R.ROUNDS["max"])
+    ] = 100,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the chaos schedule and the job.", **R.SEED)
+    ] = 0,
     kinds: Annotated[
         list[str] | None,
         typer.Option("--kind", help="Fault kinds (default all): kill_agent, restart_broker, "
                      "kill_aggregator, garbage, replay, foreign_signed."),
     ] = None,
     min_clients: Annotated[
-        int | None, typer.Option(help="Updates needed per round (default: half the agents).")
+        int | None,
+        typer.Option(help="Updates needed per round (default: half the agents).", **R.CLIENTS),
     ] = None,
-    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 10,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed for the whole run.")] = 3600.0,
+    per_class: Annotated[
+        int, typer.Option(help="Synthetic images per domain and class.", **R.COUNT)
+    ] = 10,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds allowed for the whole run.", **R.SECONDS)
+    ] = 3600.0,
 ) -> None:
     """A federation under a seeded chaos schedule (kills, broker and aggregator restarts,
     garbage, replays) over mosquitto, then a reconciliation of every update sent."""

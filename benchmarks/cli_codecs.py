@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker.cli_options import TopkFraction
 
 
@@ -17,8 +18,10 @@ def bench_codecs(
     out: Annotated[
         Path | None, typer.Option(help="Folder for bench.json (nothing written without it).")
     ] = None,
-    dim: Annotated[int, typer.Option(help="Adapter width: 512 is ViT-B-32.")] = 512,
-    repeats: Annotated[int, typer.Option(help="Timed runs per codec (median reported).")] = 20,
+    dim: Annotated[int, typer.Option(help="Adapter width: 512 is ViT-B-32.", **R.DIM)] = 512,
+    repeats: Annotated[
+        int, typer.Option(help="Timed runs per codec (median reported).", **R.COUNT)
+    ] = 20,
     topk_fraction: TopkFraction = 0.01,
     tower: Annotated[
         bool,
@@ -27,7 +30,7 @@ def bench_codecs(
             "FedAvg's frame (about 10 s and 1.5 GB of memory)."
         ),
     ] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic update.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic update.", **R.SEED)] = 0,
 ) -> None:
     """Bytes, encode and decode ms per update for every codec, against fp32 and full FedAvg."""
     from fedclip_edge.benchmarks.codecs import run_codec_bench

@@ -30,6 +30,7 @@ import torch
 from fedclip_edge.adapter import AttentionAdapter, adapter_param_count
 from fedclip_edge.codecs import CODECS, DEFAULT_TOPK_FRACTION, ErrorFeedback, check_topk_fraction
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.io import make_out_dir
 from fedclip_edge.wire import decode_update, encode_frame, encode_update
 
 SCHEMA = "fedclip-edge/bench-codecs/v1"
@@ -87,6 +88,8 @@ def run_codec_bench(
     unknown = [c for c in codecs if c not in CODECS]
     if unknown:
         raise ConfigError(f"unknown codecs {unknown}; choose from {', '.join(CODECS)}")
+    if out is not None:
+        make_out_dir(out)  # before the measurements: a folder that cannot be made loses none
     global_state, local = _update(dim, seed)
 
     times: dict[str, dict[str, list[float]]] = {c: {"encode": [], "decode": []} for c in codecs}

@@ -51,10 +51,11 @@ from fedclip_edge.broker.mosquitto import Mosquitto, free_port, run_mosquitto
 from fedclip_edge.broker.procs import stop_process
 from fedclip_edge.errors import ConfigError, FedClipError
 
+FLOOD_MESSAGES = 3000  # per flood fault: well over a sender's burst (500)
 # faults per committed round, by kind (at least one of each whatever the length of the run)
 FAULT_RATES = {
     "kill_agent": 0.06, "restart_broker": 0.03, "kill_aggregator": 0.03, "garbage": 0.06,
-    "replay": 0.06, "foreign_signed": 0.03,
+    "replay": 0.06, "foreign_signed": 0.03, "site_claim": 0.03, "flood": 0.02,
 }
 # the domains of the synthetic data, shared round-robin by the agents
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
@@ -141,6 +142,7 @@ class Children:
         self.all: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.logs: dict[str, list[Path]] = defaultdict(list)
         self.killed: set[Path] = set()  # logs of incarnations this run killed with -9
+        self.committed_at_kill: dict[Path, int] = {}  # their last committed round
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         n = len(self.logs[name]) + 1
@@ -160,6 +162,11 @@ class Children:
         proc.kill()
         proc.wait(30)
         self.killed.add(self.logs[name][-1])
+
+    def note_committed(self, name: str, completed: int) -> None:
+        """The round the killed incarnation of `name` had committed (state.json read after its
+        death, before its successor starts): its log may lack that round's line."""
+        self.committed_at_kill[self.logs[name][-1]] = completed
 
     def stop_all(self) -> None:
         for _, proc in self.all:
@@ -230,6 +237,21 @@ class Injector:
             return bool(info.is_published())
         except (RuntimeError, ValueError):  # not connected (the broker is being restarted)
             return False
+
+    def flood(self, topic: str, n: int, rng: random.Random) -> int:
+        """`n` garbage messages (QoS 1, as fast as paho takes them); how many were acknowledged
+        by the broker (bounded: it waits at most 30 s for the last)."""
+        infos = [self.client.publish(topic, b"FCMQ\x01" + rng.randbytes(64), qos=1)
+                 for _ in range(n)]
+        deadline = time.monotonic() + 30
+        for info in infos:
+            with contextlib.suppress(Exception):
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        acked = 0
+        for info in infos:
+            with contextlib.suppress(RuntimeError, ValueError):
+                acked += bool(info.is_published())
+        return acked
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -308,6 +330,8 @@ class Soak:
                 str(self.cfg.seed), "--wait-clients", "120", "--connect-timeout", "60",
                 "--max-retries", "5", "--device-keys", str(self.out / "keys" / "devices"),
                 "--signing-key", str(self.out / "keys" / "aggregator.key"),
+                # plain FedAvg: the reconciliation recomputes each global as the exact mean
+                "--strategy", "fedavg",
                 *(("--resume",) if resume else ())]
 
     @property
@@ -349,6 +373,7 @@ class Soak:
             f.outcome = "injected"
         elif f.kind == "kill_aggregator":
             self.procs.kill("aggregator")
+            self.procs.note_committed("aggregator", self._completed())
             self.procs.start("aggregator", self._agg_cmd(resume=True))
             f.outcome = "injected"
         elif f.kind == "restart_broker":
@@ -375,6 +400,25 @@ class Soak:
             self.injected.append({"kind": "replay", "topic": topic,
                                   "round": _update_round(payload)})
             f.outcome = "injected" if ok else "not acknowledged by the broker"
+        elif f.kind == "site_claim":
+            payload = self._site_claim(f, recorder)
+            if payload is None:
+                f.outcome = "skipped: no update recorded yet to claim a site weight with"
+            else:
+                topic = P.update_topic(self.job, f.target)
+                ok = injector.publish(topic, payload)
+                self.injected.append({"kind": "site_claim", "topic": topic,
+                                      "round": f.fired_at_round + 1,
+                                      "sha256": hashlib.sha256(payload).hexdigest()})
+                f.outcome = "injected" if ok else "not acknowledged by the broker"
+        elif f.kind == "flood":
+            # garbage as fast as the chaos client can publish, on the topic of an id that is
+            # no device: it must cost that id (rate limit), not the devices' rounds
+            f.target = "dev-flood"
+            topic = P.update_topic(self.job, f.target)
+            sent = injector.flood(topic, FLOOD_MESSAGES, rng)
+            self.injected.append({"kind": "flood", "topic": topic, "messages": sent})
+            f.outcome = "injected" if sent else "not acknowledged by the broker"
         elif f.kind == "foreign_signed":
             reason = signing_hook_reason()
             if reason is not None:
@@ -391,6 +435,29 @@ class Soak:
                                           "sha256": hashlib.sha256(payload).hexdigest()})
                     f.outcome = "injected" if ok else "not acknowledged by the broker"
         self.log(f"fault after round {f.fired_at_round}: {f.kind} {f.target} -> {f.outcome}")
+
+    def _site_claim(self, f: Fault, recorder: Recorder) -> bytes | None:
+        """An update for the open round in a device's name, signed with that device's own key,
+        claiming a site weight of 1e15 (the red team's takeover): refused as `site_claim` (or
+        duplicate/stale if the device or the round got there first)."""
+        import dataclasses
+
+        from fedclip_edge.broker import authn
+        from fedclip_edge.signing import load_private_key
+
+        old = [m for m in recorder.snapshot() if _update_round(m[2])]
+        if not old:
+            return None
+        _, _, payload = old[-1]
+        up = P.decode_message(payload)
+        assert isinstance(up, P.Update)
+        f.target = up.client
+        claim = dataclasses.replace(
+            up, round=(f.fired_at_round or 0) + 1, sig="",
+            metrics={**up.metrics, "site_weight": 1e15, "site_devices": 10**15,
+                     "site_weighting": "uniform"})
+        key = load_private_key(self.out / "keys" / f"{up.client}.key")
+        return authn.sign(claim, key).encode()
 
     def _foreign_signed(self, f: Fault, rng: random.Random, recorder: Recorder) -> bytes | None:
         """An update for the open round in a device's name, carrying a recorded (older) frame

@@ -27,7 +27,9 @@ from fedclip_edge.wire import FrameRejected, decode_frame
 # the fault kinds, in the order the report lists them
 FAULT_KINDS = (
     "kill_agent", "restart_broker", "kill_aggregator", "garbage", "replay", "foreign_signed",
+    "site_claim", "flood",
 )
+_RATE_LIMITED = re.compile(r"rate limit: dropped (\d+) messages")
 _ROUND_LINE = re.compile(r"\] round (\d+) \| samples .* \| upload (\S+)$")
 _RESENT = re.compile(r"\] round (\d+): (aggregator lacks my update|reconnected), sending")
 _DROPPED = re.compile(r"\] round (\d+): unsent update dropped")
@@ -78,14 +80,24 @@ def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
             "logged": logged}
 
 
-def _aggregator_log(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
+def _aggregator_log(paths: list[Path], killed: set[Path],
+                    committed_at_kill: dict[Path, int] | None = None) -> dict[str, Any]:
     """Every rejection line of every aggregator incarnation, and which were counted in a
-    committed state (lines after the last commit of a killed incarnation were not)."""
+    committed state (lines after the last commit of a killed incarnation were not).
+
+    The aggregator writes state.json, then prints the round's line: a kill -9 between the two
+    leaves a log whose last round line is older than what was committed. Then every line of
+    that log preceded the commit (one thread does both), so all were counted."""
     rejected: list[dict[str, Any]] = []
     uncounted: Counter[str] = Counter()
     for path in paths:
         lines = path.read_text(errors="replace").splitlines()
-        last_commit = max((i for i, ln in enumerate(lines) if _COMMIT.search(ln)), default=-1)
+        commits = [(i, int(m.group(1))) for i, ln in enumerate(lines)
+                   if (m := _COMMIT.search(ln))]
+        last_commit = max((i for i, _ in commits), default=-1)
+        at_kill = (committed_at_kill or {}).get(path)
+        if at_kill is not None and at_kill > max((r for _, r in commits), default=0):
+            last_commit = len(lines)  # its last round line was never printed
         for i, line in enumerate(lines):
             m = _REJECTED.search(line)
             if not m:
@@ -225,7 +237,8 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         accepted[rnd].append(c)
     row_counts = Counter(client_rows)
 
-    agg = _aggregator_log(soak.procs.logs.get("aggregator", []), soak.procs.killed)
+    agg = _aggregator_log(soak.procs.logs.get("aggregator", []), soak.procs.killed,
+                          soak.procs.committed_at_kill)
     rejected_for: dict[tuple[str, int], list[str]] = defaultdict(list)
     for r in agg["rejected"]:
         if r["kind"] == "update" and r["round"] is not None:
@@ -262,7 +275,7 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
     forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
 
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
-    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay"}
+    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
     for _, topic, payload in recorded_msgs:
         if hashlib.sha256(payload).hexdigest() in junk:
             continue  # an injected forgery must not count as the device's update
@@ -323,9 +336,23 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         "aggregators_started": len(soak.procs.logs.get("aggregator", [])),
         "agent_starts": sum(len(soak.procs.logs.get(c, [])) for c in soak.clients),
         "leaked": leaked,
+        # the flood's messages over its sender's limit: dropped at the transport, one summary
+        # line per interval (not rejections: never decoded, never in state.json's counters)
+        "rate_limited": _rate_limited(soak.procs.logs.get("aggregator", [])),
     }
     report["line"] = figures_line(report)
     return report
+
+
+def _rate_limited(paths: list[Path]) -> int:
+    n = 0
+    for path in paths:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        n += sum(int(m.group(1)) for m in _RATE_LIMITED.finditer(text))
+    return n
 
 
 def figures_line(r: dict[str, Any]) -> str:
@@ -337,7 +364,7 @@ def figures_line(r: dict[str, Any]) -> str:
         f"{r['config']['rounds']} ({r['config']['agents']} agents, seed {r['config']['seed']}) | "
         f"faults {faults} | updates sent {r['updates_sent']} "
         f"({r['update_messages_sent_by_devices']} messages), accepted {r['accepted']} | "
-        f"rejected {rej} | lost {len(r['lost'])} | "
+        f"rejected {rej} | rate-limited {r.get('rate_limited', 0)} | lost {len(r['lost'])} | "
         f"globals {r['rounds_check']['checked']}/{r['rounds_committed']} match | leaked "
         f"{len(r['leaked'])} | {r['wall_s']:.0f}s"
     )

@@ -32,6 +32,8 @@ from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
+from fedclip_edge.broker.authn import signature_holds
+from fedclip_edge.broker.hierarchy import SiteRegistry
 from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old home)
     MAX_DIM,
     MAX_SAMPLES,
@@ -46,7 +48,7 @@ from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.rounds import OpenRound, RoundEngine, RoundPlugin
 from fedclip_edge.signing import KeyRegistry
-from fedclip_edge.strategy import Strategy, make_strategy
+from fedclip_edge.strategy import Strategy, check_round_size, make_strategy
 from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, encode_frame
 
@@ -76,6 +78,9 @@ class AggregatorConfig:
     # who may take part (device public keys) and the aggregator's own signing key; running
     # without them must be asked for explicitly (insecure_unsigned)
     registry: KeyRegistry | None = None
+    # the sites this central accepts (their keys, each site's largest weight); a hello saying
+    # "site" from anyone else is refused (`site_claim`)
+    sites: SiteRegistry | None = None
     signing_key: Ed25519PrivateKey | None = None
     insecure_unsigned: bool = False
     # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
@@ -86,7 +91,13 @@ class AggregatorConfig:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
     def __post_init__(self) -> None:
-        self.make_strategy()  # a typo in a name or option fails before anything starts
+        # a typo in a name or option, or a trim that drops nothing, fails before anything starts
+        check_round_size(self.make_strategy(), self.min_clients)
+        if self.sites is not None and self.registry is not None:
+            both = sorted(set(self.sites.keys.ids()) & set(self.registry.ids()))
+            if both:
+                raise ConfigError(f"{', '.join(both)}: in both --device-keys and --site-keys (a "
+                                  "key speaks as a device or as a site, not both)")
         P.check_id(self.job, "job")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
@@ -104,6 +115,12 @@ class AggregatorConfig:
     @property
     def signed(self) -> bool:
         return not self.insecure_unsigned
+
+    def keys_of(self, client: str) -> KeyRegistry | None:
+        """The registry `client` signs under: the sites' for a registered site."""
+        if self.sites is not None and client in self.sites:
+            return self.sites.keys
+        return self.registry
 
 
 class AggregatorHooks:
@@ -429,7 +446,10 @@ class Aggregator(MessageIntake):
 
     def _predecode(self, msg: Received) -> tuple[Any, Any] | None:
         """On the validation thread: `prevalidate.predecode` against the open round."""
-        return predecode(msg, self._decode_ctx, self.cfg.max_update_bytes)
+        return predecode(
+            msg, self._decode_ctx, self.cfg.max_update_bytes,
+            lambda up: signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed),
+        )
 
     def _start_prevalidation(self) -> None:
         """With a prevalidating transport, updates are decoded on its worker thread."""

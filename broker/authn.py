@@ -139,3 +139,18 @@ def signed_will(client: str, job: str, session: str, key: Ed25519PrivateKey | No
     """The offline status the broker sends for a device that vanishes, signed in advance."""
     st = P.Status(client, "offline", session=session)
     return (sign(st, key, job=job) if key is not None else st).encode()
+
+
+def signature_holds(msg: Any, registry: KeyRegistry | None, signed: bool) -> bool:
+    """Whether `msg`'s signature verifies (True when the job is unsigned): checked on the
+    envelope before any frame is decoded, so a forged or oversized frame costs a verification
+    (the signature covers the frame's trailing digest), never a decode."""
+    if not signed:
+        return True
+    if registry is None:
+        return False
+    try:
+        verify(msg, registry)
+    except P.MessageRejected:
+        return False
+    return True

@@ -19,17 +19,21 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from fedclip_edge.broker.hierarchy import SiteRegistry
+from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
 from fedclip_edge.cli_runner import run_app, run_command
 from fedclip_edge.config import train_config
 from fedclip_edge.errors import ConfigError, Interrupted
 from fedclip_edge.signing import KeyRegistry, load_private_key, load_public_key
+from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
 
 broker_app = typer.Typer(
     help="MQTT broker: an embedded one for local runs, demos and tests (production: mosquitto, "
@@ -99,32 +103,49 @@ def aggregate(
     job: Annotated[str, typer.Option(help="Job id (a topic level: A-Z a-z 0-9 _ . -).")],
     out: Annotated[Path, typer.Option(help="Output folder: state, adapters, metrics, plot.")],
     rounds: Annotated[
-        int | None, typer.Option(help="Federated rounds to run (a site: the central's).")
+        int | None,
+        typer.Option(help="Federated rounds to run (a site: the central's).", **R.ROUNDS),
     ] = None,
-    min_clients: Annotated[int, typer.Option(help="Updates needed to aggregate a round.")] = 1,
-    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
+    min_clients: Annotated[
+        int, typer.Option(help="Updates needed to aggregate a round.", **R.CLIENTS)
+    ] = 1,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for updates.", **R.SECONDS)
+    ] = 60.0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/state.json.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed: initial adapter and devices' training.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed: initial adapter and devices' training.", **R.SEED)
+    ] = 0,
     preset: Annotated[str, typer.Option(help="Local training preset: reference | learning.")] = (
         "reference"
     ),
-    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the preset's learning rate.", **R.LR)
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override local epochs per round.", **R.EPOCHS)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Override the local batch size.", **R.BATCH)
+    ] = None,
     weighting: Annotated[str, typer.Option(help="FedAvg weights: uniform | samples.")] = (
         "uniform"
     ),
     on_short: Annotated[str, typer.Option(help="Too few updates: retry | stop.")] = "retry",
-    max_retries: Annotated[int, typer.Option(help="Retries of a short round.")] = 2,
-    wait_clients: Annotated[float, typer.Option(help="Seconds to wait for devices first.")] = 60.0,
-    dim: Annotated[int | None, typer.Option(help="Feature width (default: from devices).")] = None,
+    max_retries: Annotated[int, typer.Option(help="Retries of a short round.", **R.RETRIES)] = 2,
+    wait_clients: Annotated[
+        float, typer.Option(help="Seconds to wait for devices first.", **R.SECONDS0)
+    ] = 60.0,
+    dim: Annotated[
+        int | None, typer.Option(help="Feature width (default: from devices).", **R.DIM)
+    ] = None,
     eval_features: Annotated[
         Path | None,
         typer.Option(help="Feature cache for held-out accuracy of each global adapter."),
     ] = None,
     eval_domain: Annotated[str | None, typer.Option(help="Domain of --eval-features.")] = None,
     max_payload: Annotated[
-        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.", **R.PAYLOAD)
     ] = P.DEFAULT_MAX_PAYLOAD,
     username: Annotated[str | None, typer.Option(help="MQTT username.")] = P.AGGREGATOR_ID,
     password: opt.Password = None,
@@ -138,7 +159,7 @@ def aggregate(
         typer.Option(
             help="Bytes of received, not yet validated updates held in memory (MiB); beyond "
             "it the broker keeps them (updates are acknowledged only once validated).",
-            min=1,
+            **R.MB,
         ),
     ] = DEFAULT_MAX_INFLIGHT_BYTES / 2**20,
     device_keys: Annotated[
@@ -151,6 +172,17 @@ def aggregate(
     signing_key: Annotated[
         Path | None, typer.Option(help="The aggregator's private key: signs every global.")
     ] = None,
+    site_keys: Annotated[
+        Path | None,
+        typer.Option(help="Central: the sites it accepts, as --device-keys (a folder of "
+                     "<site>.pub, with an optional <site>.max-weight). Without it no hello may "
+                     "say 'site' in a signed job."),
+    ] = None,
+    site_max_weight: Annotated[
+        float,
+        typer.Option(help="Central: the largest weight (devices or samples) a site without "
+                     "its own <site>.max-weight may claim.", min=1.0, max=1e12),
+    ] = 10_000.0,
     insecure_unsigned: opt.InsecureUnsigned = False,
     metrics_port: Annotated[
         int, typer.Option(help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
@@ -185,7 +217,7 @@ def aggregate(
         Path | None,
         typer.Option(help="Site: the central aggregator's public key (its globals are signed)."),
     ] = None,
-    strategy: opt.Strategy = "fedavg",
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     config: opt.config_option("aggregate") = None,
@@ -220,6 +252,7 @@ def aggregate(
         resume=resume,
         connect_timeout_s=connect_timeout,
         registry=KeyRegistry.load(device_keys) if device_keys else None,
+        sites=SiteRegistry.load(site_keys, site_max_weight) if site_keys else None,
         signing_key=load_private_key(signing_key) if signing_key else None,
         insecure_unsigned=insecure_unsigned,
         strategy=strategy,
@@ -241,6 +274,8 @@ def aggregate(
         max_inflight_bytes=int(max_inflight_mb * 2**20),
         # nothing larger than an update (plus its envelope) is reassembled from chunks
         max_message_bytes=cfg.max_update_bytes + 2**20,
+        # a flood costs its sender: over-limit messages dropped, counted, one line per interval
+        rate_limit=SenderRateLimit(log=lambda line: print(line, flush=True)),
     )
     console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -292,6 +327,8 @@ def aggregate(
         raise Interrupted(AGGREGATE_INTERRUPTED) from None
     finally:
         transport.close()
+        if transport.rate_limit is not None:
+            transport.rate_limit.report(force=True)  # the drops of the last, unfinished interval
         if metrics is not None:
             metrics.close()
         if up_transport is not None:
@@ -313,7 +350,8 @@ def status(
         False
     ),
     wait: Annotated[
-        float, typer.Option(help="Seconds without a new retained message that end the read.")
+        float,
+        typer.Option(help="Seconds without a new retained message that end the read.", **R.SECONDS),
     ] = 1.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (read-only is enough).")] = (
         None
@@ -324,11 +362,22 @@ def status(
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,
     connect_timeout: opt.ConnectTimeout = 10.0,
+    device_keys: Annotated[
+        Path | None,
+        typer.Option(help="The devices' public keys (as the aggregator's --device-keys): with "
+                     "--aggregator-key, only signed retained state is shown."),
+    ] = None,
+    aggregator_key: Annotated[
+        Path | None,
+        typer.Option(help="The aggregator's public key: its globals and controls must verify."),
+    ] = None,
 ) -> None:
     """Show a job: devices and backends, the round, who answered, accuracy, latency, bytes,
     rejections; from the broker's retained topics and/or the aggregator's run folder."""
     import json
     import os
+
+    from fedclip_edge.broker.status import Signers
 
     if broker is None and out is None:
         raise ConfigError("give --broker URL --job J, --out DIR, or both")
@@ -339,6 +388,12 @@ def status(
             P.check_id(job, "job")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if (device_keys is None) != (aggregator_key is None):
+        raise ConfigError("give --device-keys and --aggregator-key together (who signs what)")
+    signers = None
+    if device_keys is not None and aggregator_key is not None:
+        signers = Signers(KeyRegistry.load(device_keys),
+                          KeyRegistry({P.AGGREGATOR_ID: load_public_key(aggregator_key)}))
     messages = None
     if broker is not None:
         assert job is not None
@@ -356,7 +411,7 @@ def status(
             )
         finally:
             transport.close()
-    st = build_status(job, messages, out, broker=broker)
+    st = build_status(job, messages, out, broker=broker, signers=signers)
     typer.echo(json.dumps(st, indent=2, allow_nan=False) if as_json else format_status(st))
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.codecs import CODECS
 
 Password = Annotated[
@@ -18,7 +19,9 @@ CaCerts = Annotated[Path | None, typer.Option(help="TLS: CA bundle.")]
 Certfile = Annotated[Path | None, typer.Option(help="TLS: client certificate.")]
 Keyfile = Annotated[Path | None, typer.Option(help="TLS: client key.")]
 TlsInsecure = Annotated[bool, typer.Option(help="TLS: skip hostname check.")]
-ConnectTimeout = Annotated[float, typer.Option(help="Seconds to reach the broker.")]
+ConnectTimeout = Annotated[
+    float, typer.Option(help="Seconds to reach the broker.", **R.SECONDS)
+]
 InsecureUnsigned = Annotated[
     bool,
     typer.Option(
@@ -62,6 +65,7 @@ TopkFraction = Annotated[
     typer.Option(
         "--topk-fraction",
         help="topk codecs: fraction (0, 1] of each tensor's entries sent per round.",
+        **R.FRACTION,
     ),
 ]
 
@@ -93,11 +97,14 @@ def config_option(command: str) -> Any:
 # and demo.
 Strategy = Annotated[
     str,
-    typer.Option(help="Aggregation: fedavg | clip | trimmed-mean | median (docs/strategies.md)."),
+    typer.Option(
+        help="Aggregation: fedavg-clip (FedAvg, each delta clipped at 3x the round's median "
+        "norm) | fedavg | clip | trimmed-mean | median (docs/strategies.md)."
+    ),
 ]
 ClipBound = Annotated[
     str | None, typer.Option(help="clip: L2 bound of a client's delta, or 'auto' (median).")
 ]
 Trim = Annotated[
-    float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).")
+    float | None, typer.Option(help="trimmed-mean: fraction dropped at each end (0.2).", **R.TRIM)
 ]

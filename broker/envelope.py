@@ -49,6 +49,7 @@ REASONS: frozenset[str] = frozenset(
         "bad_signature",
         "unknown_key",
         "malformed_signature",
+        "site_claim",
     }
 )
 

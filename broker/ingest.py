@@ -17,7 +17,12 @@ from typing import Any
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
-from fedclip_edge.broker.hierarchy import SITE_BACKEND, read_site_weight
+from fedclip_edge.broker.hierarchy import (
+    SITE_BACKEND,
+    check_site_role,
+    check_weight_claim,
+    read_site_weight,
+)
 from fedclip_edge.broker.roster import Device
 from fedclip_edge.broker.transport import Received
 from fedclip_edge.rounds import Update
@@ -112,8 +117,11 @@ class MessageIntake:
         if st.client != client:
             raise P.MessageRejected("client_mismatch", f"status of {st.client!r} on {client!r}")
         if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(st, self.cfg.registry, job=self.cfg.job)  # admitted only if registered
+            keys_of = self.cfg.keys_of(client)
+            assert keys_of is not None
+            authn.verify(st, keys_of, job=self.cfg.job)  # admitted only if registered
+        if st.state != "offline":
+            check_site_role(client, st.backend, self.cfg.sites, self.cfg.signed)
         dev = self.roster.get(client)
         if st.state == "offline":
             if dev is not None and dev.session and st.session and st.session != dev.session:
@@ -191,8 +199,9 @@ class MessageIntake:
         if client in self._answered:
             raise P.MessageRejected("duplicate", f"second update of {client} for round {up.round}")
         if self.cfg.signed:
-            assert self.cfg.registry is not None
-            authn.verify(up, self.cfg.registry)
+            keys_of = self.cfg.keys_of(client)
+            assert keys_of is not None
+            authn.verify(up, keys_of)
         assert self.global_state is not None
         try:
             # the worker's result only when it decoded against this round's global
@@ -210,12 +219,11 @@ class MessageIntake:
             raise P.MessageRejected("fields", f"update claims {up.samples} samples")
         rec = device_metrics(up.metrics)
         dev = self.roster.get(client)
-        # a site's update is the mean of its devices: it weighs what they would together
-        weight = (
-            read_site_weight(up.metrics, up.samples, self.cfg.weighting)
-            if dev is not None and dev.backend == SITE_BACKEND
-            else None
-        )
+        # a site's update is the mean of its devices: it weighs what they would together, up
+        # to what the site is registered for; a device may claim no site weight at all
+        is_site = dev is not None and dev.backend == SITE_BACKEND
+        weight = read_site_weight(up.metrics, up.samples, self.cfg.weighting) if is_site else None
+        check_weight_claim(client, is_site, up.metrics, weight, self.cfg.sites, self.cfg.signed)
         # into the round engine: its plug-ins, then the strategy (the record is filled below)
         self._open.add(Update(client, frame.tensors, up.samples, weight, rec))
         latency = self.clock() - self._published_at

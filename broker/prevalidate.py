@@ -29,7 +29,8 @@ from fedclip_edge.wire import FrameRejected
 
 
 def predecode(
-    msg: Received, ctx: OpenRound | None, max_update_bytes: int
+    msg: Received, ctx: OpenRound | None, max_update_bytes: int,
+    holds: Callable[[Any], bool] | None = None,
 ) -> tuple[Any, Any] | None:
     """On the validation thread: (update or its exception, (round, frame or its exception) or
     None) for an update message; None for any other.
@@ -47,6 +48,8 @@ def predecode(
         return up, None
     if ctx is None or up.round != ctx.number:
         return up, None
+    if holds is not None and not holds(up):
+        return up, None  # not decoded: the main loop refuses it with its reason, unread
     try:
         frame: Any = ctx.decode(up.frame, max_bytes=max_update_bytes)
     except FrameRejected as exc:

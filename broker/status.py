@@ -9,9 +9,12 @@ Two sources, either or both:
   roster, accepted / rejected counters), metrics.jsonl (per client and per round lines).
 
 The broker says what is happening now; only the run folder knows accuracy, latency, bytes and
-rejections (the aggregator publishes no metrics). The functions that build the status dict are
-pure (messages and files in, a dict out); `collect_retained` is the one that talks to a broker,
-and it is bounded in time.
+rejections (the aggregator publishes no metrics). Anyone who can publish on the broker can
+retain a message there, so with keys (`Signers`: the devices' registry and the aggregator's
+public key) only signed state is shown and every other retained message is listed, with its
+reason, under `unverified_topics`; without keys the status says it is not verified.
+The functions that build the status dict are pure (messages and files in, a dict out);
+`collect_retained` is the one that talks to a broker, and it is bounded in time.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.store import METRICS_FILE, STATE_FILE
 from fedclip_edge.broker.transport import Transport
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.tables import human_bytes
 
 SCHEMA = "fedclip-edge/status/v1"
@@ -65,13 +70,33 @@ def collect_retained(
             last = clock()
 
 
-def status_from_messages(job: str, messages: Mapping[str, bytes]) -> dict[str, Any]:
-    """What the retained topics say: devices, the round in progress, who answered it."""
+class Signers:
+    """Whose signatures make retained state true: the devices (a `KeyRegistry`, as the
+    aggregator's `--device-keys`) for statuses, the aggregator's key for globals and controls."""
+
+    def __init__(self, devices: KeyRegistry, aggregator: KeyRegistry) -> None:
+        self.devices = devices
+        self.aggregator = aggregator
+
+    def check(self, msg: P.Message, job: str) -> None:
+        """`MessageRejected` (reason: unsigned, bad_signature, unknown_key, ...) unless signed."""
+        if isinstance(msg, P.Status):
+            authn.verify(msg, self.devices, job=job)
+        else:
+            authn.verify(msg, self.aggregator, job=job, key_id=P.AGGREGATOR_ID)
+
+
+def status_from_messages(
+    job: str, messages: Mapping[str, bytes], signers: Signers | None = None
+) -> dict[str, Any]:
+    """What the retained topics say: devices, the round in progress, who answered it. With
+    `signers`, only what they signed (the rest in `unverified_topics`, topic -> reason)."""
     devices: dict[str, dict[str, Any]] = {}
     glob: P.GlobalModel | None = None
     glob_bytes = 0
     control: P.Control | None = None
     unreadable: list[str] = []
+    unverified: dict[str, str] = {}
     for topic, payload in sorted(messages.items()):
         try:
             t_job, kind, client = P.parse_topic(topic)
@@ -81,6 +106,12 @@ def status_from_messages(job: str, messages: Mapping[str, bytes]) -> dict[str, A
         except P.MessageRejected:
             unreadable.append(topic)
             continue
+        if signers is not None and isinstance(msg, (P.Status, P.GlobalModel, P.Control)):
+            try:
+                signers.check(msg, job)
+            except P.MessageRejected as exc:
+                unverified[topic] = exc.reason
+                continue
         if kind == "status" and isinstance(msg, P.Status) and msg.client == client:
             devices[msg.client] = {
                 "client": msg.client,
@@ -127,6 +158,8 @@ def status_from_messages(job: str, messages: Mapping[str, bytes]) -> dict[str, A
         "devices": [devices[c] for c in sorted(devices)],
         "devices_online": len(online),
         "unreadable_topics": unreadable,
+        "verified": signers is not None,
+        "unverified_topics": unverified if signers is not None else None,
     }
 
 
@@ -256,8 +289,10 @@ def build_status(
     out: Path | None = None,
     *,
     broker: str | None = None,
+    signers: Signers | None = None,
 ) -> dict[str, Any]:
-    """One status dict from the retained messages, the run folder, or both.
+    """One status dict from the retained messages, the run folder, or both (`signers`: show
+    only the retained state they signed).
 
     With both, the broker wins on what is live (devices, the round in progress) and the run
     folder gives what only it has (accuracy, latency, bytes, rejections).
@@ -273,7 +308,7 @@ def build_status(
         job = files["job"] if files else None
     if job is None:
         raise ConfigError("give --job (or --out, whose state.json names it)")
-    live = status_from_messages(job, messages) if messages is not None else None
+    live = status_from_messages(job, messages, signers) if messages is not None else None
     status: dict[str, Any] = {
         "schema": SCHEMA,
         "job": job,
@@ -292,6 +327,8 @@ def build_status(
         "devices_online": 0,
         "devices_as_of": None,
         "unreadable_topics": None,
+        "verified": None,
+        "unverified_topics": None,
         "note": None,
         "last_round": None,
         "run": None,
@@ -325,6 +362,8 @@ def build_status(
                 status["completed_round"] = max(
                     live["completed_round"], status["completed_round"] or 0
                 )
+        status["verified"] = live["verified"]
+        status["unverified_topics"] = live["unverified_topics"]
         if not seen:
             status["state"] = status["state"] or "unknown"
             status["note"] = f"nothing retained on the broker for job {job!r}"
@@ -382,6 +421,15 @@ def format_status(s: Mapping[str, Any]) -> str:
     lines.append(f"job {s['job']}: {s['state']} (from {src})")
     if s.get("note"):
         lines.append(f"  note: {s['note']}")
+    if s.get("verified") is False:
+        lines.append("  signatures NOT verified (give --device-keys and --aggregator-key): what "
+                     "follows from the broker is what anyone able to publish there says")
+    elif s.get("verified"):
+        refused = s.get("unverified_topics") or {}
+        lines.append("  signatures verified: only signed retained state is shown"
+                     + (f"; ignored {len(refused)} unsigned or badly signed: "
+                        + ", ".join(f"{t} ({r})" for t, r in sorted(refused.items()))
+                        if refused else ""))
     rnd = (
         f"round {s['current_round']}/{s['rounds']} in progress"
         if s.get("current_round")

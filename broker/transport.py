@@ -14,7 +14,11 @@ Backpressure: the inbox is bounded in bytes (`max_inflight_bytes`), not only in 
 the consumer calls `ack(msg)` after validating and adding it, so under a burst the broker holds
 what the aggregator cannot (mosquitto sends at most `max_inflight_messages` unacknowledged QoS 1
 messages per client), and a crash loses nothing that was acknowledged. When the inbox is full
-the receiving thread waits for room instead of dropping the message.
+(in bytes or in messages) the receiving thread waits for room instead of dropping the message:
+nothing is acknowledged and dropped unlogged. A flood is cut at its sender instead
+(`rate_limit`, broker/ratelimit.py): messages over one sender's limit are dropped before any
+decoding, acknowledged, counted (`rate_limited`) and logged as one summary line per interval, so
+the flood costs that sender, not the others' rounds.
 
 Chunking lives here: a publish above `max_payload` becomes chunk envelopes
 (`protocol.split_payload`) and the receiving transport reassembles them. A retained publish that
@@ -37,6 +41,7 @@ from urllib.parse import unquote, urlparse
 
 from fedclip_edge.broker import protocol
 from fedclip_edge.broker.protocol import MessageRejected, Reassembler
+from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.errors import TransportError
 
 # What an inbox may hold before the receiving thread waits: 64 MiB is 30 fp32 ViT-B-32 adapter
@@ -122,8 +127,10 @@ class Transport:
         inbox_size: int = 10_000,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         manual_ack: bool = False,
+        rate_limit: SenderRateLimit | None = None,
     ) -> None:
         self.client_id = client_id
+        self.rate_limit = rate_limit
         self.max_payload = max_payload
         self.counters = Counters()
         self.rejected: Counter[str] = Counter()  # chunk-level rejections, by reason
@@ -135,7 +142,9 @@ class Transport:
         self._room = threading.Condition()
         self._closing = False
         self._filters: list[str] = []
-        self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_size)
+        # bounded by `_admit` (bytes and count), so a put never finds it full
+        self._inbox_size = max(1, inbox_size)
+        self._inbox: queue.Queue[Received] = queue.Queue()
         self._reassembler = Reassembler(
             max_bytes=max_message_bytes,
             max_pending_bytes=2 * max_message_bytes,
@@ -194,6 +203,9 @@ class Transport:
             return None
         if not self.manual_ack:
             self._release(len(msg.payload))
+        else:
+            with self._room:
+                self._room.notify_all()  # a place in the inbox's count is free
         return msg
 
     def _expire_chunks(self) -> None:
@@ -234,7 +246,9 @@ class Transport:
         A message larger than the whole bound is admitted alone, so nothing is stuck forever.
         """
         with self._room:
-            while self.inflight_bytes > 0 and self.inflight_bytes + n > self.max_inflight_bytes:
+            while (
+                self.inflight_bytes > 0 and self.inflight_bytes + n > self.max_inflight_bytes
+            ) or self._inbox.qsize() >= self._inbox_size:
                 if self._closing:
                     return False
                 self._room.wait(0.2)
@@ -250,6 +264,10 @@ class Transport:
         if not payload:
             self._ack_now(token)
             return  # a cleared retained message
+        if self.rate_limit is not None and not self.rate_limit.allow(topic, len(payload)):
+            self.rejected["rate_limited"] += 1  # and in the limiter's summary line, by sender
+            self._ack_now(token)
+            return
         if protocol.peek_type(payload) == "chunk":
             with self._rlock:
                 try:
@@ -267,12 +285,7 @@ class Transport:
             msg = Received(topic, bytes(payload), retained, len(payload), 0.0, token)
         if not self._admit(len(msg.payload)):
             return  # closing: not acknowledged, so the broker delivers it again
-        try:
-            self._inbox.put_nowait(msg)
-        except queue.Full:
-            self._release(len(msg.payload))
-            self.rejected["inbox_full"] += 1
-            self._ack_now(token)
+        self._inbox.put_nowait(msg)
 
     def _ack_now(self, token: Any) -> None:
         if self.manual_ack and token is not None:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
 from fedclip_edge.serving.gate import DEFAULT_PERSONALIZE_EPOCHS, DEFAULT_PROMOTE_MARGIN
@@ -58,8 +59,9 @@ def agent(
     ] = None,
     personalize_epochs: Annotated[
         int,
-        typer.Option(min=0, help="Local fine-tuning epochs of the final global adapter on this "
-                     "device's training split (as simulate --personalize-epochs); 0: none."),
+        typer.Option(min=0, max=1_000, help="Local fine-tuning epochs of the final global "
+                     "adapter on this device's training split (as simulate "
+                     "--personalize-epochs); 0: none."),
     ] = DEFAULT_PERSONALIZE_EPOCHS,
     promote_margin: Annotated[
         float,
@@ -68,11 +70,14 @@ def agent(
                      "more than this fraction (0.02 = 2 points)."),
     ] = DEFAULT_PROMOTE_MARGIN,
     max_payload: Annotated[
-        int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
+        int, typer.Option(help="MQTT payload bytes above which messages are chunked.", **R.PAYLOAD)
     ] = DEFAULT_MAX_PAYLOAD,
     idle_timeout: Annotated[
         float,
-        typer.Option(help="Give up after this many seconds without a message from the aggregator."),
+        typer.Option(
+            help="Give up after this many seconds without a message from the aggregator.",
+            **R.SECONDS,
+        ),
     ] = 600.0,
     connect_timeout: opt.ConnectTimeout = 30.0,
     keepalive: Annotated[
@@ -184,6 +189,12 @@ def doctor(
         Path | None, typer.Option(help="Also verify this artifact and run its golden set on "
                                   "every backend available here.")
     ] = None,
+    artifact_key: Annotated[
+        Path | None,
+        typer.Option(help="With --artifacts: the exporting key's public half; the manifest's "
+                     "signature must verify with it (without it, doctor says nothing was "
+                     "verified)."),
+    ] = None,
     broker: Annotated[
         str | None, typer.Option(help="Also check this broker: TCP, TLS, MQTT login.")
     ] = None,
@@ -198,8 +209,12 @@ def doctor(
     cache: Annotated[
         Path | None, typer.Option(help="Cache folder to check (default: $FEDCLIP_EDGE_CACHE).")
     ] = None,
-    min_free_gb: Annotated[float, typer.Option(help="Least free space for the cache.")] = 1.0,
-    timeout: Annotated[float, typer.Option(help="Seconds for each broker step.")] = 5.0,
+    min_free_gb: Annotated[
+        float, typer.Option(help="Least free space for the cache.", **R.GB)
+    ] = 1.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds for each broker step.", **R.SECONDS)
+    ] = 5.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Check that this device can run the agent; exit 1 when any line is red."""
@@ -214,8 +229,12 @@ def doctor(
                                                                          keyfile)),
             insecure=tls_insecure, timeout_s=timeout,
         )
+    if artifact_key is not None and artifacts is None:
+        from fedclip_edge.errors import ConfigError
+
+        raise ConfigError("--artifact-key checks an artifact: give --artifacts DIR too")
     rows = run_checks(artifacts=artifacts, broker=opts, cache=cache,
-                      min_free_bytes=int(min_free_gb * 2**30))
+                      min_free_bytes=int(min_free_gb * 2**30), artifact_key=artifact_key)
     if json_out:
         typer.echo(json.dumps({"ok": not failed(rows), "checks": [r.to_dict() for r in rows]},
                               indent=2))

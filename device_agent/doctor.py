@@ -142,8 +142,35 @@ def _backends_here(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def check_artifact(artifacts: Path, opener: Callable[..., Any] | None = None) -> list[Check]:
-    """Hashes, then the golden set through every backend that can run here.
+def _signature_row(root: Path, artifact_key: Path | None) -> Check:
+    """Who wrote the artifact. Hashes alone prove only that the files match the manifest: whoever
+    can write the folder can rewrite both, so without the exporting key nothing is verified, and
+    the row says so rather than letting `files verified` read as approval."""
+    from fedclip_edge.errors import FedClipError
+    from fedclip_edge.exporters.signature import verify_signed_artifact
+    from fedclip_edge.signing import ARTIFACT_SIGNATURE_FILE, fingerprint, load_public_key
+
+    if artifact_key is None:
+        signed = (root / ARTIFACT_SIGNATURE_FILE).is_file()
+        return Check("artifact signature", WARN,
+                     "NOT verified: no --artifact-key given, so nothing says who wrote this "
+                     "artifact (hashes match only the manifest, which anyone able to write the "
+                     "folder can rewrite)" + ("" if signed else "; it is not signed at all"))
+    try:
+        verify_signed_artifact(root, artifact_key)
+        fp = fingerprint(load_public_key(artifact_key))
+    except FedClipError as exc:
+        return Check("artifact signature", FAIL, f"{root}: {exc}")
+    return Check("artifact signature", OK, f"manifest signed by the given key {fp}")
+
+
+def check_artifact(
+    artifacts: Path,
+    opener: Callable[..., Any] | None = None,
+    artifact_key: Path | None = None,
+) -> list[Check]:
+    """The manifest's signature (with `artifact_key`), every file's hash (the golden set's
+    included), then the golden set through every backend that can run here.
 
     The torch backend is left out: it rebuilds the model from open_clip weights, which a slim
     device does not have (`fedclip-edge bench extractor` compares it where it does)."""
@@ -153,15 +180,21 @@ def check_artifact(artifacts: Path, opener: Callable[..., Any] | None = None) ->
 
     opener = opener or open_extractor
     root = Path(artifacts)
+    signature = _signature_row(root, artifact_key)
+    if signature.status == FAIL:
+        return [signature]  # a forged artifact is not opened, not even to run its golden set
     try:
         manifest = verify_artifact(root, read_manifest(root))
     except FedClipError as exc:
-        return [Check("artifact", FAIL, f"{root}: {exc}")]
+        return [signature, Check("artifact", FAIL, f"{root}: {exc}")]
     m = manifest["model"]
     if manifest.get("kind") == "fused-classifier":
-        return _check_fused(root, manifest, None if opener is open_extractor else opener)
-    rows = [Check("artifact", OK, f"{root}: {m.get('name')} {manifest['precision']}, "
-                  f"{len(manifest.get('files', {}))} files verified")]
+        return [signature,
+                *_check_fused(root, manifest, None if opener is open_extractor else opener)]
+    golden = manifest["golden"].get("file")
+    rows = [signature, Check("artifact", OK, f"{root}: {m.get('name')} {manifest['precision']}, "
+                             f"{len(manifest.get('files', {}))} files match the manifest's "
+                             f"sha256 ({golden} included)")]
     if not manifest.get("class_features"):
         rows.append(Check("artifact classes", FAIL, "no class prompts' features: the agent "
                           "needs them; re-export with --classes"))
@@ -355,11 +388,12 @@ def run_checks(
     broker: BrokerOptions | None = None,
     cache: Path | None = None,
     min_free_bytes: int = 1 << 30,
+    artifact_key: Path | None = None,
 ) -> list[Check]:
     """Every check, in the order a person would fix them."""
     rows = [*check_python(), *check_torch(), *check_onnxruntime(), *check_tensorrt()]
     if artifacts is not None:
-        rows += check_artifact(artifacts)
+        rows += check_artifact(artifacts, artifact_key=artifact_key)
     if broker is not None:
         rows += check_broker(broker)
     rows += check_cache(cache, min_free_bytes)

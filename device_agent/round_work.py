@@ -9,6 +9,7 @@ re-sends the same bytes instead of applying the residual twice.
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from fedclip_edge.device_agent.outbox import Outbox
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.privacy.accountant import local_epsilon
 from fedclip_edge.privacy.dp import apply_delta, delta_of, privatize_delta, secure_generator
-from fedclip_edge.train import accuracy, train_local
+from fedclip_edge.train import TrainingStopped, accuracy, train_local
 from fedclip_edge.wire import encode_frame, encode_update, expected_shapes
 
 
@@ -49,6 +50,7 @@ class RoundWork(Outbox):
     _dp_generator: torch.Generator | None
     dp_rounds: int  # rounds counted in the device's epsilon (local DP)
     dp_epsilon: float | None
+    stop: threading.Event  # SIGTERM/SIGINT: training ends at its next step boundary
 
     def _train_and_send(self, g: P.GlobalModel, state: dict[str, torch.Tensor],
                         msg: Received) -> None:
@@ -76,10 +78,15 @@ class RoundWork(Outbox):
             "global_test_acc": accuracy(adapter, *splits["test"], text),
         }
         t0 = self.clock()
-        res = train_local(
-            adapter, *splits["train"], text, tcfg, logit_scale=self.data.logit_scale,
-            generator=round_generator(g.seed, g.round, self.cfg.client_id),
-        )
+        try:
+            res = train_local(
+                adapter, *splits["train"], text, tcfg, logit_scale=self.data.logit_scale,
+                generator=round_generator(g.seed, g.round, self.cfg.client_id),
+                stop=self.stop,
+            )
+        except TrainingStopped as exc:  # a part-trained adapter is no round's update
+            self.log(f"round {g.round}: stopped after {exc.steps} step(s), not sent")
+            return
         train_s = self.clock() - t0
         metrics.update(
             {

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.errors import ConfigError, ExportError
 from fedclip_edge.exporters.export import ExportResult, export_artifact, resolve_classes
 from fedclip_edge.exporters.names import FUSED_KIND
@@ -72,11 +73,12 @@ def export(
     max_batch: Annotated[
         int,
         typer.Option(
-            help="Largest batch the artifact is checked at (and the TensorRT profile's max)."
+            help="Largest batch the artifact is checked at (and the TensorRT profile's max).",
+            **R.BATCH,
         ),
     ] = 32,
     opt_batch: Annotated[
-        int, typer.Option(help="Typical device batch: the TensorRT profile's opt shape.")
+        int, typer.Option(help="Typical device batch: the TensorRT profile's opt shape.", **R.BATCH)
     ] = 8,
     classes: Annotated[
         str | None,
@@ -105,8 +107,8 @@ def export(
             "not importable).",
         ),
     ] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).")] = 17,
-    seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').")] = 0,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 or newer).", **R.OPSET)] = 17,
+    seed: Annotated[int, typer.Option(help="Seed for random-init weights ('none').", **R.SEED)] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     sign_key: Annotated[
         Path | None,

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
+from fedclip_edge import cli_ranges as R
 from fedclip_edge.benchmarks.cli import (
     bench_aggregator,
     bench_extractor,
@@ -40,6 +41,7 @@ from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, run_demo, run_simulation
 from fedclip_edge.serving.cli import classify, models_app, serve
+from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -95,9 +97,9 @@ def _root(
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to write DOMAIN/CLASS/*.png into.")],
-    per_class: Annotated[int, typer.Option(help="Images per domain and class.")] = 30,
-    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    per_class: Annotated[int, typer.Option(help="Images per domain and class.", **R.COUNT)] = 30,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.", **R.SEED)] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.", **R.IMAGE_SIDE)] = 64,
 ) -> None:
     """Write the synthetic four-style dataset (a PACS stand-in that needs no download)."""
 
@@ -110,7 +112,7 @@ def data_synth(
 
 @model_app.command("prepare")
 def model_prepare(
-    seed: Annotated[int, typer.Option(help="Pretraining seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Pretraining seed.", **R.SEED)] = 0,
 ) -> None:
     """Build (or find cached) the offline default model and print its zero-shot accuracy."""
 
@@ -135,7 +137,7 @@ def features(
     model: ModelOpt = "fedclip-tiny",
     pretrained: PretrainedOpt = None,
     domains: Annotated[list[str] | None, typer.Option(help="Only these domains.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder call.", **R.BATCH)] = 32,
 ) -> None:
     """Encode every image once with the frozen image tower and cache the features."""
 
@@ -157,9 +159,9 @@ def simulate_cmd(
     ] = None,
     model: ModelOpt = "fedclip-tiny",
     pretrained: PretrainedOpt = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", **R.ROUNDS)] = 20,
     seeds: Annotated[
-        list[int] | None, typer.Option(help="One run per seed: --seeds 0 1 2.")
+        list[int] | None, typer.Option(help="One run per seed: --seeds 0 1 2.", **R.SEED)
     ] = None,
     preset: Annotated[
         str,
@@ -169,16 +171,27 @@ def simulate_cmd(
             "decay 0, ce loss)."
         ),
     ] = "reference",
-    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Override: coupled L2.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the preset's learning rate.", **R.LR)
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Override: coupled L2.", **R.WEIGHT_DECAY)
+    ] = None,
     loss: Annotated[str | None, typer.Option(help="Override: clip or ce.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override: local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override: local batch size.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override: local epochs per round.", **R.EPOCHS)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Override: local batch size.", **R.BATCH)
+    ] = None,
     weighting: Annotated[str, typer.Option(help="uniform (reference) or samples.")] = "uniform",
     personalize_epochs: Annotated[
-        int, typer.Option(help="Local fine-tuning epochs of the global adapter before evaluation.")
+        int,
+        typer.Option(
+            help="Local fine-tuning epochs of the global adapter before evaluation.", **R.EPOCHS0
+        ),
     ] = 0,
-    strategy: opt.Strategy = "fedavg",
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
@@ -219,8 +232,10 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, artifact, logs and reports.")] = Path(
         "demo-out"
     ),
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 15,
-    per_class: Annotated[int, typer.Option(help="Synthetic images per domain and class.")] = 100,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.", **R.ROUNDS)] = 15,
+    per_class: Annotated[
+        int, typer.Option(help="Synthetic images per domain and class.", **R.COUNT)
+    ] = 100,
     test_domain: Annotated[str, typer.Option(help="Held-out domain.")] = "photo",
     broker: Annotated[
         str | None,
@@ -236,9 +251,12 @@ def demo(
             "learning settings side by side over --seeds.",
         ),
     ] = False,
-    seeds: Annotated[list[int] | None, typer.Option(help="--inproc: one run per seed.")] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option(help="--inproc: one run per seed.", **R.SEED)
+    ] = None,
     personalize_epochs: Annotated[
-        int, typer.Option(help="--inproc: local epochs on the global adapter (learning).")
+        int,
+        typer.Option(help="--inproc: local epochs on the global adapter (learning).", **R.EPOCHS0),
     ] = 5,
     resume: Annotated[
         bool,
@@ -253,12 +271,22 @@ def demo(
     preset: Annotated[str, typer.Option(help="Local training preset: learning | reference.")] = (
         "learning"
     ),
-    seed: Annotated[int, typer.Option(help="Seed: initial adapter and devices' training.")] = 0,
-    lr: Annotated[float | None, typer.Option(help="Override the preset's learning rate.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override local epochs per round.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the local batch size.")] = None,
-    round_timeout: Annotated[float, typer.Option(help="Seconds to wait for updates.")] = 60.0,
-    strategy: opt.Strategy = "fedavg",
+    seed: Annotated[
+        int, typer.Option(help="Seed: initial adapter and devices' training.", **R.SEED)
+    ] = 0,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the preset's learning rate.", **R.LR)
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override local epochs per round.", **R.EPOCHS)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Override the local batch size.", **R.BATCH)
+    ] = None,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for updates.", **R.SECONDS)
+    ] = 60.0,
+    strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,

@@ -22,12 +22,17 @@ from fedclip_edge.errors import FedClipError, Interrupted
 # Recent typer carries its own copy of click (typer._click) with its own exception classes;
 # older typer raises click's. Catch both, so a usage error is one message, not a traceback.
 try:
+    from typer._click.exceptions import BadParameter as _TyperBadParameter
     from typer._click.exceptions import ClickException as _TyperClickException
 except ImportError:  # pragma: no cover - depends on the installed typer
     _TyperClickException = click.ClickException
+    _TyperBadParameter = click.BadParameter
 _EXIT = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
 _USAGE = (click.ClickException, _TyperClickException)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+# A value out of its range (every number option has one: fedclip_edge/cli_ranges.py) or of the
+# wrong type: one `error:` line naming the option, as the library's own errors are.
+_BAD_VALUE = (click.BadParameter, _TyperBadParameter)
 
 # Options that take several values after one flag (`--seeds 0 1 2`), as users type them. The
 # runner adds every list-typed option of the app it runs (`multi_value_options`), so a new
@@ -142,6 +147,10 @@ def run_app(
             return 1
     except _EXIT as exc:
         return exc.exit_code
+    except _BAD_VALUE as exc:
+        message = exc.format_message()
+        print(f"error: {message[:1].lower()}{message[1:]}", file=sys.stderr)
+        return exc.exit_code
     except _USAGE as exc:
         exc.show()
         return exc.exit_code
@@ -151,6 +160,12 @@ def run_app(
     except FedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # the operating system refused (a path that cannot be written, a full disk): the user's
+        # to fix, so one line naming the path, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fedclip_edge.errors import ConfigError
+
+
+def make_out_dir(path: Path | str, flag: str = "--out") -> Path:
+    """Create an output folder before any work is done, so a folder that cannot be made (a
+    file in the way, a read-only or virtual file system) is one clear error, not a traceback
+    after the work it was meant to keep."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
 
 def jsonable(obj: Any) -> Any:
     """NaN/inf become null (strict JSON allows neither); dataclasses become dicts."""

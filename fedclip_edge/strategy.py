@@ -9,7 +9,10 @@ bound what one client can do to the global adapter (docs/strategies.md: cost and
 - `clip`: each client's delta to the round's global is clipped to an L2 bound over the whole
   adapter, then averaged (streams with a given bound; `auto` keeps the round's deltas);
 - `trimmed-mean`: coordinate-wise, drops the `trim` fraction of highest and lowest values;
-- `median`: coordinate-wise median.
+- `median`: coordinate-wise median;
+- `fedavg-clip` (the command line's default): FedAvg whose deltas are clipped at a multiple of
+  the round's median delta norm, so one scaled update cannot take the global over, while
+  honest updates (well within the multiple) average exactly as FedAvg.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import torch
 from fedclip_edge.errors import ConfigError
 
 WEIGHTINGS = ("uniform", "samples")
-DEFAULT_STRATEGY = "fedavg"
+DEFAULT_STRATEGY = "fedavg"  # the library's (the reference rule; figures are compared to it)
+CLI_DEFAULT_STRATEGY = "fedavg-clip"  # what `simulate`, `demo` and `aggregate` run unless told
 DEFAULT_TRIM = 0.2
+# fedavg-clip: a delta is clipped above this multiple of the round's (low) median delta norm
+ADAPTIVE_CLIP_MULTIPLE = 3.0
 # Values (clients x columns) sorted at once by the coordinate-wise strategies: bounds their
 # scratch memory (sorted values and torch.sort's int64 indices: ~48 MiB) on top of the held updates.
 _SORT_SCRATCH_VALUES = 4 * 1024 * 1024
@@ -206,9 +212,15 @@ class ClippedMean:
     global. With a fixed bound it streams (one float64 sum); with `auto` it keeps every delta
     (float32) until `result`, since the bound (the median norm) needs them all first."""
 
-    def __init__(self, weighting: str, bound: float | None) -> None:
+    def __init__(
+        self, weighting: str, bound: float | None, multiple: float = 1.0, low_median: bool = False
+    ) -> None:
         self.weighting = weighting
-        self.bound = bound  # None: auto
+        self.bound = bound  # None: auto, `multiple` x the median norm
+        self.multiple = multiple
+        # the low median of an even count: with two clients the honest one's norm, not the mean
+        # of it and an attacker's
+        self._median = statistics.median_low if low_median else statistics.median
         self._global: dict[str, torch.Tensor] | None = None
         self._sum: dict[str, torch.Tensor] | None = None
         self._held: list[tuple[dict[str, torch.Tensor], float, float]] = []  # delta, norm, weight
@@ -261,7 +273,7 @@ class ClippedMean:
 
     def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         if self.bound is None and self._held:
-            self.used_bound = statistics.median(n for _, n, _ in self._held)
+            self.used_bound = self.multiple * self._median([n for _, n, _ in self._held])
             self._sum, self._weight, self.clipped = None, 0.0, 0
             for delta, norm, w in self._held:
                 self._add_clipped(delta, norm, w, self.used_bound)
@@ -291,6 +303,25 @@ class Clip(Strategy):
 
     def start_round(self) -> ClippedMean:
         return ClippedMean(self.weighting, self.bound)
+
+
+class FedAvgClip(Strategy):
+    """FedAvg that one scaled update cannot take over: each client's delta to the global is
+    clipped at `ADAPTIVE_CLIP_MULTIPLE` x the round's low median delta norm, then weighted as
+    FedAvg. Honest deltas sit well inside that bound, so on an honest fleet the result is
+    FedAvg's (measured: docs/strategies.md); an update scaled x1e6 moves the global by at most
+    the multiple x the median norm / K. Holds the round's deltas, as `clip` with `auto`."""
+
+    name = "fedavg-clip"
+
+    def __init__(self, weighting: str = "uniform") -> None:
+        self.weighting = _check_weighting(weighting)
+
+    def options(self) -> dict[str, Any]:
+        return {"weighting": self.weighting, "multiple": ADAPTIVE_CLIP_MULTIPLE}
+
+    def start_round(self) -> ClippedMean:
+        return ClippedMean(self.weighting, None, ADAPTIVE_CLIP_MULTIPLE, low_median=True)
 
 
 # ----------------------------------------------------------------------------- coordinate-wise
@@ -361,6 +392,28 @@ class _TrimmedMeanRound(_HeldUpdates):
         k = self.trimmed()
         return sorted_block[k : sorted_block.shape[0] - k].mean(dim=0)
 
+    def result(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        if self.trim > 0 and self.count and self.trimmed() == 0:
+            raise ConfigError(trim_refusal(self.trim, self.count))
+        return super().result(dtype)
+
+
+def trim_refusal(trim: float, clients: int) -> str:
+    """Why a trim that drops nothing is refused: asked to resist outliers, it would silently be
+    the plain mean (trim 0.2 of 3 clients let one x1e6 update through, issue 22)."""
+    least = math.ceil(100 / clients) / 100 if clients > 2 else None
+    fix = f"give --trim >= {least:.2f}" if least is not None and least < 0.5 else "use median"
+    return (f"trimmed-mean: trim {trim:g} drops nothing from a round of {clients} updates "
+            f"(floor({trim:g} x {clients}) = 0): {fix}")
+
+
+def check_round_size(strategy: Strategy, clients: int) -> None:
+    """Refuse, before a job starts, a strategy that would do nothing for its smallest round
+    (`clients`: the round's minimum number of updates). ConfigError, one line."""
+    if isinstance(strategy, TrimmedMean) and strategy.trim > 0:
+        if math.floor(strategy.trim * clients) == 0:
+            raise ConfigError(trim_refusal(strategy.trim, clients))
+
 
 class _MedianRound(_HeldUpdates):
     def _reduce(self, sorted_block: torch.Tensor) -> torch.Tensor:
@@ -401,13 +454,14 @@ class Median(Strategy):
 
 # Strategies that weigh updates (by the weighting rule, or a site's weight); the others are
 # unweighted rank statistics.
-WEIGHTED_STRATEGIES = ("fedavg", "clip")
+WEIGHTED_STRATEGIES = ("fedavg", "clip", "fedavg-clip")
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "clip": Clip,
     "trimmed-mean": TrimmedMean,
     "median": Median,
+    "fedavg-clip": FedAvgClip,
 }
 # Options each strategy takes (all optional), as given on the command line.
 STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -415,6 +469,7 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "clip": ("bound", "weighting"),
     "trimmed-mean": ("trim",),
     "median": (),
+    "fedavg-clip": ("weighting",),
 }
 
 
@@ -432,6 +487,12 @@ def over_sites_note(strategy: Strategy) -> str | None:
     which over sites weighted by their devices' weight is exactly the flat FedAvg."""
     if strategy.name == "fedavg":
         return None
+    if strategy.name == "fedavg-clip":
+        return (
+            "strategy fedavg-clip over site aggregates: a site's delta is clipped at "
+            f"{ADAPTIVE_CLIP_MULTIPLE:g}x the median of the sites' delta norms, then weighted by "
+            "the site's weight; it bounds what one whole site can do (docs/hierarchy.md)"
+        )
     if strategy.name == "clip":
         auto = getattr(strategy, "bound", None) is None
         return (

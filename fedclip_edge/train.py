@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,15 @@ from torch.nn import functional as F
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.losses import get_loss
+
+
+class TrainingStopped(Exception):
+    """`stop` was set: training ended at a step boundary (the adapter holds the steps taken so
+    far, which are no round's result: the caller must not send them)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"training stopped after {steps} step(s)")
+        self.steps = steps
 
 
 @dataclass(frozen=True)
@@ -44,11 +54,14 @@ def train_local(
     *,
     logit_scale: float = 100.0,
     generator: torch.Generator | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train the adapter in place for cfg.epochs over (features, labels).
 
     The optimizer is created here, so its state resets every call (every round), as in the
     reference. With the `clip` loss, a batch of one sample is skipped (as in the reference).
+    `stop` is checked before every step: once set, `TrainingStopped` is raised at the next step
+    boundary, so a SIGTERM waits for one batch, not for the whole local training.
     """
     _check_inputs(features, labels, text_features)
     scale = cfg.logit_scale if cfg.logit_scale is not None else logit_scale
@@ -67,6 +80,9 @@ def train_local(
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
+            if stop is not None and stop.is_set():
+                adapter.eval()
+                raise TrainingStopped(steps)
             idx = order[start : start + cfg.batch_size]
             if cfg.loss == "clip" and idx.numel() < 2:
                 continue

@@ -188,7 +188,7 @@ def classify(
         typer.Option("--model", help="A model store (its current version), one version folder, "
                      "or a fused export (export --adapter)."),
     ],
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes per row.", min=1)] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per row.", min=1, max=100_000)] = 3,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image (and per labelled folder).")
     ] = False,
@@ -197,7 +197,9 @@ def classify(
         typer.Option(help="auto, onnxruntime[:cpu|cuda|tensorrt], tensorrt; a version folder "
                      "also takes torch."),
     ] = "auto",
-    batch: Annotated[int, typer.Option(help="Images decoded and predicted together.", min=1)] = 32,
+    batch: Annotated[
+        int, typer.Option(help="Images decoded and predicted together.", min=1, max=65_536)
+    ] = 32,
 ) -> None:
     """Classify images with a device's model: one row per image; exits 2 when no image could be
     classified (a file that is not an image is its own error row, the rest goes on)."""

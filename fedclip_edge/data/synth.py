@@ -24,6 +24,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from fedclip_edge.data.shapes import SHAPES, Poly
 from fedclip_edge.data.shapes import place as _place
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.io import make_out_dir
 from fedclip_edge.names import unknown_name
 
 DOMAINS: tuple[str, ...] = ("photo", "art_painting", "cartoon", "sketch")
@@ -439,9 +440,7 @@ def write_dataset(
     for d in domains:
         for c in classes:
             _check(d, c, seed, 0, size)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    out = make_out_dir(out)
     from fedclip_edge.progress import progress as track
 
     total = len(domains) * len(classes) * per_class

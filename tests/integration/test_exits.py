@@ -98,7 +98,7 @@ def test_out_is_a_file(tmp_path: Path) -> None:
 def test_bench_fedavg_zero_rounds(tmp_path: Path) -> None:
     r = run_cli("bench", "fedavg", "--data", str(tmp_path), "--out", str(tmp_path / "b"),
                 "--rounds", "0")
-    assert_one_error_line(r, "--rounds must be >= 1")
+    assert_one_error_line(r, "'--rounds'", "greater than or equal to 1")
 
 
 def test_mistyped_names_get_a_suggestion(small_data: Path, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_schedule_is_seeded_and_has_every_kind() -> None:
 
 def test_bad_config_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="unknown fault kind"):
-        SoakConfig(out=Path("x"), kinds=("kill_agent", "flood"))
+        SoakConfig(out=Path("x"), kinds=("kill_agent", "meteor"))
     with pytest.raises(ConfigError, match="at least 2 agents"):
         SoakConfig(out=Path("x"), agents=1)
 
@@ -71,6 +71,13 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
         "replay", 0) + injected.get("foreign_signed", 0)
     if injected.get("replay"):
         assert report["rejected_by_reason"].get("stale", 0) >= injected["replay"]
+    # issue 22: a device's claim of a site weight is refused, never accepted; a flood on one id
+    # is cut at that id (rate-limited: counted, logged) and every device update still reconciles
+    if injected.get("site_claim"):
+        rej = report["rejected_by_reason"]
+        assert rej.get("site_claim", 0) + rej.get("duplicate", 0) + rej.get("stale", 0) + rej.get(
+            "future", 0) >= injected["site_claim"]
+    assert injected.get("flood", 0) >= 1 and report["rate_limited"] >= 1, report["schedule"]
     assert report["updates_sent"] >= 6 * 2 and report["accepted"] >= 6 * 2
     if signing_hook_reason() is not None:
         assert report["faults_not_injected"]["foreign_signed"].startswith("skipped: ")
@@ -112,3 +119,15 @@ def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
         ("envelope", "dev-2", None), ("stale", "dev-1", 1), ("duplicate", "dev-3", 2)]
     # the killed aggregator's rejection after its last commit never reached a state.json
     assert dict(agg["uncounted"]) == {"stale": 1}
+    # ... unless it had committed round 2 and died before printing round 2's line: then the
+    # stale line preceded that commit and was counted
+    a1.write_text("round 1/6 | clients 4/4 | loss 0.5\n"
+                  "rejected (stale) on fedclip/soak0/update/dev-1: update for round 1, now 2\n")
+    assert dict(_aggregator_log([a1], killed={a1}, committed_at_kill={a1: 1})["uncounted"]) == {
+        "stale": 1}
+    assert dict(_aggregator_log([a1], killed={a1}, committed_at_kill={a1: 2})["uncounted"]) == {}
+    from fedclip_edge.benchmarks.soak_reconcile import _rate_limited
+
+    a2.write_text(a2.read_text() + "rate limit: dropped 2500 messages (172500 bytes) in the last "
+                  "10s from senders over their limit: dev-flood 2500\n")
+    assert _rate_limited([a1, a2]) == 2500

@@ -171,7 +171,133 @@ def test_tampered_artifact_is_red(artifact: Path, tmp_path: Path) -> None:
         f.seek(100)
         f.write(b"\0\0\0\0")
     rows = D.check_artifact(bad)
-    assert [r.status for r in rows] == ["fail"] and "sha256" in rows[0].detail.lower()
+    assert [r.status for r in rows] == ["warn", "fail"] and "sha256" in rows[1].detail.lower()
+    assert rows[0].name == "artifact signature" and "NOT verified" in rows[0].detail
+
+
+# ----------------------------------------------------------------------------- signatures
+# issue 22, item 4: each of these passed `doctor --artifacts` before ("files verified"), because
+# it checked hashes only and the attacker had rewritten them.
+
+
+@pytest.fixture(scope="module")
+def signed(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(a signed copy of the artifact, the exporter's public key, an attacker's private key)."""
+    from fedclip_edge.exporters.signature import sign_exported_artifact
+    from fedclip_edge.signing import new_keypair
+
+    base = tmp_path_factory.mktemp("doctor-signed")
+    good = base / "artifact"
+    shutil.copytree(artifact, good)
+    priv, pub = new_keypair(base / "keys", "exporter")
+    evil, _ = new_keypair(base / "keys", "attacker")
+    sign_exported_artifact(good, priv)
+    return good, pub, evil
+
+
+def _flip_onnx_byte_and_rehash(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    onnx_file = dst / "image_encoder.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-100] ^= 0x01  # inside the weights (the initializers close the file)
+    onnx_file.write_bytes(bytes(data))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["files"] = file_records(dst)
+    manifest["files"].pop("manifest.sig", None)
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+def _names(rows: list[D.Check]) -> dict[str, D.Check]:
+    return {r.name: r for r in rows}
+
+
+def test_the_untampered_signed_artifact_verifies(signed: tuple[Path, Path, Path]) -> None:
+    good, pub, _ = signed
+    rows = _names(D.check_artifact(good, artifact_key=pub))
+    assert rows["artifact signature"].status == "ok", rows
+    assert rows["artifact"].status == "ok" and rows["golden onnxruntime:cpu"].status == "ok"
+
+
+def test_a_flipped_onnx_byte_with_the_manifest_rehashed_is_red(
+    signed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    good, pub, _ = signed
+    bad = _flip_onnx_byte_and_rehash(good, tmp_path / "a")
+    rows = D.check_artifact(bad, artifact_key=pub)
+    assert [(r.name, r.status) for r in rows] == [("artifact signature", "fail")]
+    assert "does not verify" in rows[0].detail
+    # without the key the hashes agree, and the report says plainly that nothing was verified
+    rows = _names(D.check_artifact(bad))
+    assert rows["artifact"].status == "ok"
+    assert rows["artifact signature"].status == "warn"
+    assert "NOT verified" in rows["artifact signature"].detail
+
+
+def test_the_same_resigned_with_another_key_is_red(
+    signed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from fedclip_edge.exporters.signature import sign_exported_artifact
+
+    good, pub, evil = signed
+    bad = _flip_onnx_byte_and_rehash(good, tmp_path / "b")
+    sign_exported_artifact(bad, evil)
+    rows = D.check_artifact(bad, artifact_key=pub)
+    assert [(r.name, r.status) for r in rows] == [("artifact signature", "fail")]
+    assert "does not verify with the given key" in rows[0].detail
+
+
+def test_a_negated_weight_with_its_golden_set_regenerated_and_resigned_is_red(
+    signed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The strongest tampering: the model computes something else, and every check that looks
+    only inside the folder agrees with it (hashes, golden set). Only the signature can tell."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from fedclip_edge.exporters.signature import sign_exported_artifact
+
+    good, pub, evil = signed
+    bad = tmp_path / "c"
+    shutil.copytree(good, bad)
+    model = onnx.load(str(bad / "image_encoder.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    # the output projection: the weight of the graph's last MatMul/Gemm
+    last = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+            and any(i in inits for i in n.input)][-1]
+    init = inits[next(i for i in last.input if i in inits)]
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(model, str(bad / "image_encoder.onnx"))
+    sess = ort.InferenceSession(str(bad / "image_encoder.onnx"),
+                                providers=["CPUExecutionProvider"])
+    with np.load(bad / "golden.npz") as g:
+        parts = dict(g)
+    before = parts["features"].copy()
+    parts["features"] = sess.run(None, {sess.get_inputs()[0].name: parts["inputs"]})[0]
+    assert not np.allclose(before, parts["features"], atol=1e-3)  # the model really changed
+    np.savez(bad / "golden.npz", **parts)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in file_records(bad).items() if k != "manifest.sig"}
+    (bad / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    sign_exported_artifact(bad, evil)
+    # what the doctor said before the fix: everything green
+    rows = _names(D.check_artifact(bad))
+    assert rows["artifact"].status == "ok" and rows["golden onnxruntime:cpu"].status == "ok"
+    assert rows["artifact signature"].status == "warn"  # ... but now it says nothing verified
+    # with the exporter's key: red, and the artifact is not opened
+    rows = D.check_artifact(bad, artifact_key=pub)
+    assert [(r.name, r.status) for r in rows] == [("artifact signature", "fail")]
+
+
+def test_doctor_command_with_artifact_key(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    good, pub, evil = signed
+    bad = _flip_onnx_byte_and_rehash(good, tmp_path / "d")
+    rc, out, err = _doctor("--artifacts", str(bad), "--artifact-key", str(pub),
+                           cache=tmp_path / "cache")
+    assert rc == 1, out + err
+    line = next(ln for ln in out.splitlines() if "artifact signature" in ln)
+    assert line.startswith("✗") and "does not verify" in line, out
 
 
 def test_a_backend_crashing_is_one_red_row(artifact: Path) -> None:

@@ -112,3 +112,56 @@ def test_without_manual_ack_bytes_are_released_on_recv() -> None:
     assert t.inflight_bytes == 10
     assert t.recv(1.0) is not None and t.inflight_bytes == 0
     assert t.acked == []
+
+
+# ----------------------------------------------------------------------------- issue 22, item 5
+
+
+def test_a_full_inbox_in_messages_waits_instead_of_dropping() -> None:
+    """Before: the 3rd small message found the queue full and was acknowledged and dropped
+    (`inbox_full`, visible only in /metrics). Now the receiving thread waits, as for bytes."""
+    t = _Recording(manual_ack=True, max_inflight_bytes=10**9, inbox_size=2)
+    done: list[int] = []
+    th = _deliver(t, 4, 10, done)
+    th.join(0.5)
+    assert th.is_alive() and done == [0, 1]  # blocked on the 3rd: the inbox holds two
+    assert t.acked == []
+    got = []
+    while len(got) < 4:
+        m = t.recv(5.0)
+        assert m is not None
+        got.append(m)
+        t.ack(m)
+    th.join(5.0)
+    assert done == [0, 1, 2, 3] and t.acked == [0, 1, 2, 3]
+    assert "inbox_full" not in t.rejected
+
+
+def test_a_flood_costs_its_sender_only_and_is_logged_once_per_interval() -> None:
+    from fedclip_edge.broker.ratelimit import SenderRateLimit
+
+    now = [0.0]
+    lines: list[str] = []
+    limit = SenderRateLimit(messages_per_s=10, message_burst=20, report_s=10, log=lines.append,
+                            clock=lambda: now[0])
+    t = _Recording(manual_ack=True, rate_limit=limit)
+    for i in range(1000):  # 1000 garbage messages from dev-evil at one instant
+        t._on_raw("fedclip/j/update/dev-evil", b"g" * 8, False, token=("evil", i))
+        if i % 100 == 0:  # an honest device's update in the middle of the flood
+            t._on_raw("fedclip/j/update/dev-good", b"u" * 8, False, token=("good", i))
+    queued = []
+    while (m := t.recv(0.01)) is not None:
+        queued.append(m.topic)
+        t.ack(m)
+    assert queued.count("fedclip/j/update/dev-good") == 10  # every honest message went through
+    assert queued.count("fedclip/j/update/dev-evil") == 20  # the burst, then nothing
+    assert t.rejected["rate_limited"] == 980 and limit.dropped == {"dev-evil": 980}
+    # every message is acknowledged: dropped ones at once (the broker must not resend them)
+    assert len(t.acked) == 1010
+    assert lines == []  # the first interval has not ended
+    now[0] = 10.0
+    t._on_raw("fedclip/j/update/dev-evil", b"g", False, token="late")  # refilled: allowed
+    assert len(lines) == 1 and lines[0].startswith(
+        "rate limit: dropped 980 messages (7840 bytes) in the last 10s from senders over their "
+        "limit: dev-evil 980")
+    assert limit.report(force=True) is None  # nothing new: no line

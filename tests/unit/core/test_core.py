@@ -185,3 +185,35 @@ def test_train_config_from_untrusted_bounds_every_field() -> None:
             TrainConfig.from_untrusted(bad)
     with _pytest.raises(ConfigError):
         TrainConfig.from_untrusted([1, 2])
+
+
+def test_training_stops_at_the_next_step_boundary_when_asked() -> None:
+    """issue 22, item 9: SIGTERM waited for the whole local training (36.7 s with a large signed
+    `epochs`). The stop event is set from inside step 3 (the optimizer's step is the hook, so the
+    moment is certain): training ends before step 4, with 3 steps taken."""
+    import threading
+
+    from fedclip_edge.train import TrainingStopped
+
+    torch.manual_seed(0)
+    feats, labels, text = torch.randn(64, 8), torch.arange(64) % 4, torch.randn(4, 8)
+    adapter = AttentionAdapter(8)
+    stop = threading.Event()
+    steps: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def counting_step(self, *a, **k):  # noqa: ANN001, ANN202
+        steps.append(1)
+        if len(steps) == 3:
+            stop.set()
+        return real_step(self, *a, **k)
+
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.0, loss="ce", batch_size=4, epochs=1000)
+    torch.optim.Adam.step = counting_step  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TrainingStopped) as stopped:
+            train_local(adapter, feats, labels, text, cfg, stop=stop)
+    finally:
+        torch.optim.Adam.step = real_step  # type: ignore[method-assign]
+    assert stopped.value.steps == 3 and len(steps) == 3  # 16 steps per epoch x 1000 epochs asked
+    assert not adapter.training

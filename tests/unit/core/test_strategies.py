@@ -36,7 +36,7 @@ def _close(got: dict[str, torch.Tensor], want: list[float]) -> None:
 
 
 def test_every_strategy_is_a_strategy_and_fedavg_keeps_its_api() -> None:
-    assert set(STRATEGIES) == {"fedavg", "clip", "trimmed-mean", "median"}
+    assert set(STRATEGIES) == {"fedavg", "clip", "trimmed-mean", "median", "fedavg-clip"}
     for name in STRATEGIES:
         assert isinstance(make_strategy(name), Strategy)
     acc = FedAvg().start_round()
@@ -118,9 +118,11 @@ def test_trimmed_mean_by_hand() -> None:
 
 
 def test_trimmed_mean_trim_count_is_floor_of_fraction() -> None:
-    """4 clients: trim 0.2 drops floor(0.8) = 0 (the mean); trim 0.25 drops 1 at each end."""
+    """4 clients: trim 0.2 would drop floor(0.8) = 0 and is refused (issue 22: it let a x1e6
+    update through as the plain mean); trim 0.25 drops 1 at each end; trim 0 asks for the mean."""
     ups = [(_w(1), 1), (_w(2), 1), (_w(3), 1), (_w(100), 1)]
-    _close(TrimmedMean(trim=0.2).aggregate(ups), [26.5])
+    with pytest.raises(ConfigError, match=r"drops nothing from a round of 4 .* --trim >= 0.25"):
+        TrimmedMean(trim=0.2).aggregate(ups)
     _close(TrimmedMean(trim=0.25).aggregate(ups), [2.5])
     _close(TrimmedMean(trim=0.0).aggregate(ups), [26.5])
 

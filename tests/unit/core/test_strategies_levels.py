@@ -109,8 +109,9 @@ def test_central_median_and_trimmed_mean_are_unweighted_over_sites() -> None:
     # the median of 3 sites ignores that the first speaks for 100 devices
     _close(_central(Median(), "uniform", sites), [2, 1])
     _close(_central(TrimmedMean(0.34), "uniform", sites), [2, 1])
-    # trim 0.2 of 3 sites trims floor(0.6) = 0: the unweighted mean of the sites
-    _close(_central(TrimmedMean(0.2), "uniform", sites), [13 / 3, -1 / 3])
+    # trim 0.2 of 3 sites would trim floor(0.6) = 0: refused, not the plain mean
+    with pytest.raises(ConfigError, match="drops nothing"):
+        _central(TrimmedMean(0.2), "uniform", sites)
     # whereas FedAvg weighs them: (100*[1,1] + [2,3] + [10,-5]) / 102
     _close(_central(FedAvg("uniform"), "uniform", sites), [112 / 102, 98 / 102])
 

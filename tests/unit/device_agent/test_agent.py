@@ -283,3 +283,35 @@ def test_agent_does_not_send_an_update_whose_round_ended_while_it_trained(monkey
     assert _updates(agg) == [2]
     assert any("round 1: trained but not sent, round 2's global arrived meanwhile" in x
                for x in lines)
+
+
+def test_sigterm_stops_local_training_at_the_next_step(monkeypatch) -> None:
+    """issue 22, item 9: SIGTERM (the agent's `stop` event, which its handler sets) waited for
+    the whole local training (36.7 s with a large signed `epochs`). Here the global asks for
+    1,000 epochs (the most a device accepts) and `stop` is set from inside the 3rd optimizer
+    step (a certain moment): the agent stops before step 4, sends no update, its run ends."""
+    broker = MemoryBroker()
+    agg = MemoryTransport(broker, "aggregator")
+    agg.subscribe(P.update_filter(JOB))
+    agg.connect()
+    agent, lines = _offline_agent(broker, "dev-a")
+    steps: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def step_then_sigterm(self, *a, **k):  # type: ignore[no-untyped-def]
+        steps.append(1)
+        if len(steps) == 3:
+            agent.stop.set()  # what on_signal does for SIGTERM
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_sigterm)
+    frame = encode_frame(AttentionAdapter(8).state_dict(), job=JOB, round=1, client="aggregator")
+    agg.publish(P.global_topic(JOB), _signed(P.GlobalModel(
+        JOB, 1, frame, seed=0, train={**TRAIN, "epochs": 1000}, session="s", rounds=3)))
+    th = threading.Thread(target=agent.run, daemon=True)
+    th.start()
+    th.join(60)
+    assert not th.is_alive()
+    assert len(steps) == 3  # not 1,000 epochs' worth
+    assert _updates(agg) == []
+    assert any("round 1: stopped after 3 step(s), not sent" in x for x in lines), lines
