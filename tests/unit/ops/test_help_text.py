@@ -10,6 +10,7 @@ import sys
 import pytest
 from support.cli import command_options
 
+
 def _help(command: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
     res = subprocess.run(
