@@ -287,6 +287,7 @@ def aggregate(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        discard_session(broker, transport.client_id, username, password, tls, connect_timeout)
         agg.run()
     except KeyboardInterrupt:
         raise Interrupted(AGGREGATE_INTERRUPTED) from None
@@ -296,6 +297,22 @@ def aggregate(
             metrics.close()
         if up_transport is not None:
             up_transport.close()
+
+
+def discard_session(url: str, client_id: str, username: str | None, password: str | None,
+                    tls: TlsOptions | None, timeout_s: float) -> None:
+    """Connect once with a clean session, so the job's persistent session starts empty.
+
+    Why: the broker keeps a persistent session per client id (per username on the production
+    broker, which sets `use_username_as_clientid`): without this, a new job inherits the last
+    job's subscriptions and queued messages and counts them as `rejected (job)` every round.
+    Nothing of this job is lost: devices send again what a new aggregator session lacks."""
+    probe = MqttTransport(url, client_id, username=username, password=password, tls=tls,
+                          clean_session=True)
+    try:
+        probe.connect(timeout_s)
+    finally:
+        probe.close()
 
 
 def status(

@@ -72,3 +72,23 @@ def tls_mosquitto(pki: Path, workdir: Path) -> Iterator[TlsBroker]:
     workdir.mkdir(parents=True, exist_ok=True)
     with mh.start_mosquitto(workdir, conf, port=port) as (proc, port):
         yield TlsBroker(pki, port, proc)
+
+
+def fedclip(*args: str, env: dict[str, str] | None = None, timeout: float = 180.0,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`fedclip-edge ARGS` in a child process (stdout/stderr are pipes: log-file output)."""
+    return subprocess.run([sys.executable, "-m", "fedclip_edge.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**script_env(), **(env or {})},
+                          cwd=cwd or ROOT)
+
+
+def aggregator_args(b: TlsBroker) -> list[str]:
+    """The aggregator's broker, TLS and key flags on a make_pki broker (keys made)."""
+    return ["--broker", b.url, "--ca-certs", str(b.ca), "--device-keys",
+            str(b.pki / "keys" / "devices"), "--signing-key",
+            str(b.pki / "keys" / "aggregator.key")]
+
+
+def env_of(pki: Path, user: str) -> dict[str, str]:
+    """FEDCLIP_MQTT_PASSWORD of `user` (as the unit's EnvironmentFile gives it)."""
+    return {"FEDCLIP_MQTT_PASSWORD": credentials(pki, user)["FEDCLIP_MQTT_PASSWORD"]}
