@@ -187,6 +187,8 @@ class Aggregator:
         self._uploads: dict[tuple[str, int], float] = {}
         self._published_at = 0.0
         self._warned_over_sites = False
+        # client -> (reason, message) of its refused hello/status: the job's error names them
+        self.refused: dict[str, tuple[str, str]] = {}
         # (round, its global): what the validation thread may decode delta frames against.
         # Replaced as one tuple (never mutated), so the worker reads a consistent pair.
         self._decode_ctx: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -233,7 +235,10 @@ class Aggregator:
         if self.cfg.dim is None:
             dims = Counter(d.dim for d in self.devices.values() if d.active and d.dim > 0)
             if not dims:
-                raise TransportError("no device reported its feature width: pass --dim")
+                raise TransportError(self._refused_note() or (
+                    f"no device said hello within --wait-clients {self.cfg.wait_clients_s:g}s "
+                    f"(is an agent running for job {self.cfg.job} on this broker?); --dim "
+                    "starts the job without one"))
             # the width most devices report; a device with another one cannot take part (one
             # odd hello must not stop the job from starting)
             self.cfg.dim = max(dims, key=lambda d: (dims[d], -d))
@@ -252,7 +257,16 @@ class Aggregator:
     def _reject(self, reason: str, topic: str, message: str) -> None:
         self.counters[f"rejected_{reason}"] += 1
         self.hooks.message_rejected(self, reason)
+        if "/status/" in topic:
+            self.refused[topic.rsplit("/", 1)[1]] = (reason, message)
+        if self.cfg.resume and reason in M.RESEND_REASONS:
+            message = f"{message} ({M.RESEND_NOTE})"
         self.log(f"rejected ({reason}) on {topic}: {message}")
+
+    def _refused_note(self) -> str:
+        """Who was turned away and is still not in (empty when nobody)."""
+        return M.refused_summary(
+            {c: r for c, r in self.refused.items() if c not in self.roster})
 
     def _handle(self, msg: Received) -> None:
         is_update = False
@@ -624,9 +638,11 @@ class Aggregator:
             if not self._run_round(rnd):
                 self._round = 0
                 self._publish_control("done")
+                note = self._refused_note()
                 raise FedClipError(
                     f"stopped at round {rnd}: fewer than {self.cfg.min_clients} updates "
                     f"(policy {self.cfg.on_short}); state kept, re-run with --resume"
+                    + (f"; {note}" if note else "")
                 )
         # the final adapter stays retained (round rounds+1: nothing left to train)
         self._round = self.cfg.rounds + 1
