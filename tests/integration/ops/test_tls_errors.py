@@ -77,3 +77,22 @@ def test_the_right_settings_connect(broker) -> None:
         assert t.connected
     finally:
         t.close()
+
+
+def test_doctor_reads_the_credentials_file_it_documents(broker, tmp_path: Path) -> None:
+    """credentials/<user>.env sets FEDCLIP_MQTT_USERNAME, _PASSWORD and _CA_FILE: with that
+    file in the environment, doctor checks TLS with that CA and logs in as that user."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    b, _ = broker
+    env = {**os.environ, **credentials(b.pki, "dev-a")}
+    res = subprocess.run([sys.executable, "-m", "fedclip_edge.cli", "doctor", "--broker", b.url,
+                          "--cache", str(tmp_path), "--json"], capture_output=True, text=True,
+                         timeout=180, env=env)
+    rows = {r["name"]: r for r in json.loads(res.stdout)["checks"]}
+    assert rows["broker tls"]["status"] == "ok", rows["broker tls"]
+    assert rows["broker login"]["status"] == "ok", rows["broker login"]
+    assert "as dev-a" in rows["broker login"]["detail"]
