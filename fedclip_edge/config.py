@@ -14,7 +14,7 @@ from fedclip_edge.names import unknown_name
 @dataclass(frozen=True)
 class TrainConfig:
     """Local adapter training. Defaults are the FedCLIP reference's (microsoft/PersonalizedFL,
-    `fedclip/`; README, "The method, and where we depart from the reference").
+    `fedclip/`; docs/results.md, "The method, and where it departs from the reference").
 
     Adam with *coupled* L2 (torch.optim.Adam's weight_decay), re-created every round.
     `logit_scale=None` means: use the CLIP model's own learned scale.
@@ -117,8 +117,8 @@ def _bounded_int(name: str, value: Any, lo: int, hi: int) -> int:
 
 # The setting that measurably learns on the project's synthetic data (docs/results.md): the
 # reference's coupled weight decay pulls the adapter back to uniform attention, and at lr 5e-5
-# Adam moves each weight by at most about lr x steps (README, "Why the reference setting
-# barely moves").
+# Adam moves each weight by at most about lr x steps (docs/results.md, "Why the
+# reference setting barely moves").
 LEARNING_PRESET = {"lr": 1e-3, "weight_decay": 0.0, "loss": "ce"}
 
 
