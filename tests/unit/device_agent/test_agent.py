@@ -254,7 +254,7 @@ def test_agent_back_from_offline_answers_only_the_newest_global() -> None:
 def test_agent_does_not_send_an_update_whose_round_ended_while_it_trained(monkeypatch) -> None:
     """Round 2's global arrives while round 1 trains (made certain: the training step itself
     publishes it): round 1's update is not sent, round 2's is."""
-    import fedclip_edge.device_agent.agent as agent_mod
+    import fedclip_edge.device_agent.round_work as agent_mod
 
     broker = MemoryBroker()
     agg = MemoryTransport(broker, "aggregator")

@@ -1,0 +1,215 @@
+"""The message loop: wait for the global adapter, train locally, publish the update, until the
+job ends.
+
+Pure-ish core over a `Transport` and in-memory features, so unit tests drive it with the
+in-memory broker. The global adapter is retained; a global re-published for a round already
+answered, whose `have` list lacks this device, makes it resend its cached update (the aggregator
+restarted or lost it); the aggregator drops duplicates. The round work is `round_work.py`, the
+outbox and statuses `outbox.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import torch
+
+from fedclip_edge.adapter import AttentionAdapter
+from fedclip_edge.broker import authn
+from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.transport import Received, Transport
+from fedclip_edge.data.split import split_indices
+from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
+from fedclip_edge.device_agent.codec_state import CodecState
+from fedclip_edge.device_agent.outbox import _Outbox
+from fedclip_edge.device_agent.round_work import RoundWork
+from fedclip_edge.errors import TransportError
+from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
+
+MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
+
+
+class Agent(RoundWork):
+    """Wait for the global adapter, train locally, publish the update, until the job ends."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        cfg: AgentConfig,
+        data: LocalData,
+        *,
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.t = transport
+        self.cfg = cfg
+        self.data = data
+        self.log = log
+        self.clock = clock
+        self.stop = threading.Event()
+        self.done = False
+        self.rejected: Counter[str] = Counter()  # messages refused, by reason
+        self._registry = cfg.aggregator_registry
+        self.current_round = -1
+        self.last_trained = -1
+        self.rounds_trained = 0
+        self.last_upload_s: float | None = None
+        self.final_state: dict[str, torch.Tensor] | None = None
+        self._cached: tuple[int, bytes] | None = None  # last update sent (round, payload)
+        self._outbox: _Outbox | None = None
+        self._last_wire = 0
+        self._last_global_key: tuple[str, int, tuple[str, ...]] | None = None
+        self._epoch_seen = 0
+        self._ready_at = clock()
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._split_seed: int | None = None
+        self._extract_reported = False
+        # accepted messages taken from the transport early, to see what supersedes a round
+        self._pending: deque[tuple[P.Control | P.GlobalModel, Received]] = deque()
+        self._codec_state: CodecState | None = None  # delta codecs: loaded on first use
+        n = int(data.labels.shape[0])
+        self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
+                                                 strict=True)}
+
+    # ------------------------------------------------------------------ messages in
+    def _accept(self, msg: Received) -> P.Control | P.GlobalModel | None:
+        """Decoded and, when signing is on, verified; None (counted, one line) otherwise."""
+        try:
+            m = P.decode_message(msg.payload)
+        except P.MessageRejected as exc:
+            self.rejected[exc.reason] += 1
+            self.log(f"warning: ignored a bad message on {msg.topic}: {exc.message}")
+            return None
+        if isinstance(m, (P.Control, P.GlobalModel)) and self._registry is not None:
+            try:
+                authn.verify(m, self._registry, key_id=P.AGGREGATOR_ID)
+            except P.MessageRejected as exc:
+                self.rejected[exc.reason] += 1
+                self.log(f"warning: ignored a {type(m).__name__} on {msg.topic} "
+                         f"({exc.reason}): {exc.message}")
+                return None
+        if isinstance(m, (P.Control, P.GlobalModel)) and m.job == self.cfg.job:
+            return m
+        return None
+
+    def _on_message(self, msg: Received) -> None:
+        m = self._accept(msg)
+        if m is not None:
+            self._dispatch(m, msg)
+
+    def _dispatch(self, m: P.Control | P.GlobalModel, msg: Received) -> None:
+        if isinstance(m, P.Control):
+            if m.state == "done":
+                self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
+                self.done = True
+        else:
+            self._on_global(m, msg)
+
+    def _pull(self) -> None:
+        """Move what has already arrived into `_pending` (bounded), accepted messages only."""
+        while len(self._pending) < MAX_PENDING:
+            msg = self.t.recv(0)
+            if msg is None:
+                return
+            m = self._accept(msg)
+            if m is not None:
+                self._pending.append((m, msg))
+
+    def _superseded(self, rnd: int) -> str | None:
+        """What already arrived that makes work on round `rnd` pointless, if anything.
+
+        A device that was offline (killed, rebooted, out of coverage) gets its persistent
+        session's queue in one burst: the globals of every round it missed, maybe the final
+        one and `done`. Training on each in turn would send updates for closed rounds (the
+        aggregator refuses them as stale, or has ended and nobody counts them) and spend the
+        device's compute and uplink for nothing: only the newest global is worth answering.
+        """
+        self._pull()
+        for m, _ in self._pending:
+            if isinstance(m, P.Control) and m.state == "done":
+                return "the job's done message"
+            if isinstance(m, P.GlobalModel) and m.round > rnd:
+                return (f"round {m.round}'s global" if m.round <= m.rounds
+                        else "the final global")
+        return None
+
+    def _on_global(self, g: P.GlobalModel, msg: Received) -> None:
+        key = (g.session, g.round, tuple(sorted(g.have)))
+        repeated = key == self._last_global_key
+        self._last_global_key = key
+        if g.round <= g.rounds and g.round == self.last_trained:
+            # Already trained this round. Every publication that does not list us means the
+            # aggregator lacks our update (lost while the broker restarted, say): send it again,
+            # also when the publication repeats an earlier one (the aggregator's retry of a
+            # short round is the same publication). The aggregator counts duplicates once.
+            self.current_round = g.round
+            self._check_outbox()
+            if self.cfg.client_id not in g.have and self._cached and self._outbox is None:
+                self.log(f"round {g.round}: aggregator lacks my update, sending it again")
+                self._send(g.round, self._cached[1])
+            return
+        if repeated:
+            return  # the same publication again (retained redelivery after a reconnect)
+        adapter = AttentionAdapter(self.data.dim)
+        try:
+            frame = decode_frame(g.frame, expected=expected_shapes(adapter.state_dict()))
+        except FrameRejected as exc:
+            self.log(f"warning: global adapter for round {g.round} rejected: {exc.message}")
+            return
+        if g.round > g.rounds:
+            self.final_state = frame.tensors
+            self.log(f"final global adapter received (after round {g.rounds})")
+            return
+        self.current_round = g.round
+        self._check_outbox()
+        if g.round < self.last_trained:
+            return
+        why = self._superseded(g.round)
+        if why is not None:
+            self.log(f"round {g.round}: skipped, {why} already arrived")
+            return
+        self._train_and_send(g, frame.tensors, msg)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Returns the number of rounds trained. Ends on job done, `stop` or idle timeout."""
+        self.t.subscribe(P.global_topic(self.cfg.job), P.control_topic(self.cfg.job))
+        self.t.connect(self.cfg.connect_timeout_s)
+        last_heard = self.clock()
+        try:
+            while not self.stop.is_set() and not self.done:
+                if self.t.epoch != self._epoch_seen:
+                    self._epoch_seen = self.t.epoch
+                    self._status("online", hello=True)
+                    ob = self._outbox
+                    if ob is not None and not ob.delivery.wait(0):
+                        self.log(f"round {ob.round}: reconnected, sending the queued update again")
+                        self._send(ob.round, ob.payload)
+                if self._pending:
+                    last_heard = self.clock()
+                    self._dispatch(*self._pending.popleft())
+                else:
+                    msg = self.t.recv(self.cfg.poll_s)
+                    if msg is not None:
+                        last_heard = self.clock()
+                        self._on_message(msg)
+                self._check_outbox()
+                if self.clock() - last_heard > self.cfg.idle_timeout_s:
+                    raise TransportError(
+                        f"nothing from the aggregator of job {self.cfg.job} for "
+                        f"{self.cfg.idle_timeout_s:g}s; giving up"
+                    )
+            if self._outbox is not None and not self.done:  # SIGTERM: give the upload a moment
+                self._outbox.delivery.wait(2.0)
+        finally:
+            if self.t.connected:
+                try:
+                    self._status("offline")
+                    time.sleep(0.05)
+                except Exception:  # shutting down: best effort
+                    pass
+            self.t.close()
+        return self.rounds_trained
