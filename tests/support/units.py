@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,3 +53,42 @@ def exec_start(unit: str, env: dict[str, str], state_dir: Path) -> list[str]:
         argv.append(word.replace(STATE, str(state_dir)))
     assert argv[0] == INSTALLED_BIN, argv[0]
     return [sys.executable, "-m", "fedclip_edge.cli", *argv[1:]]
+
+
+class Proc:
+    """A child whose output lines are collected; `wait_for(text)` blocks until one has it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, cwd="/")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not any(text in ln for ln in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.p.poll() is not None:
+                    self.cond.wait(0.5)  # the last lines of a process that ended
+                    raise AssertionError(f"no line with {text!r} (rc {self.p.poll()}):\n"
+                                         + "\n".join(self.lines))
+                self.cond.wait(min(left, 0.5))
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)  # KillSignal=SIGTERM
+            try:
+                return self.p.wait(60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                return self.p.wait(10)
+        return self.p.returncode

@@ -6,60 +6,17 @@ the aggregator connects, the agent connects, signs its hello, and the aggregator
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import threading
-import time
 
 import pytest
 import yaml
 from support import mqtt as mh
 from support import tiny_artifact
 from support.pki import ROOT, credentials, make_pki, script_env, tls_mosquitto
-from support.units import env_example, exec_start, unit_environment
+from support.units import Proc, env_example, exec_start, unit_environment
 
 from fedclip_edge.exporters.signature import sign_exported_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
-
-
-class Proc:
-    """A child whose output lines are collected; `wait_for(text)` blocks until one has it."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, cwd="/")
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not any(text in ln for ln in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or self.p.poll() is not None:
-                    self.cond.wait(0.5)  # the last lines of a process that ended
-                    raise AssertionError(f"no line with {text!r} (rc {self.p.poll()}):\n"
-                                         + "\n".join(self.lines))
-                self.cond.wait(min(left, 0.5))
-
-    def stop(self) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)  # KillSignal=SIGTERM
-            try:
-                return self.p.wait(60)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                return self.p.wait(10)
-        return self.p.returncode
 
 
 def _fill(example: dict[str, str], values: dict[str, str]) -> dict[str, str]:
