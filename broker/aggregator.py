@@ -189,6 +189,7 @@ class Aggregator:
         self._warned_over_sites = False
         # client -> (reason, message) of its refused hello/status: the job's error names them
         self.refused: dict[str, tuple[str, str]] = {}
+        self.resumed = False  # state.json was loaded: devices' resends are then expected
         # (round, its global): what the validation thread may decode delta frames against.
         # Replaced as one tuple (never mutated), so the worker reads a consistent pair.
         self._decode_ctx: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -218,6 +219,7 @@ class Aggregator:
             if self.cfg.resume:
                 self.log(f"no {self.store.state_path} yet: job {self.cfg.job} starts at round 1")
             return
+        self.resumed = True
         self.global_state = resumed.global_state
         self.completed = resumed.completed
         self.counters.update(resumed.counters)
@@ -259,7 +261,7 @@ class Aggregator:
         self.hooks.message_rejected(self, reason)
         if "/status/" in topic:
             self.refused[topic.rsplit("/", 1)[1]] = (reason, message)
-        if self.cfg.resume and reason in M.RESEND_REASONS:
+        if self.resumed and reason in M.RESEND_REASONS:
             message = f"{message} ({M.RESEND_NOTE})"
         self.log(f"rejected ({reason}) on {topic}: {message}")
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -44,28 +46,7 @@ def _cli(*args: str, env: dict[str, str]) -> Proc:
     return Proc([sys.executable, "-m", "fedclip_edge.cli", *args], {**script_env(), **env})
 
 
-ROUND_S = 12  # the central's round deadline (dev-c never answers: each round lasts this long)
-
-
-def _dim(artifact: Path) -> int:
-    import json
-
-    return int(json.loads((artifact / "manifest.json").read_text())["model"]["embed_dim"])
-
-
-def _silent_device(b, pki: Path, job: str, dim: int):  # noqa: ANN202 - a paho client
-    """dev-c: registered, signs its hello, stays online and never trains."""
-    from fedclip_edge.broker import authn
-    from fedclip_edge.broker import protocol as P
-    from fedclip_edge.signing import load_private_key
-
-    key = load_private_key(pki / "keys" / "dev-c.key")
-    client = mh.connect_client(b.port, "dev-c", username="dev-c", ca_file=b.ca,
-                               password=credentials(pki, "dev-c")["FEDCLIP_MQTT_PASSWORD"])
-    hello = P.Status("dev-c", "online", {"train": 10}, "test", dim, hello=True, session="c1")
-    mh.publish(client, P.status_topic(job, "dev-c"), authn.sign(hello, key, job=job).encode(),
-               retain=True)
-    return client
+ROUND_S = 180  # the central's round deadline: round 2 is held open by pausing dev-b instead
 
 
 def _metrics(port: int) -> str:
@@ -80,7 +61,7 @@ def _gauge(text: str, name: str) -> float | None:
 
 def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
     base = tmp_path_factory.mktemp("operator")
-    central = make_pki(base / "central", "dev-a", "site-a", "dev-c", port=mh.free_port())
+    central = make_pki(base / "central", "dev-a", "site-a", port=mh.free_port())
     site = make_pki(base / "site", "dev-b", port=mh.free_port())
     bundle = base / "ca-both.crt"  # --ca-certs serves both brokers of a site
     bundle.write_text((central / "ca.crt").read_text() + (site / "ca.crt").read_text())
@@ -97,14 +78,12 @@ def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
             "FEDCLIP_BROKER": cb.url, "FEDCLIP_MQTT_CA_FILE": str(cb.ca), "FEDCLIP_ROUNDS": "3",
             "FEDCLIP_DEVICE_KEYS": str(ck / "devices"),
             "FEDCLIP_SIGNING_KEY": str(ck / "aggregator.key"),
-            # dev-c (below) says hello and never answers: every round lasts ROUND_S, so round 2
-            # is certainly still open when the test stops the aggregator
             "FEDCLIP_AGGREGATOR_ARGS": f"--min-clients 2 --round-timeout {ROUND_S} "
                                        f"--wait-clients 180 --metrics-port {metrics_port}",
             **credentials(central, "aggregator"),
         }
         agg_state = base / "central-state"
-        silent = _silent_device(cb, central, job, _dim(signed))
+        dev_b: Proc | None = None
         try:
             agg = _unit(AGG_UNIT, agg_values, agg_state)
             procs.append(agg)
@@ -127,23 +106,33 @@ def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
                      "FEDCLIP_UPSTREAM_PASSWORD": credentials(central, "site-a")[
                          "FEDCLIP_MQTT_PASSWORD"]})
             procs.append(site_agg)
-            procs.append(_cli(
+            dev_b = _cli(
                 "agent", "--broker", sb.url, "--ca-certs", str(sb.ca), "--job", job,
                 "--client-id", "dev-b", "--data", str(data), "--domain", "photo",
                 "--artifacts", str(signed), "--cache", str(base / "dev-b-cache"),
                 "--key", str(sk / "dev-b.key"), "--aggregator-key", str(ck / "site-a.pub"),
                 "--artifact-key", str(ck / "exporter.pub"),
                 env={"FEDCLIP_MQTT_PASSWORD": credentials(site, "dev-b")[
-                    "FEDCLIP_MQTT_PASSWORD"]}))
-            agg.wait_for("round 1/3 |", 400)
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                        timeout=10) as r:
-                scraped = r.read().decode()
-            committed = re.search(r"^fedclip_round_committed (\S+)", scraped, re.M)
-            assert committed and float(committed.group(1)) >= 1, scraped[:2000]
+                    "FEDCLIP_MQTT_PASSWORD"]})
+            procs.append(dev_b)
+            # The site committed its round 1, so dev-b's update is in; no round-2 global can
+            # exist yet (it needs the site's partial, then the central's commit). Pausing dev-b
+            # now holds the central's round 2 open for certain (site-a cannot answer it).
+            site_agg.wait_for("round 1/3 | clients 1/1", 400)
+            dev_b.p.send_signal(signal.SIGSTOP)
+            agg.wait_for("round 1/3 | clients 2/2", 400)
+            scraped = _metrics(metrics_port)
+            deadline = time.monotonic() + 60
+            while _gauge(scraped, "fedclip_round_current") != 2:  # round 2 opens after reports
+                assert agg.p.poll() is None and time.monotonic() < deadline, agg.lines
+                time.sleep(0.2)  # polling a condition, bounded: not a wait for a moment
+                scraped = _metrics(metrics_port)
+            assert _gauge(scraped, "fedclip_round_committed") == 1, scraped[:3000]
+            assert _gauge(scraped, "fedclip_devices_online") == 2
             # systemctl stop: SIGTERM; the unit's SuccessExitStatus=130
             assert agg.stop() == 130, "\n".join(agg.lines)
             assert any("is kept; re-run with --resume" in ln for ln in agg.lines), agg.lines
+            dev_b.p.send_signal(signal.SIGCONT)
             again = _unit(AGG_UNIT, agg_values, agg_state)  # Restart=: the same ExecStart
             procs.append(again)
             again.wait_for(f"job {job} done: 3 rounds", 400)
@@ -153,11 +142,12 @@ def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
         finally:
             for p in procs:
                 p.stop()
-            mh.disconnect_client(silent)
+            if dev_b is not None:
+                dev_b.p.send_signal(signal.SIGCONT)
     log = "\n".join(agg.lines + again.lines)
     assert "resuming job" in log
-    rounds = [ln for ln in log.splitlines() if re.match(r"round \d/3 \| clients 2/3", ln)]
-    assert len(rounds) == 3, log  # one line per round: dev-a and site-a of 3 online answered
+    rounds = [ln for ln in log.splitlines() if re.match(r"round \d/3 \| clients 2/2", ln)]
+    assert len(rounds) == 3, log  # one line per round: dev-a and site-a answered
     assert not any(ch in log for ch in "┏┃━"), "a per-client box table in a log file"
     assert "rejected (job)" not in log
     assert any("site site-a: round" in ln and "sent upstream" in ln for ln in site_agg.lines)

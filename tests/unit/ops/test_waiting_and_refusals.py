@@ -153,6 +153,7 @@ def test_after_a_resume_resends_are_said_to_be_expected(tmp_path: Path) -> None:
         cfg = AggregatorConfig(job=JOB, rounds=1, out=tmp_path / str(resume), dim=DIM,
                                resume=resume, insecure_unsigned=True)
         agg = Aggregator(MemoryTransport(MemoryBroker(), "aggregator"), cfg, log=lines.append)
+        agg.resumed = resume  # as _init_state sets it when state.json was loaded
         agg._reject("duplicate", "fedclip/ops/update/a", "second update of a for round 2")
         agg._reject("frame_hash", "fedclip/ops/update/a", "bad hash")
     assert M.RESEND_NOTE not in lines[0] and M.RESEND_NOTE in lines[2]
