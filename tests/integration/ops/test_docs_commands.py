@@ -163,6 +163,16 @@ def test_deploy_md_blocks_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_hierarchy_md_blocks_run(tmp_path: Path) -> None:
+    mh.require_mosquitto("mosquitto_passwd", "openssl")
+    out = _run("hierarchy.md", tmp_path, {}, 300)
+    assert "site-a.pub" in out and "dev-1.pub" in out
+    conf = (tmp_path / "site-a-pki" / "mosquitto.conf").read_text()
+    assert re.search(r"^listener 18884$", conf, re.M)
+    assert (tmp_path / "ca.crt").read_text().count("BEGIN CERTIFICATE") == 2
+
+
+@pytest.mark.integration
 @pytest.mark.mosquitto
 def test_operations_md_walkthrough_runs(tmp_path: Path) -> None:
     mh.require_mosquitto("mosquitto_passwd", "openssl")
