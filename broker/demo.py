@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
+from fedclip_edge.broker.demo_models import device_models_table, measure_devices, models_dir
 from fedclip_edge.broker.embedded import EmbeddedBroker
 from fedclip_edge.broker.transport import MqttTransport
 from fedclip_edge.codecs import (
@@ -32,6 +33,7 @@ from fedclip_edge.data.synth import DOMAINS, write_dataset
 from fedclip_edge.errors import ConfigError, Interrupted, TransportError
 from fedclip_edge.exporters.export import export_artifact
 from fedclip_edge.exporters.manifest import verify_artifact
+from fedclip_edge.io import atomic_write_json
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.names import unknown_name
 from fedclip_edge.runs import build_features, train_config
@@ -122,6 +124,8 @@ def _spawn_agent(
         repr(float(topk_fraction)),
         "--state-file",
         str(folder / f"{client}-state.safetensors"),
+        "--models",
+        str(models_dir(folder, client)),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -247,11 +251,19 @@ def run_mqtt_demo(
             raise TransportError(
                 f"device agent(s) {', '.join(failed)} failed; see their logs in {out / 'agents'}"
             )
-    log(
-        f"done in {time.perf_counter() - t0:.0f}s (the table above is the result); summary.json, "
-        f"metrics.jsonl, accuracy.png and latency.png in {cfg.out}"
+    log("each device's model (its agent kept and gated it at the job's end), served through the "
+        "fused ONNX graph on the device's test split, beside the same adapter in torch:")
+    devices = measure_devices(
+        out / "agents", {f"dev-{d}": d for d in clients}, data, seed, log=log
     )
-    return {"out": str(cfg.out), "job": job}
+    for line in device_models_table(devices):
+        log(line)
+    atomic_write_json(cfg.out / "devices.json", devices)
+    log(
+        f"done in {time.perf_counter() - t0:.0f}s (the tables above are the result); "
+        f"summary.json, devices.json, metrics.jsonl, accuracy.png and latency.png in {cfg.out}"
+    )
+    return {"out": str(cfg.out), "job": job, "devices": devices}
 
 
 def _earlier_run(

@@ -39,6 +39,7 @@ from fedclip_edge.device_agent.agent_config import (
 )
 from fedclip_edge.device_agent.loop import MAX_PENDING, Agent
 from fedclip_edge.errors import ConfigError, DataError, FrameError, Interrupted, TransportError
+from fedclip_edge.serving.gate import DEFAULT_PERSONALIZE_EPOCHS, DEFAULT_PROMOTE_MARGIN
 from fedclip_edge.signing import load_private_key, load_public_key, verify_artifact_signature
 
 __all__ = [
@@ -130,8 +131,11 @@ def load_local_features(
     versions = {"fedclip_edge": __version__, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__,
                 "artifact": str(ext.manifest.get("created", ""))}
+    from fedclip_edge.serving.keep import artifact_record
+
     return LocalData(d.features, d.labels, fs.text_features, fs.logit_scale, ext.name,
-                     extract_s, versions)
+                     extract_s, versions, classes=list(fs.class_names),
+                     artifact=artifact_record(artifacts))
 
 
 def run_agent(
@@ -159,11 +163,16 @@ def run_agent(
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     state_file: Path | None = None,
+    models: Path | None = None,
+    personalize_epochs: int = DEFAULT_PERSONALIZE_EPOCHS,
+    promote_margin: float = DEFAULT_PROMOTE_MARGIN,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Features, then the MQTT loop. SIGTERM/SIGINT end it cleanly (offline status, close)."""
+    """Features, then the MQTT loop, then (job done) the models kept in `models` (default:
+    beside the feature cache). SIGTERM/SIGINT end it cleanly (offline status, close)."""
     from fedclip_edge.broker.transport import MqttTransport
     from fedclip_edge.device_agent.codec_state import default_state_path
+    from fedclip_edge.device_agent.keep import default_models_path
 
     cfg = AgentConfig(
         job, client_id, update_dtype, idle_timeout_s, connect_timeout_s,
@@ -173,6 +182,9 @@ def run_agent(
         update_codec=update_codec,
         topk_fraction=topk_fraction,
         state_file=state_file or default_state_path(cache, job, client_id),
+        models=models or default_models_path(cache, client_id),
+        personalize_epochs=personalize_epochs,
+        promote_margin=promote_margin,
     )
     if cfg.codec in DELTA_CODECS:
         log(f"update codec {cfg.codec}: error-feedback state in {cfg.state_file}")

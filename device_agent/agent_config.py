@@ -7,6 +7,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -15,6 +16,11 @@ from fedclip_edge.broker import protocol as P
 from fedclip_edge.codecs import CODECS, DEFAULT_TOPK_FRACTION, check_topk_fraction
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.serving.gate import (
+    DEFAULT_PERSONALIZE_EPOCHS,
+    DEFAULT_PROMOTE_MARGIN,
+    check_margin,
+)
 from fedclip_edge.signing import KeyRegistry
 
 
@@ -43,6 +49,8 @@ class LocalData:
     backend: str = "memory"
     extract_s: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # names of text_features' rows
+    artifact: dict[str, Any] | None = None  # the encoder export (serving.keep.artifact_record)
 
     @property
     def dim(self) -> int:
@@ -78,6 +86,11 @@ class AgentConfig:
     # delta codecs' error-feedback state (residual + last encoded update); None: kept in memory
     # only (tests), run_agent always gives one
     state_file: Path | None = None
+    # the device's model store (docs/serving.md): at the job's end the final global adapter and
+    # its personalized copy are kept there and gated; None: nothing kept (tests)
+    models: Path | None = None
+    personalize_epochs: int = DEFAULT_PERSONALIZE_EPOCHS
+    promote_margin: float = DEFAULT_PROMOTE_MARGIN
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
@@ -90,6 +103,9 @@ class AgentConfig:
                                   f"{', '.join(CODECS)}")
             if self.update_dtype == "float16" and self.update_codec != "fp16":
                 raise ConfigError("give --update-codec or --update-dtype float16, not both")
+        check_margin(self.promote_margin)
+        if self.personalize_epochs < 0:
+            raise ConfigError(f"--personalize-epochs {self.personalize_epochs}: 0 or more")
         try:
             check_topk_fraction(self.topk_fraction)
         except ValueError as exc:

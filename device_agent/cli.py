@@ -13,6 +13,7 @@ import typer
 
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.protocol import DEFAULT_MAX_PAYLOAD
+from fedclip_edge.serving.gate import DEFAULT_PERSONALIZE_EPOCHS, DEFAULT_PROMOTE_MARGIN
 
 
 def agent(
@@ -44,6 +45,23 @@ def agent(
         typer.Option(help="Delta codecs' error-feedback state (kept across restarts; default: "
                      "agent-state/JOB-CLIENT.safetensors beside the feature cache folder)."),
     ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(help="This device's model store: the job's final global adapter and its "
+                     "personalized copy are kept there as versions, the better one promoted "
+                     "(default: models/ beside the feature cache folder; docs/serving.md)."),
+    ] = None,
+    personalize_epochs: Annotated[
+        int,
+        typer.Option(min=0, help="Local fine-tuning epochs of the final global adapter on this "
+                     "device's training split (as simulate --personalize-epochs); 0: none."),
+    ] = DEFAULT_PERSONALIZE_EPOCHS,
+    promote_margin: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.99, help="The gate: a new version becomes current unless "
+                     "its validation accuracy is below the current one's or zero-shot's by "
+                     "more than this fraction (0.02 = 2 points)."),
+    ] = DEFAULT_PROMOTE_MARGIN,
     max_payload: Annotated[
         int, typer.Option(help="MQTT payload bytes above which messages are chunked.")
     ] = DEFAULT_MAX_PAYLOAD,
@@ -118,6 +136,9 @@ def agent(
         update_codec=update_codec.value if update_codec is not None else None,
         topk_fraction=topk_fraction,
         state_file=state_file,
+        models=models,
+        personalize_epochs=personalize_epochs,
+        promote_margin=promote_margin,
         log=log,
     )
 

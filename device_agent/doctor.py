@@ -158,6 +158,8 @@ def check_artifact(artifacts: Path, opener: Callable[..., Any] | None = None) ->
     except FedClipError as exc:
         return [Check("artifact", FAIL, f"{root}: {exc}")]
     m = manifest["model"]
+    if manifest.get("kind") == "fused-classifier":
+        return _check_fused(root, manifest, None if opener is open_extractor else opener)
     rows = [Check("artifact", OK, f"{root}: {m.get('name')} {manifest['precision']}, "
                   f"{len(manifest.get('files', {}))} files verified")]
     if not manifest.get("class_features"):
@@ -180,6 +182,37 @@ def check_artifact(artifacts: Path, opener: Callable[..., Any] | None = None) ->
         rows.append(Check(f"golden {spec}", OK, f"{ext.name}: min cosine "
                           f"{p.get('min_cosine', float('nan')):.6f} ({p.get('status')})"))
         ext.close()
+    return rows
+
+
+def _check_fused(root: Path, manifest: dict[str, Any],
+                 opener: Callable[..., Any] | None) -> list[Check]:
+    """A fused classifier (export --adapter): its golden set through every backend here."""
+    from fedclip_edge.errors import FedClipError
+    from fedclip_edge.exporters.fused_runtime import describe_backends, open_fused
+
+    opener = opener or open_fused
+    mv = manifest.get("model_version") or {}
+    rows = [Check("artifact", OK, f"{root}: fused classifier of {mv.get('name')} "
+                  f"({manifest['model'].get('name')}, {len(manifest['classes'])} classes) "
+                  f"{manifest['precision']}, {len(manifest.get('files', {}))} files verified")]
+    specs = describe_backends(manifest)
+    if not specs:
+        rows.append(Check("golden", FAIL, "no backend can open this fused classifier here"))
+    for spec in specs:
+        try:
+            model = opener(root, backend=spec)
+        except FedClipError as exc:
+            rows.append(Check(f"golden {spec}", FAIL, str(exc)))
+            continue
+        except Exception as exc:  # a runtime's own error (driver, library): still one row
+            rows.append(Check(f"golden {spec}", FAIL, _first_line(exc)))
+            continue
+        p = model.parity or {}
+        rows.append(Check(f"golden {spec}", OK, f"{model.name}: top-1 agreement "
+                          f"{100 * p.get('top1_agreement', 0):.0f}%, max probability difference "
+                          f"{p.get('max_abs_prob_diff', float('nan')):.2e} ({p.get('status')})"))
+        model.close()
     return rows
 
 
@@ -210,8 +243,8 @@ def _tls_context(o: BrokerOptions) -> ssl.SSLContext:
 def check_broker(o: BrokerOptions) -> list[Check]:
     """TCP, then TLS (certificate and host name), then an MQTT CONNECT with a throw-away client
     id and a clean session: it never takes over a device's session or sends a will."""
+    from fedclip_edge.broker.transport import parse_broker_url
     from fedclip_edge.errors import TransportError
-    from fedclip_edge.transport import parse_broker_url
 
     try:
         host, port, url_tls, url_user, url_password = parse_broker_url(o.url)

@@ -24,9 +24,11 @@ from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
 from fedclip_edge.device_agent.codec_state import CodecState
+from fedclip_edge.device_agent.keep import keep_final_models
 from fedclip_edge.device_agent.outbox import _Outbox
 from fedclip_edge.device_agent.round_work import RoundWork
 from fedclip_edge.errors import TransportError
+from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
 
 MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
@@ -58,6 +60,8 @@ class Agent(RoundWork):
         self.rounds_trained = 0
         self.last_upload_s: float | None = None
         self.final_state: dict[str, torch.Tensor] | None = None
+        self.final_global: P.GlobalModel | None = None  # the message final_state came in
+        self.kept: KeptModels | None = None  # what the model store got at the job's end
         self._cached: tuple[int, bytes] | None = None  # last update sent (round, payload)
         self._outbox: _Outbox | None = None
         self._last_wire = 0
@@ -161,7 +165,7 @@ class Agent(RoundWork):
             self.log(f"warning: global adapter for round {g.round} rejected: {exc.message}")
             return
         if g.round > g.rounds:
-            self.final_state = frame.tensors
+            self.final_state, self.final_global = frame.tensors, g
             self.log(f"final global adapter received (after round {g.rounds})")
             return
         self.current_round = g.round
@@ -233,4 +237,6 @@ class Agent(RoundWork):
                 except Exception:  # shutting down: best effort
                     pass
             self.t.close()
+        if self.done and self.cfg.models is not None:
+            self.kept = keep_final_models(self)
         return self.rounds_trained

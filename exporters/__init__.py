@@ -7,6 +7,8 @@ Public API (imported lazily, so `ort_utils`'s child process stays light):
 - `Extractor` (protocol: `name`, `extract(batch) -> features`)
 - `PreprocessConfig`, `preprocess_image`, `preprocess_images`
 - `read_manifest`, `verify_artifact`
+- `export_fused(FusedSource.from_version(v), out, ...)`, `open_fused(dir)`: the fused classifier
+  (encoder + adapter + classes in one graph; docs/serving.md)
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _LAZY = {
     "preprocess_images": "fedclip_edge.exporters.preprocess",
     "read_manifest": "fedclip_edge.exporters.manifest",
     "verify_artifact": "fedclip_edge.exporters.manifest",
+    "export_fused": "fedclip_edge.exporters.fused",
+    "FusedSource": "fedclip_edge.exporters.fused",
+    "open_fused": "fedclip_edge.exporters.fused_runtime",
 }
 __all__ = sorted(_LAZY)
 

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from fedclip_edge.errors import ExportError
-from fedclip_edge.exporters.names import MANIFEST_FILE, PRECISIONS, SCHEMA, SCHEMA_VERSION
+from fedclip_edge.exporters.names import (
+    ENCODER_KIND,
+    FUSED_KIND,
+    MANIFEST_FILE,
+    PRECISIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 
 # Top-level keys every manifest must have, and their JSON types.
 REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -40,6 +47,24 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 REQUIRED_MODEL = ("name", "pretrained", "weights_sha256", "embed_dim")
 REQUIRED_ENCODER = ("file", "inputs", "outputs")
+# A fused classifier (exporters/fused.py) has `classifier` where an encoder has `image_encoder`.
+REQUIRED_FUSED: dict[str, type | tuple[type, ...]] = {
+    "classifier": dict,
+    "model_version": dict,
+    "classes": list,
+}
+KINDS = (ENCODER_KIND, FUSED_KIND)
+
+
+def kind_of(data: Mapping[str, Any]) -> str:
+    """`image-encoder` (also when absent: manifests written before kinds existed) or
+    `fused-classifier`."""
+    return str(data.get("kind") or ENCODER_KIND)
+
+
+def graph_section(data: Mapping[str, Any]) -> str:
+    """The manifest section that describes the artifact's ONNX graph."""
+    return "classifier" if kind_of(data) == FUSED_KIND else "image_encoder"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -82,7 +107,14 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
             f"artifact manifest version {data.get('schema_version')!r} is not supported "
             f"(this fedclip-edge reads version {SCHEMA_VERSION}): re-export the model"
         )
-    for key, typ in REQUIRED.items():
+    kind = kind_of(data)
+    if kind not in KINDS:
+        raise ExportError(f"artifact manifest has unknown kind {kind!r} ({', '.join(KINDS)})")
+    required = dict(REQUIRED)
+    if kind == FUSED_KIND:
+        del required["image_encoder"]
+        required.update(REQUIRED_FUSED)
+    for key, typ in required.items():
         if key not in data:
             raise ExportError(f"artifact manifest lacks {key!r}")
         if not isinstance(data[key], typ):
@@ -90,9 +122,10 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
     for key in REQUIRED_MODEL:
         if key not in data["model"]:
             raise ExportError(f"artifact manifest lacks model.{key}")
+    section = graph_section(data)
     for key in REQUIRED_ENCODER:
-        if key not in data["image_encoder"]:
-            raise ExportError(f"artifact manifest lacks image_encoder.{key}")
+        if key not in data[section]:
+            raise ExportError(f"artifact manifest lacks {section}.{key}")
     if data["precision"] not in PRECISIONS:
         raise ExportError(f"artifact manifest names unknown precision {data['precision']!r}")
     if data["max_batch"] < 1:
@@ -131,7 +164,7 @@ def verify_artifact(root: Path, manifest: Mapping[str, Any] | None = None) -> di
     """Check that every file the manifest lists is there with its recorded sha256."""
     root = Path(root)
     data = dict(manifest) if manifest is not None else read_manifest(root)
-    referenced = [data["image_encoder"]["file"], data["golden"]["file"]]
+    referenced = [data[graph_section(data)]["file"], data["golden"]["file"]]
     for section in ("text_encoder", "class_features", "tensorrt"):
         entry = data.get(section)
         if isinstance(entry, dict) and entry.get("file"):

@@ -29,3 +29,12 @@ SCHEMA = "fedclip-edge/artifact"
 SCHEMA_VERSION = 1
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+# Fused classifier (exporters/fused.py): image encoder + adapter + class text features.
+FUSED_KIND = "fused-classifier"  # manifest "kind"; encoder artifacts: none or "image-encoder"
+ENCODER_KIND = "image-encoder"
+FUSED_ONNX_FILE = "classifier.onnx"
+LOGITS_OUTPUT = "logits"  # [N, C] float32: logit_scale * cos(adapted image feature, class text)
+PROBS_OUTPUT = "probs"  # [N, C] float32: softmax of logits
+FUSED_ENGINE_FILE = "classifier.engine"
+# golden.npz of a fused export: inputs [G,3,H,W], logits [G,C], probs [G,C] (torch composition)

@@ -38,9 +38,14 @@ def op_types_for(path: Path) -> list[str]:
     return ops
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, per_channel: bool = False) -> list[str]:
+def quantize_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    per_channel: bool = False,
+    nodes_to_exclude: list[str] | None = None,
+) -> list[str]:
     """Write a dynamically quantized (QInt8 weights) copy of `fp32_path` to `int8_path`;
-    returns the op types that were quantized."""
+    returns the op types that were quantized. `nodes_to_exclude` (node names) stay fp32."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
@@ -57,6 +62,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, per_channel: bool = False) -
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
                 op_types_to_quantize=ops,
+                nodes_to_exclude=list(nodes_to_exclude or []),
             )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)

@@ -28,7 +28,7 @@ import numpy as np
 from fedclip_edge.errors import ExportError, FedClipError
 from fedclip_edge.exporters import parity
 from fedclip_edge.exporters.manifest import read_manifest, verify_artifact
-from fedclip_edge.exporters.names import CLASS_FEATURES_FILE
+from fedclip_edge.exporters.names import CLASS_FEATURES_FILE, FUSED_KIND
 from fedclip_edge.exporters.preprocess import PreprocessConfig, preprocess_images
 
 log = logging.getLogger(__name__)
@@ -419,7 +419,13 @@ def open_extractor(
     `device`: auto | cpu | cuda (onnxruntime also takes tensorrt, its TensorRT provider).
     """
     root = Path(artifacts_dir)
-    manifest = verify_artifact(root, read_manifest(root))
+    manifest = read_manifest(root)
+    if manifest.get("kind") == FUSED_KIND:
+        raise ExportError(
+            f"{root} is a fused classifier (image -> class probabilities), not an image encoder: "
+            "open it with fedclip_edge.serving.classifier.open_classifier"
+        )
+    manifest = verify_artifact(root, manifest)
     backend, device = parse_backend(backend, device)
 
     if backend != "auto":

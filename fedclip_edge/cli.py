@@ -38,6 +38,7 @@ from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.runs import build_features, run_demo, run_simulation
+from fedclip_edge.serving.cli import classify, models_app
 
 app = typer.Typer(
     name="fedclip-edge",
@@ -310,6 +311,8 @@ def _register_parts() -> None:
     app.command("status")(status)
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(models_app, name="models")
+    app.command("classify")(classify)
     bench_app.command("extractor")(bench_extractor)
     bench_app.command("fedavg")(bench_fedavg)
     bench_app.command("aggregator")(bench_aggregator)

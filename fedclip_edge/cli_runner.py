@@ -51,6 +51,24 @@ def expand_multi_values(argv: list[str], multi: set[str] | None = None) -> list[
     return out
 
 
+# Options that take a value or none (`export --text-encoder` alone, or `--text-encoder DIR` with
+# `--adapter`): alone (at the end, or before another option) they become `--opt=` (an empty
+# value), which click accepts; the command reads "" as "given without a value".
+OPTIONAL_VALUE_OPTIONS = {"--text-encoder"}
+
+
+def expand_optional_values(argv: list[str], names: set[str] = OPTIONAL_VALUE_OPTIONS) -> list[str]:
+    """`--text-encoder --out X` -> `--text-encoder= --out X`; `--text-encoder DIR` unchanged."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in names and (nxt is None or (nxt.startswith("-") and not _is_number(nxt))):
+            out.append(arg + "=")
+        else:
+            out.append(arg)
+    return out
+
+
 def _is_number(arg: str) -> bool:
     try:
         float(arg)
@@ -134,6 +152,7 @@ def run_app(
     command = typer.main.get_command(application)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command))
+    args = expand_optional_values(args)
     try:
         try:
             with command.make_context(prog_name, args) as ctx:

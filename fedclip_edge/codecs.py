@@ -1,6 +1,6 @@
 """Update codecs: how an adapter update is shrunk before it travels, and error feedback.
 
-Pure (numpy/torch, no I/O except ErrorFeedback's own file): the wire format (`wire.py`) packs
+Pure (numpy/torch, no I/O except ErrorFeedback's own file): the wire format (`wire/`) packs
 what these functions return into frames and checks untrusted input before calling `decode_tensor`.
 
 A codec turns one float tensor into a few small arrays:

@@ -58,6 +58,13 @@ class SigningError(FedClipError):
     exit_code = 9
 
 
+class ModelStoreError(FedClipError):
+    """A device's model store or version that is missing, corrupt, foreign or cannot change as
+    asked (nothing to roll back to, a name that is not there)."""
+
+    exit_code = 10
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying what is kept and how to go on (e.g. "re-run with --resume"). The CLI
     prints it as one `interrupted: ...` line and exits 130; a plain KeyboardInterrupt gets the

@@ -102,6 +102,9 @@ class AgentSection:
     topk_fraction: float | None = key("topk_fraction", AGENT)
     idle_timeout: float | None = key("idle_timeout", AGENT)
     keepalive: int | None = key("keepalive", AGENT)
+    models: Path | None = key("models", AGENT)  # the device's model store (docs/serving.md)
+    personalize_epochs: int | None = key("personalize_epochs", AGENT)
+    promote_margin: float | None = key("promote_margin", AGENT)
 
 
 @dataclass(frozen=True)

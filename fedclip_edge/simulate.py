@@ -22,7 +22,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
 from fedclip_edge.tables import points, text_table
-from fedclip_edge.train import accuracy, train_local
+from fedclip_edge.train import accuracy, personalize, train_local
 from fedclip_edge.wire import decode_update, encode_frame, encode_update
 
 
@@ -224,16 +224,14 @@ def run_seed(
         + f" | held-out {cfg.test_domain} {gen:.1%} (zero-shot {zero_shot_heldout:.1%})"
     )
     if cfg.personalize_epochs > 0:
-        local_cfg = cfg.train.with_overrides(epochs=cfg.personalize_epochs)
         local_acc = {}
         for ci, c in enumerate(clients):
-            local = AttentionAdapter(fs.dim)
-            local.load_state_dict(best_state)
-            train_local(
-                local,
+            local = personalize(
+                best_state,
                 *splits[c]["train"],
                 text,
-                local_cfg,
+                cfg.train,
+                cfg.personalize_epochs,
                 logit_scale=fs.logit_scale,
                 generator=_generator(seed, 10**6, ci),
             )

@@ -81,6 +81,34 @@ def train_local(
     return TrainResult(loss=total / steps if steps else float("nan"), steps=steps, samples=samples)
 
 
+def personalize(
+    global_state: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    text_features: torch.Tensor,
+    cfg: TrainConfig,
+    epochs: int,
+    *,
+    logit_scale: float = 100.0,
+    generator: torch.Generator | None = None,
+) -> AttentionAdapter:
+    """FedCLIP's local personalization: a copy of the final global adapter fine-tuned for
+    `epochs` on one client's own training features. One step for `simulate
+    --personalize-epochs` and the agent's personalized model version."""
+    local = AttentionAdapter(features.shape[1])
+    local.load_state_dict(global_state)
+    train_local(
+        local,
+        features,
+        labels,
+        text_features,
+        cfg.with_overrides(epochs=epochs),
+        logit_scale=logit_scale,
+        generator=generator,
+    )
+    return local
+
+
 @torch.no_grad()
 def predict(
     adapter: AttentionAdapter | None, features: torch.Tensor, text_features: torch.Tensor

@@ -38,6 +38,9 @@ _CODEC_TAGS = frozenset(_ST_DTYPES)
 _ST_LEN = struct.Struct("<Q")
 _ST_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _ST_MAX_RANK = 8  # as the codec header's bound; an adapter's tensors have 1 or 2
+# An empty tensor's non-zero dimensions multiply to at most this (the codec header's bound on
+# elements); a tensor with data is bounded by its bytes already.
+_ST_MAX_EMPTY_DIMS = 64 * 1024 * 1024
 
 
 def _bad_payload(why: str) -> FrameRejected:
@@ -104,6 +107,11 @@ def _safetensors_views(
         if numel * np_dtype.itemsize != end - begin:
             raise _bad_payload(f"tensor {label} spans {end - begin} bytes, its shape "
                                f"{shape[:9]} needs {numel * np_dtype.itemsize}")
+        if numel == 0 and math.prod(d for d in shape if d) > _ST_MAX_EMPTY_DIMS:
+            # an empty tensor passes the byte count whatever its other dimensions: numpy would
+            # refuse [0, 2**64] or [0, 2**62, 2**62] with a ValueError of its own
+            raise _bad_payload(f"tensor {label} declares shape {str(shape[:9])[:80]}, over "
+                               f"{_ST_MAX_EMPTY_DIMS} elements beside its zero")
         spans.append((begin, end, name))
         array = (np.frombuffer(data, dtype=np_dtype, count=numel, offset=begin) if numel
                  else np.empty(0, dtype=np_dtype))

@@ -34,6 +34,21 @@ def test_mqtt_demo_end_to_end(tmp_path, capsys):
         assert (tmp_path / "agents" / f"{client}-state.safetensors").stat().st_size > 0
     assert {r["update_codec"] for r in rows if r.get("kind") == "client"} == {"topk-int8"}
     assert set(summary["totals"]["bytes_up_by_codec"]) == {"topk-int8"}
+    # each device kept and gated its model; measured through the fused ONNX graph it scores as
+    # the same adapter in torch on the device's cached features, within one image
+    from fedclip_edge.broker.demo_models import agree_within
+    from fedclip_edge.serving.store import ModelStore
+
+    devices = json.loads((tmp_path / "aggregator" / "devices.json").read_text())
+    assert [d["client"] for d in devices] == ["dev-art_painting", "dev-cartoon", "dev-sketch"]
+    for d in devices:
+        store = ModelStore(tmp_path / "agents" / f"{d['client']}-models")
+        assert [v.name for v in store.versions()] == ["v0001-global", "v0002-personal"]
+        candidate = [v.name for v in store.versions() if v.manifest["gate_candidate"]]
+        assert len(candidate) == 1 and d["version"] == (store.current_name() or candidate[0]), d
+        assert d["test_n"] > 0 and agree_within(d, images=1), d
+        assert (tmp_path / "agents" / f"{d['client']}-fused" / "manifest.json").is_file()
+    assert "test fused ONNX" in printed
 
 
 def test_inproc_demo(tmp_path, capsys):

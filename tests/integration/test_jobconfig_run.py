@@ -67,7 +67,10 @@ def test_config_driven_federation(job_dir: Path, tmp_path: Path) -> None:
                 *[
                     (client, [*CLI, "agent", "--config", config, "--broker", broker.url,
                               "--client-id", client, "--domain", domain,
-                              "--key", str(job_dir / "keys" / f"{client}.key")])
+                              "--key", str(job_dir / "keys" / f"{client}.key"),
+                              # dev-a's gate admits anything: the run must leave a current
+                              # model there (the gate itself: tests/unit/serving)
+                              *(["--promote-margin", "0.99"] if client == "dev-a" else [])])
                     for client, domain in AGENTS.items()
                 ],
             ]:
@@ -97,6 +100,26 @@ def test_config_driven_federation(job_dir: Path, tmp_path: Path) -> None:
     caches = list((cache_root / "agent-features").iterdir())
     assert caches, text
     assert str(cache_root / "agent-features") in (logs / "dev-a.log").read_text()
+    # each device kept the final global and its personalized copy (default store: models/<id>
+    # under the cache folder), measured and gated; dev-a's was promoted
+    from fedclip_edge.serving.store import ModelStore, resolve_model
+
+    for client in AGENTS:
+        store = ModelStore(cache_root / "models" / client)
+        names = [v.name for v in store.versions()]
+        assert names == ["v0001-global", "v0002-personal"], text
+        g = store.version("v0001-global").manifest
+        assert (g["job"], g["round"], g["client_id"], g["signature_checked"]) == (
+            "shapes-demo", 2, client, True)
+        assert g["artifact"]["path"] == str((job_dir / "artifact").resolve())
+        log = (logs / f"{client}.log").read_text()
+        assert f"model v0001-global: {g['gate']}" in log
+    current = resolve_model(cache_root / "models" / "dev-a")
+    assert current.name in ("v0001-global", "v0002-personal")
+    assert current.manifest["promoted"] is True
+    r = subprocess.run([*CLI, "models", "list", "--models", str(cache_root / "models" / "dev-a")],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0 and f"* {current.name}" in r.stdout, r.stdout + r.stderr
 
 
 def test_flags_override_and_unknown_keys(job_dir: Path, tmp_path: Path) -> None:

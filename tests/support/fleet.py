@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 
 import torch
 
@@ -44,13 +45,18 @@ def local_data(client: str, dim: int = 8, n: int = 30) -> LocalData:
 
 
 def start_agents(
-    broker: MemoryBroker, clients: list[str], max_payload: int = P.DEFAULT_MAX_PAYLOAD
+    broker: MemoryBroker,
+    clients: list[str],
+    max_payload: int = P.DEFAULT_MAX_PAYLOAD,
+    models: Path | None = None,
 ) -> list[tuple[Agent, threading.Thread]]:
-    """One running agent per client name (daemon threads; they end when the job is done)."""
+    """One running agent per client name (daemon threads; they end when the job is done).
+    `models`: each keeps its models in models/<client> at the job's end (else none kept)."""
     out = []
     for c in clients:
         cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
-                          aggregator_key=keys.aggregator_public())
+                          aggregator_key=keys.aggregator_public(),
+                          models=models / c if models is not None else None)
         t = MemoryTransport(
             broker,
             c,

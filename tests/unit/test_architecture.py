@@ -4,8 +4,7 @@ Built from the source with the standard library's `ast`, module names exactly as
 `packages` and `package-dir` install them (`broker/aggregator.py` is
 `fedclip_edge.broker.aggregator`). Every import statement counts, wherever it sits (module top,
 inside a function, under `if TYPE_CHECKING`): a lazy import is still a dependency, only a later
-one. Calls such as `importlib.import_module("...")` are not import statements and do not count
-(the deprecated one-release aliases rely on that).
+one. Calls such as `importlib.import_module("...")` are not import statements and do not count.
 
 An edge goes to the module an import names: `from fedclip_edge.broker import protocol` is an edge
 to `fedclip_edge.broker.protocol`, `from fedclip_edge.broker import X` (X not a submodule) an
@@ -15,7 +14,10 @@ circular).
 
 Fails on (a) an import cycle, (b) typer imported by a library module (only files named cli.py or
 cli_*.py may), (c) the core (the fedclip_edge/ folder, its cli.py and cli_*.py aside) importing
-the server side, the device side, the benchmarks, an MQTT client or broker, or subprocess.
+the server side, the device side, the benchmarks, serving, an MQTT client or broker, or
+subprocess, (d) serving/ (fedclip_edge.serving, issue 17) importing the server side, the device
+side, the benchmarks or an MQTT client or broker: it knows nothing of MQTT, and the agent imports
+serving.store, never the other way.
 """
 
 from __future__ import annotations
@@ -37,9 +39,19 @@ CORE_FORBIDDEN = (
     f"{TOP}.broker",
     f"{TOP}.device_agent",
     f"{TOP}.benchmarks",
+    f"{TOP}.serving",
     "paho",
     "amqtt",
     "subprocess",
+)
+
+# (d): what serving/ must not import.
+SERVING_FORBIDDEN = (
+    f"{TOP}.broker",
+    f"{TOP}.device_agent",
+    f"{TOP}.benchmarks",
+    "paho",
+    "amqtt",
 )
 
 
@@ -217,8 +229,10 @@ def test_the_graph_covers_the_package(package) -> None:
     """Guards the other tests against passing on an empty or mis-mapped graph."""
     files, graph, _ = package
     folders = {f.relative_to(REPO).parts[0] for f in files.values()}
-    assert folders >= {"fedclip_edge", "exporters", "broker", "device_agent", "benchmarks"}
+    rooms = {"fedclip_edge", "exporters", "broker", "device_agent", "benchmarks", "serving"}
+    assert folders >= rooms
     assert f"{TOP}.broker.protocol" in files and f"{TOP}.device_agent.agent" in files
+    assert f"{TOP}.serving.store" in files
     assert f"{TOP}.adapter" in graph[f"{TOP}.train"]  # train builds on the adapter
     assert sum(len(v) for v in graph.values()) > len(files)
 
@@ -250,6 +264,17 @@ def test_core_imports_no_server_device_benchmark_mqtt_or_process_code(package) -
         and _matches(i.target, CORE_FORBIDDEN)
     ]
     assert not bad, "the core reaches outside itself:\n" + "\n".join("  " + b for b in bad)
+
+
+def test_serving_imports_no_server_device_benchmark_or_mqtt_code(package) -> None:
+    files, _, every = package
+    serving = REPO / "serving"
+    bad = [
+        f"{_where(files, i)} {i.module} imports {i.target}"
+        for i in every
+        if files[i.module].is_relative_to(serving) and _matches(i.target, SERVING_FORBIDDEN)
+    ]
+    assert not bad, "serving reaches outside itself:\n" + "\n".join("  " + b for b in bad)
 
 
 # ----------------------------------------------------------------------------- the checker
@@ -303,3 +328,21 @@ def test_checker_sees_no_cycle_through_a_package_init(tmp_path: Path) -> None:
     (tmp_path / "pkg/a.py").write_text("from pkg import X\n")  # now a imports the init
     graph, _ = build_graph(files)
     assert cycles(graph) == [["pkg", "pkg.a", "pkg"]]
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        f"{TOP}.aggregator",
+        f"{TOP}.protocol",
+        f"{TOP}.transport",
+        f"{TOP}.metrics",
+        f"{TOP}.procs",
+        f"{TOP}.pipeline",
+        f"{TOP}.exporters.pipeline",
+    ],
+)
+def test_the_removed_module_aliases_stay_removed(package, old: str) -> None:
+    """The old paths moved (CHANGELOG.md says where); one module per name, no second copy."""
+    files, _, _ = package
+    assert old not in files

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [ROOT / "exporters" / "tensorrt_build.py", ROOT / "exporters" / "runtimes.py"]
+ROOT = Path(__file__).resolve().parents[3]
+SOURCES = [
+    ROOT / "exporters" / "tensorrt_build.py",
+    ROOT / "exporters" / "runtimes.py",
+    ROOT / "exporters" / "fused_runtime.py",
+]
 
 
 def _stub_dir() -> Path:
