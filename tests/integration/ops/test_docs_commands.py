@@ -75,9 +75,9 @@ def test_every_block_says_what_it_is_and_flags_are_real(page: str) -> None:
                 _check(argv, f"docs/{page}:{line}")
 
 
-# The README already shows the serving commands (another branch); until it is merged they are
-# the only names allowed to be missing. Anything else missing fails.
-PENDING_SERVING = {"models", "classify", "serve", "export --adapter"}
+# The README already shows `serve` (another branch); until it is merged it is the only name
+# allowed to be missing. Anything else missing fails.
+PENDING_SERVING = {"serve"}
 
 
 def test_readme_command_lines_use_real_flags() -> None:
