@@ -192,6 +192,9 @@ class Aggregator(MessageIntake):
         self._attempts = 0  # retries of the round
         self._wall = 0.0  # the round's wall time, publish to the end of collect
         self._warned_over_sites = False
+        # client -> (reason, message) of its refused hello/status: the job's error names them
+        self.refused: dict[str, tuple[str, str]] = {}
+        self.resumed = False  # state.json was loaded: devices' resends are then expected
         # the round (its number and global) the validation thread may decode delta frames
         # against: replaced as one object (never mutated), so the worker reads a consistent pair
         self._decode_ctx: OpenRound | None = None
@@ -230,6 +233,7 @@ class Aggregator(MessageIntake):
             if self.cfg.resume:
                 self.log(f"no {self.store.state_path} yet: job {self.cfg.job} starts at round 1")
             return
+        self.resumed = True
         self.global_state = resumed.global_state
         self.completed = resumed.completed
         self.counters.update(resumed.counters)
@@ -248,7 +252,10 @@ class Aggregator(MessageIntake):
         if self.cfg.dim is None:
             dims = Counter(d.dim for d in self.devices.values() if d.active and d.dim > 0)
             if not dims:
-                raise TransportError("no device reported its feature width: pass --dim")
+                raise TransportError(self._refused_note() or (
+                    f"no device said hello within --wait-clients {self.cfg.wait_clients_s:g}s "
+                    f"(is an agent running for job {self.cfg.job} on this broker?); --dim "
+                    "starts the job without one"))
             # the width most devices report; a device with another one cannot take part (one
             # odd hello must not stop the job from starting)
             self.cfg.dim = max(dims, key=lambda d: (dims[d], -d))
@@ -488,9 +495,11 @@ class Aggregator(MessageIntake):
             if not self._run_round(rnd):
                 self._round = 0
                 self._publish_control("done")
+                note = self._refused_note()
                 raise FedClipError(
                     f"stopped at round {rnd}: fewer than {self.cfg.min_clients} updates "
                     f"(policy {self.cfg.on_short}); state kept, re-run with --resume"
+                    + (f"; {note}" if note else "")
                 )
         # the final adapter stays retained (round rounds+1: nothing left to train)
         self._round = self.cfg.rounds + 1

@@ -31,6 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.hierarchy import SITE_BACKEND
 from fedclip_edge.signing import (
     KeyRegistry,
     SignatureRejected,
@@ -132,7 +133,20 @@ def verify(msg: Any, registry: KeyRegistry, *, job: str = "", key_id: str | None
         return verify_message(registry, decode_signature(msg.sig), key_id=key_id,
                               **_fields(msg, job))
     except SignatureRejected as exc:
-        raise P.MessageRejected(exc.reason, str(exc)) from None
+        raise P.MessageRejected(exc.reason, _with_fix(msg, exc.reason, str(exc))) from None
+
+
+def _with_fix(msg: Any, reason: str, text: str) -> str:
+    """An unknown key's refusal says what to do: the operator's usual slip is a key left out
+    of the registry (a site's above all: its key goes to the CENTRAL's --device-keys)."""
+    if reason != "unknown_key" or not isinstance(msg, P.Status):
+        return text
+    who = msg.client
+    if msg.backend == SITE_BACKEND:
+        return (f"site not registered at the central: copy its public key ({who}.pub, made "
+                f"with the site's keys) to the central's --device-keys folder ({text})")
+    return (f"device {who} is not registered: copy its public key ({who}.pub) to the "
+            f"aggregator's --device-keys folder ({text})")
 
 
 def signed_will(client: str, job: str, session: str, key: Ed25519PrivateKey | None) -> bytes:

@@ -13,8 +13,9 @@ import logging
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -277,10 +278,7 @@ def aggregate(
         # a flood costs its sender: over-limit messages dropped, counted, one line per interval
         rate_limit=SenderRateLimit(log=lambda line: print(line, flush=True)),
     )
-    console = Console(width=None if sys.stdout.isatty() else 160)
-
-    def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+    log, console = make_log(sys.stdout)
 
     agg: Aggregator
     up_transport = None
@@ -322,9 +320,10 @@ def aggregate(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        discard_session(broker, transport.client_id, username, password, tls, connect_timeout)
         agg.run()
     except KeyboardInterrupt:
-        raise Interrupted(AGGREGATE_INTERRUPTED) from None
+        raise Interrupted(interrupted_message(agg.completed)) from None
     finally:
         transport.close()
         if transport.rate_limit is not None:
@@ -333,6 +332,22 @@ def aggregate(
             metrics.close()
         if up_transport is not None:
             up_transport.close()
+
+
+def discard_session(url: str, client_id: str, username: str | None, password: str | None,
+                    tls: TlsOptions | None, timeout_s: float) -> None:
+    """Connect once with a clean session, so the job's persistent session starts empty.
+
+    Why: the broker keeps a persistent session per client id (per username on the production
+    broker, which sets `use_username_as_clientid`): without this, a new job inherits the last
+    job's subscriptions and queued messages and counts them as `rejected (job)` every round.
+    Nothing of this job is lost: devices send again what a new aggregator session lacks."""
+    probe = MqttTransport(url, client_id, username=username, password=password, tls=tls,
+                          clean_session=True)
+    try:
+        probe.connect(timeout_s)
+    finally:
+        probe.close()
 
 
 def status(
@@ -415,7 +430,32 @@ def status(
     typer.echo(json.dumps(st, indent=2, allow_nan=False) if as_json else format_status(st))
 
 
-AGGREGATE_INTERRUPTED = "state of the last completed round is kept; re-run with --resume"
+AGGREGATE_INTERRUPTED_BEFORE = "before any round was committed: nothing to keep; re-run to start"
+
+
+def interrupted_message(completed: int) -> str:
+    """What Ctrl-C (or SIGTERM) leaves: the last committed round, or nothing yet."""
+    if completed < 1:
+        return AGGREGATE_INTERRUPTED_BEFORE
+    return f"state of round {completed} (the last committed) is kept; re-run with --resume"
+
+
+def make_log(stream: TextIO) -> tuple[Callable[[str], None], Console | None]:
+    """The aggregator's log and console for `stream`: on a terminal, rich (per-round client
+    tables); otherwise (a file, the journal) plain lines, one per event, never wrapped, and no
+    per-client tables (N rows a round for a fleet): the final table ends the run either way."""
+    if stream.isatty():
+        console = Console(file=stream)
+
+        def log(line: str) -> None:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        return log, console
+
+    def plain(line: str) -> None:
+        print(line, file=stream, flush=True)
+
+    return plain, None
 
 
 def main(argv: list[str] | None = None) -> int:

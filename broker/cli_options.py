@@ -86,7 +86,8 @@ def config_option(command: str) -> Any:
         Path | None,
         typer.Option(
             "--config",
-            help="Job config file (TOML: [broker] [job] [train] [aggregator] [agent] [demo]); "
+            help="Job config file (TOML sections \\[broker] \\[job] \\[train] \\[aggregator] "
+            "\\[agent] \\[demo]); "
             "flags override it. See examples/job.toml.",
             is_eager=True,
             callback=load,

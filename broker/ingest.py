@@ -76,6 +76,8 @@ class MessageIntake:
     _global_payload: bytes
     _published_at: float
     _warned_over_sites: bool
+    refused: dict[str, tuple[str, str]]
+    resumed: bool
 
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
 
@@ -87,7 +89,16 @@ class MessageIntake:
     def _reject(self, reason: str, topic: str, message: str) -> None:
         self.counters[f"rejected_{reason}"] += 1
         self.hooks.message_rejected(self, reason)
+        if "/status/" in topic:
+            self.refused[topic.rsplit("/", 1)[1]] = (reason, message)
+        if self.resumed and reason in M.RESEND_REASONS:
+            message = f"{message} ({M.RESEND_NOTE})"
         self.log(f"rejected ({reason}) on {topic}: {message}")
+
+    def _refused_note(self) -> str:
+        """Who was turned away and is still not in (empty when nobody)."""
+        return M.refused_summary(
+            {c: r for c, r in self.refused.items() if c not in self.roster})
 
     def _handle(self, msg: Received) -> None:
         is_update = False

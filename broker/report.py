@@ -324,8 +324,55 @@ def round_record(
         "bytes_down": sum(int(_num(r.get("bytes_down")) or 0) for r in rows),
         "bytes_up": sum(int(_num(r.get("bytes_up")) or 0) for r in rows),
         "bytes_up_by_codec": bytes_by_codec(rows),
+        "updates_by_codec": dict(sorted(Counter(codec_of(r) for r in rows).items())),
         "rejected": {k: v for k, v in counters.items() if k.startswith("rejected_")},
     }
+
+
+def codec_savings(row: Mapping[str, Any]) -> str:
+    """'topk-int8 x2 41x fewer bytes than fp32, fp32 x1; round total 0.52x of all-fp32 (the
+    global goes down dense)': what each codec saves on the way up, and why the round's total
+    saves far less (every device downloads the dense fp32 global). The fp32 size of an update
+    is the global's, which each device downloads: the same adapter, dense fp32."""
+    counts = row.get("updates_by_codec") or {}
+    by_codec = row.get("bytes_up_by_codec") or {}
+    n = len(row.get("clients") or ())
+    down = _num(row.get("bytes_down"))
+    if not counts or not n or not down:
+        return ""
+    dense = down / n  # one fp32 global (envelope included), as each device downloaded it
+    parts = []
+    for codec, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        up = (_num(by_codec.get(codec)) or 0) / k
+        if codec == "fp32" or not up:
+            parts.append(f"{codec} x{k}")
+        else:
+            parts.append(f"{codec} x{k} {dense / up:.1f}x fewer bytes than fp32")
+    if set(counts) == {"fp32"}:
+        return "codec " + ", ".join(parts)
+    total = down + (_num(row.get("bytes_up")) or 0)
+    return (f"codecs {', '.join(parts)}; round total {total / (2 * down):.2f}x of all-fp32 "
+            "(the global goes down dense)")
+
+
+# After --resume devices send again what the new aggregator session may lack: refusals of these
+# reasons are then the protocol working, not an attack (issue 21).
+RESEND_REASONS = ("duplicate", "stale")
+RESEND_NOTE = "expected after a resume: a device sending again what the new session may lack"
+
+
+def refused_summary(refused: Mapping[str, tuple[str, str]]) -> str:
+    """'2 devices refused: bad_signature (dev-2), unknown_key (site-a): <first message>': who
+    was turned away at hello, by reason, with the first refusal's own words (its fix)."""
+    if not refused:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for client, (reason, _) in sorted(refused.items()):
+        by_reason.setdefault(reason, []).append(client)
+    n = len(refused)
+    first = next(iter(sorted(refused.items())))[1][1]
+    listed = ", ".join(f"{r} ({', '.join(cs)})" for r, cs in sorted(by_reason.items()))
+    return f"{n} device{'s' if n != 1 else ''} refused: {listed}: {first}"
 
 
 def _per_client(total: Any, n: int) -> str:
@@ -354,6 +401,7 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
         f"{seconds(row['latency_p50_s'])} max {seconds(row['latency_max_s'])}"
         f" | down {_per_client(row['bytes_down'], n)} up {_per_client(row['bytes_up'], n)}"
         f" | wall {row['round_wall_s']:.2f}s | rejected {rej}"
+        + (f" | {saving}" if (saving := codec_savings(row)) else "")
     )
 
 

@@ -86,6 +86,7 @@ class SiteAggregator(Aggregator):
         if cfg.signed and self._up_registry is None:
             raise ConfigError(f"site {site}: give the central aggregator's public key")
         self.idle_timeout_s = idle_timeout_s  # 0: wait for the central as long as it takes
+        self.wait_log_s = 30.0  # while waiting (devices, the central): say for what this often
         self.up_counters: Counter[str] = Counter()
         self._up_epoch = 0
         self._partial: tuple[int, bytes] | None = None  # (round, update payload) last sent
@@ -116,7 +117,8 @@ class SiteAggregator(Aggregator):
             return int(self.cfg.dim)
         dims = Counter(d.dim for d in self.devices.values() if d.active and d.dim > 0)
         if not dims:
-            raise TransportError(f"site {self.site}: no device reported its width: pass --dim")
+            raise TransportError(f"site {self.site}: no device reported its width: "
+                                 + (self._refused_note() or "pass --dim"))
         self.cfg.dim = max(dims, key=lambda d: (dims[d], -d))
         return int(self.cfg.dim)
 
@@ -307,6 +309,39 @@ class SiteAggregator(Aggregator):
                 pass  # the store says what is wrong with the file
         super()._init_state()
 
+    def _wait_for_devices(self) -> None:
+        """--wait-clients for this site's own devices, saying every `wait_log_s` how many."""
+        deadline = self.clock() + self.cfg.wait_clients_s
+
+        def enough() -> bool:
+            return self.roster.active_count >= self.cfg.min_clients
+
+        while not enough() and self.clock() < deadline:
+            self._pump(min(deadline, self.clock() + self.wait_log_s), enough)
+            if not enough() and self.clock() < deadline:
+                note = self._refused_note()
+                self.log(
+                    f"site {self.site}: waiting for its devices: {self.roster.active_count} of "
+                    f"{self.cfg.min_clients} online on this site's broker (job {self.cfg.job}), "
+                    f"{deadline - self.clock():.0f}s left of --wait-clients"
+                    + (f"; {note}" if note else "")
+                )
+
+    def _waiting_for_central(self, quiet_s: float) -> str:
+        """What the site waits for upstream, and the usual reason when it never comes."""
+        if not self.central_rounds and not self.completed:
+            return (
+                f"site {self.site}: waiting for the central's global of job {self.cfg.job} "
+                f"(nothing for {quiet_s:.0f}s): is the central aggregator running this job, "
+                f"and is this site's public key ({self.site}.pub) in the central's "
+                "--device-keys? (the central logs 'rejected (unknown_key)' for it otherwise)"
+            )
+        return (
+            f"site {self.site}: waiting for the central's next global of job {self.cfg.job} "
+            f"(round {self.completed} sent; nothing for {quiet_s:.0f}s: the central waits for "
+            "its other sites or devices, or its round deadline)"
+        )
+
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, torch.Tensor]:
         """Serve the central job's rounds until it is done; returns its final adapter."""
@@ -317,10 +352,7 @@ class SiteAggregator(Aggregator):
         self._epoch_seen = self.t.epoch
         self._publish_control("running")
         self._pump(self.clock() + 0.3, lambda: False)
-        self._pump(
-            self.clock() + self.cfg.wait_clients_s,
-            lambda: self.roster.active_count >= self.cfg.min_clients,
-        )
+        self._wait_for_devices()
         dim = self._site_dim()
         if self.global_state is None:
             self.global_state = self._template()
@@ -333,9 +365,12 @@ class SiteAggregator(Aggregator):
             f"site {self.site}: job {self.cfg.job}, {self.roster.active_count} device(s) online, "
             f"width {dim}; waiting for the central's global"
         )
-        last_heard = self.clock()
+        last_heard = last_note = self.clock()
         while True:
             msg = self.up.recv(0.05)
+            if self.clock() - max(last_heard, last_note) >= self.wait_log_s:
+                last_note = self.clock()
+                self.log(self._waiting_for_central(last_note - last_heard))
             if self.up.epoch != self._up_epoch:  # reconnected upstream: say hello again
                 self._up_epoch = self.up.epoch
                 self._hello_up()

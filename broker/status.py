@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -238,8 +239,20 @@ def status_from_run_folder(out: Path, job: str | None = None) -> dict[str, Any]:
             "bytes_down_per_client": (last.get("bytes_down") or 0) / n if n else None,
             "bytes_up_per_client": (last.get("bytes_up") or 0) / n if n else None,
         }
+        # each codec's count and uplink bytes, and what that saves (report.codec_savings)
+        by_codec = {
+            "clients": [r.get("client") for r in last_rows],
+            "bytes_down": last.get("bytes_down"),
+            "bytes_up": last.get("bytes_up"),
+            "bytes_up_by_codec": M.bytes_by_codec(last_rows),
+            "updates_by_codec": dict(sorted(Counter(M.codec_of(r) for r in last_rows).items())),
+        }
+        last_round["updates_by_codec"] = by_codec["updates_by_codec"]
+        last_round["bytes_up_by_codec"] = by_codec["bytes_up_by_codec"]
+        last_round["codec_savings"] = M.codec_savings(by_codec) or None
     counters = st.get("counters") if isinstance(st.get("counters"), dict) else {}
     roster = st.get("devices") if isinstance(st.get("devices"), dict) else {}
+    codecs = {r.get("client"): M.codec_of(r) for r in clients}  # each client's latest
     devices = []
     for c in sorted(roster):
         d = roster[c] if isinstance(roster[c], dict) else {}
@@ -255,6 +268,7 @@ def status_from_run_folder(out: Path, job: str | None = None) -> dict[str, Any]:
                 "last_round": max(
                     (int(r["round"]) for r in clients if r.get("client") == c), default=None
                 ),
+                "codec": codecs.get(c),
             }
         )
     return {
@@ -383,7 +397,7 @@ def _merge_devices(live: list[dict[str, Any]], files: list[dict[str, Any]]) -> l
     out = []
     for d in live:
         d = dict(d)
-        for key in ("backend", "samples", "dim"):
+        for key in ("backend", "samples", "dim", "codec"):
             if d.get(key) is None and d["client"] in known:
                 d[key] = known[d["client"]].get(key)
         if d.get("last_round") is None and d["client"] in known:
@@ -461,6 +475,8 @@ def format_status(s: Mapping[str, Any]) -> str:
             f"up {_bytes(last['bytes_up_per_client'])} | round total down "
             f"{_bytes(last['bytes_down'])} up {_bytes(last['bytes_up'])}"
         )
+        if last.get("codec_savings"):
+            lines.append(f"    {last['codec_savings']}")
     run = s.get("run")
     if run:
         lat = run["latency_s"]
@@ -484,7 +500,7 @@ def format_status(s: Mapping[str, Any]) -> str:
     )
     lines.append(f"  devices{as_of}: {s.get('devices_online', 0)} online of {len(devs)}")
     if devs:
-        cols = ("client", "state", "backend", "samples", "dim", "last round")
+        cols = ("client", "state", "backend", "samples", "dim", "last round", "codec")
         rows = [
             (
                 d["client"],
@@ -493,6 +509,7 @@ def format_status(s: Mapping[str, Any]) -> str:
                 str(d.get("samples") if d.get("samples") is not None else "-"),
                 str(d.get("dim") or "-"),
                 str(d.get("last_round") if d.get("last_round") is not None else "-"),
+                str(d.get("codec") or "-"),
             )
             for d in devs
         ]

@@ -455,6 +455,10 @@ class MqttTransport(Transport):
         self._connected = False
         self._connected_event = threading.Event()
         self._refused: str | None = None
+        # a connect attempt that failed below MQTT (TCP, TLS): connect() asks connect_probe why
+        self._attempt_failed = threading.Event()
+        self._ever_connected = False
+        self._tls = (tls or TlsOptions()) if (tls is not None or url_tls) else None
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -485,6 +489,7 @@ class MqttTransport(Transport):
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         self.keepalive = keepalive
         self.client = client
@@ -504,14 +509,35 @@ class MqttTransport(Transport):
             self.client.loop_start()
             self._started = True
         deadline = time.monotonic() + timeout
+        why = None
         while time.monotonic() < deadline:
             if self._connected_event.wait(0.1):
                 return
             if self._refused:
                 self.close()
                 raise TransportError(f"broker {self.url} refused {self.client_id}: {self._refused}")
+            if self._attempt_failed.is_set():
+                self._attempt_failed.clear()
+                why = self._diagnose(min(3.0, max(0.5, deadline - time.monotonic())))
+                if why is not None and why.certain:  # a setting: retrying cannot help
+                    self.close()
+                    raise TransportError(f"cannot connect to broker {self.url}: {why.message}")
         self.close()
-        raise TransportError(f"broker {self.url} not reachable within {timeout:.0f}s")
+        raise TransportError(f"broker {self.url} not reachable within {timeout:.0f}s"
+                             + (f" ({why.message})" if why is not None else ""))
+
+    def _diagnose(self, timeout_s: float) -> Any:
+        from fedclip_edge.broker.connect_probe import diagnose
+
+        t = self._tls
+        return diagnose(
+            self.host, self.port, t is not None, ca_certs=t.ca_certs if t else None,
+            certfile=t.certfile if t else None, keyfile=t.keyfile if t else None,
+            insecure=bool(t and t.insecure), timeout_s=timeout_s,
+        )
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._attempt_failed.set()
 
     def close(self) -> None:
         """Clean disconnect: the will is NOT sent (publish an offline status before this)."""
@@ -535,12 +561,15 @@ class MqttTransport(Transport):
         self._refused = None
         for f in self._filters:
             client.subscribe(f, qos=protocol.QOS)
+        self._ever_connected = True
         self._connected = True
         self.epoch += 1
         self._connected_event.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self._connected = False
+        if not self._ever_connected:  # closed before any CONNACK: e.g. a TLS port spoken plain
+            self._attempt_failed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         token = (msg.mid, msg.qos) if self.manual_ack and msg.qos > 0 else None

@@ -14,7 +14,10 @@
 #     -v fedclip-cache:/var/lib/fedclip-edge/cache -v /etc/fedclip-edge/keys:/keys:ro \
 #     -v /srv/data:/data:ro -v /srv/artifact:/artifact \
 #     fedclip-edge-agent:jp6 agent --broker mqtts://broker.lan:8883 --job J --client-id dev-a \
-#     --data /data --domain photo --artifacts /artifact --ca-certs /keys/ca.crt
+#     --data /data --domain photo --artifacts /artifact --ca-certs /keys/ca.crt \
+#     --key /keys/dev-a.key --aggregator-key /keys/aggregator.pub --artifact-key /keys/exporter.pub
+# (/etc/fedclip-edge/keys: ca.crt, this device's dev-a.key owned by uid 10001 with mode 600, and
+# the aggregator's and exporter's public keys; docs/deploy.md, "Keys".)
 #
 # dustynv/l4t-pytorch:r36.4.0 (jetson-containers: L4T r36.4, CUDA 12.6, PyTorch, TensorRT 10).
 # nvcr.io/nvidia/l4t-jetpack:r36.4.0 has CUDA and TensorRT but no PyTorch: use it only with a

@@ -199,10 +199,14 @@ def doctor(
         str | None, typer.Option(help="Also check this broker: TCP, TLS, MQTT login.")
     ] = None,
     username: Annotated[
-        str | None, typer.Option(help="MQTT username for the login check.")
+        str | None,
+        typer.Option(help="MQTT username for the login check.", envvar="FEDCLIP_MQTT_USERNAME"),
     ] = None,
     password: opt.Password = None,
-    ca_certs: opt.CaCerts = None,
+    # the credentials files make-dev-pki.sh writes (credentials/<user>.env) set these three
+    ca_certs: Annotated[
+        Path | None, typer.Option(help="TLS: CA bundle.", envvar="FEDCLIP_MQTT_CA_FILE")
+    ] = None,
     certfile: opt.Certfile = None,
     keyfile: opt.Keyfile = None,
     tls_insecure: opt.TlsInsecure = False,

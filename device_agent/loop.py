@@ -78,6 +78,7 @@ class Agent(RoundWork):
         self._dp_generator: torch.Generator | None = None
         self.dp_rounds = 0
         self.dp_epsilon: float | None = None
+        self.wait_log_s = 30.0  # while nothing arrives: say what this device waits for
         n = int(data.labels.shape[0])
         self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
                                                  strict=True)}
@@ -181,12 +182,28 @@ class Agent(RoundWork):
             return
         self._train_and_send(g, frame.tensors, msg)
 
+    def _waiting_for(self) -> str:
+        """What this device waits for, and the likely cause when it never comes."""
+        refused = ", ".join(f"{r} {n}" for r, n in sorted(self.rejected.items()))
+        here = (f"; messages refused here: {refused} (a global that does not verify: is "
+                "--aggregator-key the aggregator's public key?)") if refused else ""
+        if self.last_trained < 1 and self.current_round < 1:
+            return (f"no global of job {self.cfg.job} yet: is the aggregator running this job "
+                    "on this broker? It refuses this device (and logs 'rejected (unknown_key)' "
+                    f"or 'rejected (bad_signature)') unless {self.cfg.client_id}.pub is in its "
+                    f"--device-keys and this device signs with {self.cfg.client_id}.key" + here)
+        return (f"the global after round {max(self.last_trained, self.current_round)} of job "
+                f"{self.cfg.job} (the aggregator waits for the other devices or its round "
+                "deadline; or it stopped: restart it with --resume)" + here)
+
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Returns the number of rounds trained. Ends on job done, `stop` or idle timeout."""
         self.t.subscribe(P.global_topic(self.cfg.job), P.control_topic(self.cfg.job))
         self.t.connect(self.cfg.connect_timeout_s)
-        last_heard = self.clock()
+        self.log(f"connected to the broker; waiting for the aggregator's global of job "
+                 f"{self.cfg.job}")
+        last_heard = last_note = self.clock()
         try:
             while not self.stop.is_set() and not self.done:
                 if self.t.epoch != self._epoch_seen:
@@ -205,11 +222,15 @@ class Agent(RoundWork):
                         last_heard = self.clock()
                         self._on_message(msg)
                 self._check_outbox()
-                if self.clock() - last_heard > self.cfg.idle_timeout_s:
+                quiet = self.clock() - last_heard
+                if quiet > self.cfg.idle_timeout_s:
                     raise TransportError(
                         f"nothing from the aggregator of job {self.cfg.job} for "
-                        f"{self.cfg.idle_timeout_s:g}s; giving up"
+                        f"{self.cfg.idle_timeout_s:g}s; giving up: {self._waiting_for()}"
                     )
+                if self.clock() - max(last_heard, last_note) >= self.wait_log_s:
+                    last_note = self.clock()
+                    self.log(f"waiting (nothing for {quiet:.0f}s): {self._waiting_for()}")
             if self._outbox is not None and not self.done:  # SIGTERM: give the upload a moment
                 self._outbox.delivery.wait(2.0)
         finally:

@@ -27,6 +27,11 @@ keys_app = typer.Typer(
 )
 
 
+# Key ids that are not devices: the aggregator signs globals, the exporter signs artifacts.
+NOT_DEVICES = ("aggregator", "exporter")
+REGISTRY_DIR = "devices"
+
+
 @keys_app.command("new")
 def keys_new(
     out: Annotated[Path, typer.Option(help="Folder for <ID>.key (mode 0600) and <ID>.pub.")],
@@ -36,14 +41,33 @@ def keys_new(
     ],
     force: Annotated[bool, typer.Option("--force", help="Replace existing keys.")] = False,
 ) -> None:
-    """Make one key pair per --id. Give the .pub files to the other side; keep .key private."""
+    """Make one key pair per --id. Give the .pub files to the other side; keep .key private.
+
+    Every id but 'aggregator' and 'exporter' is a device (or a site): its public half also goes
+    to OUT/devices/, the folder `aggregate --device-keys` reads (who may take part)."""
     for key_id in ids:  # check all first: no half-done batch because of the last id
         check_key_id(key_id)
     if len(set(ids)) != len(ids):
         raise SigningError("an --id is given twice")
+    devices = [i for i in ids if i not in NOT_DEVICES]
+    registry = out / REGISTRY_DIR
+    if not force:  # refuse before making anything, as new_keypair does for the pair itself
+        for key_id in devices:
+            if (registry / f"{key_id}.pub").exists():
+                raise SigningError(f"{registry / f'{key_id}.pub'} exists; refusing to replace "
+                                   "a key (use --force)")
     for key_id in ids:
         key_path, pub_path = new_keypair(out, key_id, overwrite=force)
         typer.echo(f"{key_id}  {fingerprint(load_public_key(pub_path))}  {key_path}  {pub_path}")
+        if key_id in devices:
+            registry.mkdir(exist_ok=True)
+            tmp = registry / f".{key_id}.pub.tmp"
+            tmp.write_bytes(pub_path.read_bytes())
+            tmp.chmod(0o644)
+            tmp.replace(registry / f"{key_id}.pub")
+    if devices:
+        typer.echo(f"device registry {registry}/ ({', '.join(devices)}): give it to "
+                   "`aggregate --device-keys`")
 
 
 @keys_app.command("show")

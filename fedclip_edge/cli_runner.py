@@ -120,6 +120,28 @@ def dump_stacks_on_sigusr1() -> None:
             continue
 
 
+# --help's width when stdout is not a terminal (a pipe, a file, a CI log): rich would use 80
+# columns there and cut long option names ("--max-inflight…"); 120 fits every option we have.
+HELP_WIDTH_NOT_A_TERMINAL = 120
+
+
+def set_help_width() -> None:
+    """Give typer's help a width that never cuts an option name when it is not printed to a
+    terminal; `TERMINAL_WIDTH` or `COLUMNS` still win, and so does a terminal's own width."""
+    import os
+
+    import typer.rich_utils as ru
+
+    if os.environ.get("TERMINAL_WIDTH") or os.environ.get("COLUMNS"):
+        return
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty:
+        ru.MAX_WIDTH = HELP_WIDTH_NOT_A_TERMINAL
+
+
 def run_app(
     application: typer.Typer, argv: list[str] | None, prog_name: str, interrupted: str = INTERRUPTED
 ) -> int:
@@ -131,6 +153,7 @@ def run_app(
     command's result, where it was lost.
     """
     dump_stacks_on_sigusr1()
+    set_help_width()
     command = typer.main.get_command(application)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command))

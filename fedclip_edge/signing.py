@@ -398,7 +398,8 @@ def verify_message(
         key.verify(bytes(signature), message)
     except InvalidSignature:
         raise SignatureRejected(
-            "bad_signature", f"signature does not verify with {signer!r}'s key"
+            "bad_signature", f"signature does not verify with the registered key of {signer!r} "
+            "(signed with another key? each device signs with its own <id>.key)"
         ) from None
     return signer
 

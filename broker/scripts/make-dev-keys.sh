@@ -12,9 +12,10 @@ usage: make-dev-keys.sh [--out DIR] [--force] DEVICE_ID...
   --out DIR   output folder (default: ./broker-dev); keys go to DIR/keys/
   --force     replace existing keys (every party then needs the new public keys)
 
-Writes DIR/keys/<id>.key (mode 0600) and DIR/keys/<id>.pub for `aggregator` and each device,
-and DIR/keys/devices/<id>.pub: the device registry the aggregator is given.
-Devices get their own <id>.key and aggregator.pub. Uses $FEDCLIP_EDGE (a command, default:
+Writes DIR/keys/<id>.key (mode 0600) and DIR/keys/<id>.pub for `aggregator`, `exporter` (signs
+exported artifacts: `export --sign-key`) and each device, and DIR/keys/devices/<id>.pub: the
+device registry the aggregator is given (`aggregate --device-keys DIR/keys/devices/`).
+Devices get their own <id>.key, aggregator.pub and exporter.pub. Uses $FEDCLIP_EDGE (a command, default:
 fedclip-edge on PATH).
 USAGE
 }
@@ -38,6 +39,7 @@ done
 [[ ${#devices[@]} -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
 for d in "${devices[@]}"; do
   [[ "$d" != "aggregator" ]] || die "'aggregator' is the aggregator's key, not a device id"
+  [[ "$d" != "exporter" ]] || die "'exporter' is the artifact signing key, not a device id"
 done
 
 read -r -a cli <<< "${FEDCLIP_EDGE:-fedclip-edge}"
@@ -46,7 +48,7 @@ command -v "${cli[0]}" >/dev/null 2>&1 \
 
 mkdir -p "$out/keys"
 keys="$(cd "$out/keys" && pwd)"
-ids=(--id aggregator)
+ids=(--id aggregator --id exporter)
 for d in "${devices[@]}"; do ids+=(--id "$d"); done
 "${cli[@]}" keys new --out "$keys" "${ids[@]}" "${force[@]}" >/dev/null
 
@@ -58,4 +60,5 @@ chmod 644 "$keys"/*.pub "$keys"/devices/*.pub
 echo "signing keys written to $keys"
 "${cli[@]}" keys show "$keys" | sed 's/^/  /'
 echo "  aggregator: $keys/aggregator.key, device registry $keys/devices/"
-echo "  each device: $keys/<id>.key and $keys/aggregator.pub"
+echo "  exporter: $keys/exporter.key (export --sign-key)"
+echo "  each device: $keys/<id>.key, $keys/aggregator.pub and $keys/exporter.pub"

@@ -10,14 +10,16 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--job JOB] [--days N] [--force]
-                      [--keys | --no-keys] DEVICE_ID...
+usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--port N] [--job JOB] [--days N]
+                      [--force] [--keys | --no-keys] DEVICE_ID...
 
   DEVICE_ID        one account per device; its username (and MQTT client id) is DEVICE_ID.
                    Letters, digits, '.', '_' and '-' only; 'aggregator' is reserved.
   --out DIR        output folder (default: ./broker-dev)
   --host NAME      extra DNS name or IP address for the broker certificate (repeatable);
                    localhost and 127.0.0.1 are always included
+  --port N         the TLS listener's port in DIR/mosquitto.conf (default: 8883); give
+                   another for a second broker on the same host (a site and a central)
   --job JOB        pin every account to this one job in the ACL (default: any job name)
   --days N         certificate validity in days (default: 825)
   --force          overwrite an existing PKI in DIR (new CA: every client needs the new ca.crt)
@@ -27,7 +29,8 @@ usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--job JOB] [--days N] [--fo
 
 Writes DIR/{ca.crt,ca.key,broker.crt,broker.key,passwd,acl,mosquitto.conf}, DIR/data/ and
 DIR/credentials/<user>.env (FEDCLIP_MQTT_USERNAME, FEDCLIP_MQTT_PASSWORD, FEDCLIP_MQTT_CA_FILE),
-and with keys DIR/keys/ (see make-dev-keys.sh --help).
+and with keys DIR/keys/ (see make-dev-keys.sh --help: the aggregator's, each device's and the
+exporter's key pairs, and the aggregator's device registry DIR/keys/devices/).
 Start the broker with:  mosquitto -c DIR/mosquitto.conf
 USAGE
 }
@@ -39,6 +42,7 @@ template_dir="$(cd "$here/../mosquitto" && pwd)"
 
 out="./broker-dev"
 job=""
+port=8883
 days=825
 force=0
 keys=auto
@@ -52,6 +56,8 @@ while [[ $# -gt 0 ]]; do
     --out=*) out="${1#*=}"; shift ;;
     --host) [[ $# -ge 2 ]] || die "--host needs a value"; hosts+=("$2"); shift 2 ;;
     --host=*) hosts+=("${1#*=}"); shift ;;
+    --port) [[ $# -ge 2 ]] || die "--port needs a value"; port="$2"; shift 2 ;;
+    --port=*) port="${1#*=}"; shift ;;
     --job) [[ $# -ge 2 ]] || die "--job needs a value"; job="$2"; shift 2 ;;
     --job=*) job="${1#*=}"; shift ;;
     --days) [[ $# -ge 2 ]] || die "--days needs a value"; days="$2"; shift 2 ;;
@@ -67,6 +73,8 @@ done
 
 [[ ${#devices[@]} -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
 [[ "$days" =~ ^[0-9]+$ ]] || die "--days must be a whole number, got '$days'"
+[[ "$port" =~ ^[0-9]+$ ]] && (( port >= 1 && port <= 65535 )) \
+  || die "--port must be a TCP port (1-65535), got '$port'"
 
 # Names end up in MQTT topics and ACL patterns: no '/', '+', '#', spaces or ':' (passwd format).
 name_re='^[A-Za-z0-9._-]+$'
@@ -74,6 +82,7 @@ declare -A seen=()
 for d in "${devices[@]}"; do
   [[ "$d" =~ $name_re ]] || die "device id '$d' may use only letters, digits, '.', '_' and '-'"
   [[ "$d" != "aggregator" ]] || die "'aggregator' is the aggregator's account, not a device id"
+  [[ "$d" != "exporter" ]] || die "'exporter' is the artifact signing key's id, not a device id"
   [[ -z "${seen[$d]:-}" ]] || die "device id '$d' given twice"
   seen[$d]=1
 done
@@ -166,6 +175,7 @@ else
 fi
 sed -e "s#/var/lib/mosquitto/fedclip#$out/data#g" \
     -e "s#/etc/mosquitto/fedclip/#$out/#g" \
+    -e "s#^listener 8883\$#listener $port#" \
     "$template_dir/mosquitto.conf" > "$out/mosquitto.conf"
 
 # A broker started as root drops to the `mosquitto` user: let it read its key, passwd and acl and
@@ -176,7 +186,7 @@ fi
 chmod 600 "$out/ca.key" "$out/broker.key" "$out/passwd"
 
 # --- signing keys -----------------------------------------------------------------------------
-keys_line="signing keys        $out/keys/  (aggregator ${devices[*]})"
+keys_line="signing keys        $out/keys/  (aggregator exporter ${devices[*]}; registry keys/devices/)"
 if [[ $keys == yes ]]; then
   force_keys=()
   [[ $force -eq 0 ]] || force_keys=(--force)
@@ -196,7 +206,7 @@ development PKI written to $out
   broker key          $out/broker.key
   password file       $out/passwd  (aggregator ${devices[*]})
   ACL                 $out/acl  (jobs: ${job:-any})
-  configuration       $out/mosquitto.conf  (TLS on port 8883)
+  configuration       $out/mosquitto.conf  (TLS on port $port)
   persistence         $out/data/
   credentials         $out/credentials/<user>.env
   $keys_line
