@@ -17,14 +17,13 @@ from support import keys
 from support.fleet import JOB
 
 from fedclip_edge.adapter import AttentionAdapter
-from fedclip_edge.broker import aggregator as agg_mod
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.hierarchy import SITE_BACKEND, SiteRegistry, site_metrics
 from fedclip_edge.broker.transport import MemoryBroker, MemoryTransport, Received
 from fedclip_edge.errors import ConfigError
-from fedclip_edge.wire import encode_frame
+from fedclip_edge.wire import decode_update, encode_frame
 
 DIM = 2
 
@@ -141,16 +140,21 @@ def test_an_id_in_both_registries_is_refused(tmp_path: Path) -> None:
         _cfg(tmp_path, sites=SiteRegistry(keys.registry(["liar"])))
 
 
-def test_a_badly_signed_update_is_not_decoded(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_badly_signed_update_is_not_decoded(tmp_path: Path) -> None:
     """The validation thread checks the envelope's signature first: a forged update for the
     open round (signed by an unregistered key) never reaches `decode_update`."""
     agg = Aggregator(MemoryTransport(MemoryBroker(), "aggregator"), _cfg(tmp_path),
                      log=lambda s: None)
-    agg._decode_ctx = (1, _state(0.0))
     calls: list[str] = []
-    real = agg_mod.decode_update
-    monkeypatch.setattr(agg_mod, "decode_update",
-                        lambda frame, *a, **k: calls.append("x") or real(frame, *a, **k))
+
+    class _Round:  # the round engine's open round, counting its decodes
+        number = 1
+
+        def decode(self, frame: bytes, **kw: object) -> object:
+            calls.append("x")
+            return decode_update(frame, _state(0.0), **kw)
+
+    agg._decode_ctx = _Round()  # type: ignore[assignment]
     frame = encode_frame(_state(5.0), job=JOB, round=1, client="honest")
     forged = authn.sign(P.Update(JOB, 1, "honest", 5, {}, frame, session="s"),
                         keys.key("foreign")).encode()
