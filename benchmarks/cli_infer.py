@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from fedclip_edge import cli_ranges as R
+
 
 def bench_infer(
     out: Annotated[Path, typer.Option(help="Folder for bench_infer.json/.md and the exports "
@@ -26,22 +28,27 @@ def bench_infer(
     precisions: Annotated[
         list[str] | None, typer.Option("--precisions", help="Fused graphs: fp32 fp16 int8.")
     ] = None,
-    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes: --batch 1 8.")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Timed calls per backend and batch.")] = 15,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls first.")] = 2,
+    batch: Annotated[
+        list[int] | None, typer.Option(help="Batch sizes: --batch 1 8.", **R.BATCH)
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option(help="Timed calls per backend and batch.", **R.ROUNDS)
+    ] = 15,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.", **R.COUNT0)] = 2,
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch and ONNX Runtime (default: all).")
+        int | None,
+        typer.Option(help="CPU threads for torch and ONNX Runtime (default: all).", **R.THREADS),
     ] = None,
     serve_model: Annotated[
         str | None, typer.Option(help="Model of the service load run (default: the last).")
     ] = None,
     serve_seconds: Annotated[
-        float, typer.Option(min=0, help="Seconds of each load run (0: no service run).")
+        float, typer.Option(help="Seconds of each load run (0: no service run).", **R.SECONDS0)
     ] = 30.0,
-    serve_clients: Annotated[int, typer.Option(min=1, help="Concurrent HTTP clients.")] = 8,
-    serve_batch: Annotated[int, typer.Option(min=1, help="The service's --max-batch and the "
+    serve_clients: Annotated[int, typer.Option(help="Concurrent HTTP clients.", **R.CLIENTS)] = 8,
+    serve_batch: Annotated[int, typer.Option(**R.BATCH, help="The service's --max-batch and the "
                                              "bare classifier's batch.")] = 8,
-    swaps: Annotated[int, typer.Option(min=0, help="Hot swaps during the service's run.")] = 3,
+    swaps: Annotated[int, typer.Option(help="Hot swaps during the service's run.", **R.COUNT0)] = 3,
 ) -> None:
     """Images/s and p50/p99 from JPEG bytes: torch composition vs fused ONNX fp32/fp16/int8
     (TensorRT where present), and the service vs the bare classifier under hot swaps."""

@@ -47,8 +47,8 @@ def agent(
     topk_fraction: opt.TopkFraction = 0.01,
     state_file: Annotated[
         Path | None,
-        typer.Option(help="Delta codecs' error-feedback state (kept across restarts; default: "
-                     "agent-state/JOB-CLIENT.safetensors beside the feature cache folder)."),
+        typer.Option(help="Delta codecs' error-feedback state, kept across restarts "
+                     "(default: in agent-state/ beside the feature cache)."),
     ] = None,
     models: Annotated[
         Path | None,
@@ -118,18 +118,21 @@ def agent(
     ] = DEFAULT_AGENT_THREADS,
     dp_clip: Annotated[
         float | None,
-        typer.Option(help="Local differential privacy: clip this device's update delta to this "
+        typer.Option(min=1e-9, max=1e9,
+                     help="Local differential privacy: clip this device's update delta to this "
                      "L2 norm (over the whole adapter) before encoding and signing "
                      "(docs/privacy.md). Off unless given."),
     ] = None,
     dp_noise_multiplier: Annotated[
         float,
-        typer.Option(min=0.0, help="Local DP: Gaussian noise of std this x --dp-clip on every "
+        typer.Option(min=0.0, max=1e6,
+                     help="Local DP: Gaussian noise of std this x --dp-clip on every "
                      "coordinate of the clipped delta; the device logs its epsilon each round."),
     ] = 0.0,
     dp_delta: Annotated[
         float,
-        typer.Option(help="Local DP: the delta at which the device reports its epsilon."),
+        typer.Option(min=1e-300, max=0.999,
+                     help="Local DP: the delta at which the device reports its epsilon."),
     ] = 1e-5,
     config: opt.config_option("agent") = None,
 ) -> None:

@@ -123,6 +123,7 @@ def dump_stacks_on_sigusr1() -> None:
 # --help's width when stdout is not a terminal (a pipe, a file, a CI log): rich would use 80
 # columns there and cut long option names ("--max-inflight…"); 120 fits every option we have.
 HELP_WIDTH_NOT_A_TERMINAL = 120
+_DEFAULT_MAX_WIDTH: dict[str, int | None] = {}  # typer's own MAX_WIDTH, read once
 
 
 def set_help_width() -> None:
@@ -132,6 +133,8 @@ def set_help_width() -> None:
 
     import typer.rich_utils as ru
 
+    # decided anew on every call (in-process callers, tests): an earlier call's width never sticks
+    ru.MAX_WIDTH = _DEFAULT_MAX_WIDTH.setdefault("value", ru.MAX_WIDTH)
     if os.environ.get("TERMINAL_WIDTH") or os.environ.get("COLUMNS"):
         return
     try:

@@ -257,13 +257,15 @@ def test_doctor_checks_a_fused_classifier(tmp_path: Path, tmp_path_factory,
     from fedclip_edge.device_agent.doctor import FAIL, OK, check_artifact
 
     _, out = fused_export(tmp_path_factory, fp32_art, "int8")
-    rows = check_artifact(out)
+    sig, *rows = check_artifact(out)
+    # no --artifact-key: doctor says plainly that the signature was not verified
+    assert sig.name == "artifact signature" and "NOT verified" in sig.detail
     assert [r.status for r in rows] == [OK, OK], rows
     assert "fused classifier" in rows[0].detail and "top-1 agreement 100%" in rows[1].detail
     mine = tmp_path / "fused"
     shutil.copytree(out, mine)
     (mine / "golden.npz").write_bytes(b"x")
-    rows = check_artifact(mine)
+    _, *rows = check_artifact(mine)
     assert rows[0].status == FAIL and "golden.npz" in rows[0].detail
 
 
