@@ -138,13 +138,13 @@ def verify(msg: Any, registry: KeyRegistry, *, job: str = "", key_id: str | None
 
 def _with_fix(msg: Any, reason: str, text: str) -> str:
     """An unknown key's refusal says what to do: the operator's usual slip is a key left out
-    of the registry (a site's above all: its key goes to the CENTRAL's --device-keys)."""
+    of the registry (a site's above all: its key goes to the CENTRAL's --site-keys)."""
     if reason != "unknown_key" or not isinstance(msg, P.Status):
         return text
     who = msg.client
     if msg.backend == SITE_BACKEND:
         return (f"site not registered at the central: copy its public key ({who}.pub, made "
-                f"with the site's keys) to the central's --device-keys folder ({text})")
+                f"with the site's keys) to the central's --site-keys folder ({text})")
     return (f"device {who} is not registered: copy its public key ({who}.pub) to the "
             f"aggregator's --device-keys folder ({text})")
 

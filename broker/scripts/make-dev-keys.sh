@@ -6,11 +6,13 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: make-dev-keys.sh [--out DIR] [--force] DEVICE_ID...
+usage: make-dev-keys.sh [--out DIR] [--force] [--site SITE_ID]... DEVICE_ID...
 
   DEVICE_ID   one key pair per device (key id = device id = MQTT username)
   --out DIR   output folder (default: ./broker-dev); keys go to DIR/keys/
   --force     replace existing keys (every party then needs the new public keys)
+  --site ID   a site aggregator's key pair; its public half goes to DIR/keys/sites/, the
+              central's `aggregate --site-keys` (repeatable)
 
 Writes DIR/keys/<id>.key (mode 0600) and DIR/keys/<id>.pub for `aggregator`, `exporter` (signs
 exported artifacts: `export --sign-key`) and each device, and DIR/keys/devices/<id>.pub: the
@@ -25,19 +27,22 @@ die() { echo "make-dev-keys.sh: $*" >&2; exit 1; }
 out="./broker-dev"
 force=()
 devices=()
+sites=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --out) [[ $# -ge 2 ]] || die "--out needs a value"; out="$2"; shift 2 ;;
     --out=*) out="${1#*=}"; shift ;;
     --force) force=(--force); shift ;;
+    --site) [[ $# -ge 2 ]] || die "--site needs a value"; sites+=("$2"); shift 2 ;;
+    --site=*) sites+=("${1#*=}"); shift ;;
     --) shift; devices+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) devices+=("$1"); shift ;;
   esac
 done
-[[ ${#devices[@]} -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
-for d in "${devices[@]}"; do
+[[ $(( ${#devices[@]} + ${#sites[@]} )) -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
+for d in "${devices[@]}" "${sites[@]}"; do
   [[ "$d" != "aggregator" ]] || die "'aggregator' is the aggregator's key, not a device id"
   [[ "$d" != "exporter" ]] || die "'exporter' is the artifact signing key, not a device id"
 done
@@ -50,15 +55,22 @@ mkdir -p "$out/keys"
 keys="$(cd "$out/keys" && pwd)"
 ids=(--id aggregator --id exporter)
 for d in "${devices[@]}"; do ids+=(--id "$d"); done
+for s in "${sites[@]}"; do ids+=(--site "$s"); done
 "${cli[@]}" keys new --out "$keys" "${ids[@]}" "${force[@]}" >/dev/null
 
-rm -rf "$keys/devices"
+rm -rf "$keys/devices" "$keys/sites"
 mkdir -p "$keys/devices"
 for d in "${devices[@]}"; do cp "$keys/$d.pub" "$keys/devices/$d.pub"; done
-chmod 644 "$keys"/*.pub "$keys"/devices/*.pub
+if [[ ${#sites[@]} -gt 0 ]]; then
+  mkdir -p "$keys/sites"
+  for s in "${sites[@]}"; do cp "$keys/$s.pub" "$keys/sites/$s.pub"; done
+fi
+chmod 644 "$keys"/*.pub
+find "$keys/devices" "$keys/sites" -name '*.pub' -exec chmod 644 {} + 2>/dev/null || true
 
 echo "signing keys written to $keys"
 "${cli[@]}" keys show "$keys" | sed 's/^/  /'
 echo "  aggregator: $keys/aggregator.key, device registry $keys/devices/"
+[[ ${#sites[@]} -eq 0 ]] || echo "  central: site registry $keys/sites/ (aggregate --site-keys); each site signs with $keys/<site>.key"
 echo "  exporter: $keys/exporter.key (export --sign-key)"
 echo "  each device: $keys/<id>.key, $keys/aggregator.pub and $keys/exporter.pub"

@@ -11,7 +11,7 @@ set -euo pipefail
 usage() {
   cat <<'USAGE'
 usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--port N] [--job JOB] [--days N]
-                      [--force] [--keys | --no-keys] DEVICE_ID...
+                      [--force] [--keys | --no-keys] [--site SITE_ID]... DEVICE_ID...
 
   DEVICE_ID        one account per device; its username (and MQTT client id) is DEVICE_ID.
                    Letters, digits, '.', '_' and '-' only; 'aggregator' is reserved.
@@ -26,6 +26,9 @@ usage: make-dev-pki.sh [--out DIR] [--host NAME]... [--port N] [--job JOB] [--da
   --keys           also make the Ed25519 signing keys (make-dev-keys.sh); fail if the
                    fedclip-edge command is not found. Default: make them when it is found.
   --no-keys        do not make signing keys
+  --site SITE_ID   a site aggregator's account on this (central) broker, like a device's; its
+                   public key goes to DIR/keys/sites/ (`aggregate --site-keys`), not to the
+                   device registry: a central accepts a site only from --site-keys (repeatable)
 
 Writes DIR/{ca.crt,ca.key,broker.crt,broker.key,passwd,acl,mosquitto.conf}, DIR/data/ and
 DIR/credentials/<user>.env (FEDCLIP_MQTT_USERNAME, FEDCLIP_MQTT_PASSWORD, FEDCLIP_MQTT_CA_FILE),
@@ -48,6 +51,7 @@ force=0
 keys=auto
 hosts=()
 devices=()
+sites=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -65,6 +69,8 @@ while [[ $# -gt 0 ]]; do
     --force) force=1; shift ;;
     --keys) keys=yes; shift ;;
     --no-keys) keys=no; shift ;;
+    --site) [[ $# -ge 2 ]] || die "--site needs a value"; sites+=("$2"); devices+=("$2"); shift 2 ;;
+    --site=*) sites+=("${1#*=}"); devices+=("${1#*=}"); shift ;;
     --) shift; devices+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) devices+=("$1"); shift ;;
@@ -186,11 +192,15 @@ fi
 chmod 600 "$out/ca.key" "$out/broker.key" "$out/passwd"
 
 # --- signing keys -----------------------------------------------------------------------------
-keys_line="signing keys        $out/keys/  (aggregator exporter ${devices[*]}; registry keys/devices/)"
+keys_line="signing keys        $out/keys/  (aggregator exporter ${devices[*]}; registry keys/devices/${sites[*]:+, sites keys/sites/})"
 if [[ $keys == yes ]]; then
   force_keys=()
   [[ $force -eq 0 ]] || force_keys=(--force)
-  bash "$here/make-dev-keys.sh" --out "$out" "${force_keys[@]}" "${devices[@]}" >/dev/null
+  site_args=()
+  for s in "${sites[@]}"; do site_args+=(--site "$s"); done
+  plain=()
+  for d in "${devices[@]}"; do [[ " ${sites[*]} " == *" $d "* ]] || plain+=("$d"); done
+  bash "$here/make-dev-keys.sh" --out "$out" "${force_keys[@]}" "${site_args[@]}" "${plain[@]}" >/dev/null
 elif [[ $keys == skipped ]]; then
   keys_line="signing keys        NOT made: ${keys_cli[0]} not found; run $here/make-dev-keys.sh --out $out ${devices[*]}"
   echo "make-dev-pki.sh: warning: ${keys_cli[0]} not found, no signing keys made (see --keys)" >&2

@@ -61,7 +61,7 @@ def _gauge(text: str, name: str) -> float | None:
 
 def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
     base = tmp_path_factory.mktemp("operator")
-    central = make_pki(base / "central", "dev-a", "site-a", port=mh.free_port())
+    central = make_pki(base / "central", "dev-a", port=mh.free_port(), extra=("--site", "site-a"))
     site = make_pki(base / "site", "dev-b", port=mh.free_port())
     bundle = base / "ca-both.crt"  # --ca-certs serves both brokers of a site
     bundle.write_text((central / "ca.crt").read_text() + (site / "ca.crt").read_text())
@@ -79,7 +79,8 @@ def test_a_central_a_site_two_devices_stop_and_resume(tmp_path_factory) -> None:
             "FEDCLIP_DEVICE_KEYS": str(ck / "devices"),
             "FEDCLIP_SIGNING_KEY": str(ck / "aggregator.key"),
             "FEDCLIP_AGGREGATOR_ARGS": f"--min-clients 2 --round-timeout {ROUND_S} "
-                                       f"--wait-clients 180 --metrics-port {metrics_port}",
+                                       f"--wait-clients 180 --metrics-port {metrics_port} "
+                                       f"--site-keys {ck / 'sites'}",
             **credentials(central, "aggregator"),
         }
         agg_state = base / "central-state"

@@ -33,3 +33,22 @@ def test_keys_new_writes_the_device_registry(tmp_path: Path, capsys) -> None:
 def test_keys_new_for_the_aggregator_alone_makes_no_registry(tmp_path: Path) -> None:
     assert main(["keys", "new", "--out", str(tmp_path), "--id", "aggregator"]) == 0
     assert not (tmp_path / "devices").exists()
+
+
+def test_keys_new_site_goes_to_the_site_registry_not_the_devices(tmp_path: Path, capsys) -> None:
+    """A site's key is what the central's --site-keys reads: in devices/ it would be refused as
+    a device that calls itself a site (and the central refuses a key in both folders)."""
+    from broker.hierarchy import SiteRegistry
+
+    out = tmp_path / "keys"
+    assert main(["keys", "new", "--out", str(out), "--id", "dev-1", "--site", "site-a"]) == 0
+    assert "site registry" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "devices").iterdir()) == ["dev-1.pub"]
+    assert sorted(p.name for p in (out / "sites").iterdir()) == ["site-a.pub"]
+    sites = SiteRegistry.load(out / "sites", 100.0)
+    assert "site-a" in sites and "dev-1" not in sites
+    assert sites.keys.get("site-a") == load_public_key(out / "site-a.pub")
+    # a site named like a role, a site given twice, or nothing at all: refused, nothing made
+    for argv in (["--site", "aggregator"], ["--site", "s", "--id", "s"], []):
+        assert main(["keys", "new", "--out", str(tmp_path / "x"), *argv]) == SigningError.exit_code
+    assert not (tmp_path / "x").exists()

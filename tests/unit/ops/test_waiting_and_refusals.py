@@ -70,7 +70,7 @@ def test_an_unregistered_site_is_told_to_copy_its_key_to_the_central(tmp_path: P
         agg.run()
     msg = str(err.value)
     assert "1 device refused: unknown_key (site-a): site not registered at the central: copy " \
-        "its public key (site-a.pub" in msg and "the central's --device-keys" in msg, msg
+        "its public key (site-a.pub" in msg and "the central's --site-keys" in msg, msg
     logged = "\n".join(agg.lines)  # type: ignore[attr-defined]
     assert "rejected (unknown_key) on fedclip/ops/status/site-a: site not registered" in logged
 
@@ -95,7 +95,7 @@ def test_a_site_says_what_it_waits_for(tmp_path: Path) -> None:
     assert "site site-a: waiting for its devices: 1 of 2 online on this site's broker" in text
     assert "site site-a: waiting for the central's global of job ops (nothing for " in text
     assert ("is the central aggregator running this job, and is this site's public key "
-            "(site-a.pub) in the central's --device-keys?") in text
+            "(site-a.pub) in the central's --site-keys?") in text
 
 
 def _rows() -> list[dict]:
