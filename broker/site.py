@@ -334,8 +334,8 @@ class SiteAggregator(Aggregator):
                 f"site {self.site}: waiting for the central's global of job {self.cfg.job} "
                 f"(nothing for {quiet_s:.0f}s): is the central aggregator running this job, "
                 f"and is this site's public key ({self.site}.pub) in the central's "
-                "--site-keys? (the central logs 'rejected (unknown_key)' or 'rejected (site_claim)' "
-                "for it otherwise)"
+                "--site-keys? (the central logs 'rejected (unknown_key)' or "
+                "'rejected (site_claim)' for it otherwise)"
             )
         return (
             f"site {self.site}: waiting for the central's next global of job {self.cfg.job} "
