@@ -4,10 +4,8 @@ The aggregator and the agent only see whole payloads through `Transport.recv(tim
 queue filled by the transport's own thread, so their logic stays single-threaded) and
 `Transport.publish(topic, payload, retain=...)`. Two implementations:
 
-- `MemoryBroker` + `MemoryTransport`: in-process, for unit tests; can drop a client (its will
-  is published), lose messages while it is offline (as amqtt does), and reconnect it.
-- `MqttTransport`: paho-mqtt 2.x, MQTT 3.1.1 persistent session (clean_session False), automatic
-  reconnect with backoff, resubscription on every connect, TLS and username/password.
+- `MemoryBroker` + `MemoryTransport`: in-process, for unit tests (drops, wills, reconnects).
+- `MqttTransport`: paho-mqtt 2.x, persistent session, reconnect with backoff, TLS, passwords.
 
 Backpressure: the inbox is bounded in bytes (`max_inflight_bytes`), not only in messages. With
 `manual_ack=True` (the aggregator) a message is acknowledged to the broker (PUBACK) only when

@@ -346,3 +346,13 @@ def test_the_removed_module_aliases_stay_removed(package, old: str) -> None:
     """The old paths moved (CHANGELOG.md says where); one module per name, no second copy."""
     files, _, _ = package
     assert old not in files
+
+
+MAX_LINES = 600  # a file that fits in a head (issue 20): split along a seam before it grows past
+
+
+def test_no_library_file_over_600_lines(package) -> None:
+    files, _, _ = package
+    long = {str(p.relative_to(REPO)): n for p in files.values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines (split along a seam): {long}"
