@@ -58,15 +58,16 @@ for d in "${devices[@]}"; do ids+=(--id "$d"); done
 for s in "${sites[@]}"; do ids+=(--site "$s"); done
 "${cli[@]}" keys new --out "$keys" "${ids[@]}" "${force[@]}" >/dev/null
 
-rm -rf "$keys/devices" "$keys/sites"
-mkdir -p "$keys/devices"
-for d in "${devices[@]}"; do cp "$keys/$d.pub" "$keys/devices/$d.pub"; done
-if [[ ${#sites[@]} -gt 0 ]]; then
-  mkdir -p "$keys/sites"
-  for s in "${sites[@]}"; do cp "$keys/$s.pub" "$keys/sites/$s.pub"; done
-fi
-chmod 644 "$keys"/*.pub
-find "$keys/devices" "$keys/sites" -name '*.pub' -exec chmod 644 {} + 2>/dev/null || true
+# the registries hold exactly this run's ids (an earlier run's may linger in them)
+registry() {  # registry FOLDER ID...: FOLDER/<id>.pub for each ID
+  local dir="$keys/$1"; shift
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  for i in "$@"; do cp "$keys/$i.pub" "$dir/$i.pub"; done
+}
+registry devices "${devices[@]}"
+if [[ ${#sites[@]} -gt 0 ]]; then registry sites "${sites[@]}"; else rm -rf "$keys/sites"; fi
+chmod 644 "$keys"/*.pub "$keys"/devices/*.pub "$keys"/sites/*.pub 2>/dev/null || true
 
 echo "signing keys written to $keys"
 "${cli[@]}" keys show "$keys" | sed 's/^/  /'

@@ -69,13 +69,16 @@ while [[ $# -gt 0 ]]; do
     --force) force=1; shift ;;
     --keys) keys=yes; shift ;;
     --no-keys) keys=no; shift ;;
-    --site) [[ $# -ge 2 ]] || die "--site needs a value"; sites+=("$2"); devices+=("$2"); shift 2 ;;
-    --site=*) sites+=("${1#*=}"); devices+=("${1#*=}"); shift ;;
+    --site) [[ $# -ge 2 ]] || die "--site needs a value"; sites+=("$2"); shift 2 ;;
+    --site=*) sites+=("${1#*=}"); shift ;;
     --) shift; devices+=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) devices+=("$1"); shift ;;
   esac
 done
+# A site has an account on this broker like a device's; only its signing key is filed apart.
+plain=("${devices[@]}")
+devices+=("${sites[@]}")
 
 [[ ${#devices[@]} -gt 0 ]] || { usage >&2; die "give at least one DEVICE_ID"; }
 [[ "$days" =~ ^[0-9]+$ ]] || die "--days must be a whole number, got '$days'"
@@ -194,13 +197,10 @@ chmod 600 "$out/ca.key" "$out/broker.key" "$out/passwd"
 # --- signing keys -----------------------------------------------------------------------------
 keys_line="signing keys        $out/keys/  (aggregator exporter ${devices[*]}; registry keys/devices/${sites[*]:+, sites keys/sites/})"
 if [[ $keys == yes ]]; then
-  force_keys=()
-  [[ $force -eq 0 ]] || force_keys=(--force)
-  site_args=()
-  for s in "${sites[@]}"; do site_args+=(--site "$s"); done
-  plain=()
-  for d in "${devices[@]}"; do [[ " ${sites[*]} " == *" $d "* ]] || plain+=("$d"); done
-  bash "$here/make-dev-keys.sh" --out "$out" "${force_keys[@]}" "${site_args[@]}" "${plain[@]}" >/dev/null
+  key_args=()
+  [[ $force -eq 0 ]] || key_args=(--force)
+  for s in "${sites[@]}"; do key_args+=(--site "$s"); done
+  bash "$here/make-dev-keys.sh" --out "$out" "${key_args[@]}" "${plain[@]}" >/dev/null
 elif [[ $keys == skipped ]]; then
   keys_line="signing keys        NOT made: ${keys_cli[0]} not found; run $here/make-dev-keys.sh --out $out ${devices[*]}"
   echo "make-dev-pki.sh: warning: ${keys_cli[0]} not found, no signing keys made (see --keys)" >&2
