@@ -35,8 +35,8 @@ _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort
 _BAD_VALUE = (click.BadParameter, _TyperBadParameter)
 
 # Options that take several values after one flag (`--seeds 0 1 2`), as users type them. The
-# runner adds every list-typed option of the app it runs (`multi_value_options`), so a new
-# `list[...]` option behaves like these in every command without being listed here.
+# runner adds the list-typed options of the command it runs (`multi_value_options`), so a new
+# `list[...]` option behaves like these without being listed here.
 MULTI_VALUE_OPTIONS = {"--seeds", "--domains", "--batch", "--backends", "--devices"}
 
 
@@ -82,10 +82,23 @@ def _is_number(arg: str) -> bool:
     return True
 
 
-def multi_value_options(command: click.Command | Any) -> set[str]:
-    """Every option name that takes several values (`multiple=True`) in `command`'s tree."""
+def invoked_command(command: click.Command | Any, argv: list[str]) -> click.Command | Any:
+    """The (sub)command `argv` names: `models promote ...` -> the `promote` command."""
+    for arg in argv:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            break
+        command = sub
+    return command
+
+
+def multi_value_options(command: click.Command | Any, argv: list[str] | None = None) -> set[str]:
+    """The option names that take several values (`multiple=True`) in the command `argv`
+    invokes, or in `command`'s whole tree without `argv`. Only the invoked command's: `bench
+    infer --models A B` is a list, `models promote NAME --models DIR` is one folder, and
+    expanding the latter's `--models` would swallow NAME."""
     names: set[str] = set()
-    stack = [command]
+    stack = [command if argv is None else invoked_command(command, argv)]
     while stack:
         cmd = stack.pop()
         for param in getattr(cmd, "params", ()):
@@ -159,7 +172,7 @@ def run_app(
     set_help_width()
     command = typer.main.get_command(application)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command))
+    args = expand_multi_values(argv, MULTI_VALUE_OPTIONS | multi_value_options(command, argv))
     args = expand_optional_values(args)
     try:
         try:

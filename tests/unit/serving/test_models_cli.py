@@ -99,3 +99,11 @@ def test_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
     assert "v0002-personal" in out and "v0001-global  refused:" in out and "sha256" in out
     assert main(["models", "list", "--models", str(tmp_path / "none")]) == 0
     assert "no versions yet" in capsys.readouterr().out
+
+
+def test_promote_with_the_folder_first(tmp_path: Path, capsys) -> None:
+    """`models promote --models DIR NAME`, the order README's line suggests: `--models` is one
+    folder here (a list only in `bench infer`), so NAME is not swallowed as a second value."""
+    d = str(_store(tmp_path).root)
+    assert main(["models", "promote", "--models", d, "v0002-personal"]) == 0
+    assert capsys.readouterr().out.strip() == "current: v0002-personal (was none)"
