@@ -42,6 +42,7 @@ from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old 
 )
 from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
+from fedclip_edge.broker.runbind import new_run_id
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
@@ -179,6 +180,8 @@ class Aggregator(MessageIntake):
         self.completed = 0
         self.global_state: dict[str, torch.Tensor] | None = None
         self.session = uuid.uuid4().hex[:12]
+        # the job run every signed message binds (broker/runbind.py): --resume keeps it
+        self.run_id = (self.store.stored_run() if cfg.resume else "") or new_run_id()
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""
@@ -241,6 +244,9 @@ class Aggregator(MessageIntake):
         self.history = resumed.history
         self.cfg.dim = resumed.dim
         self.engine.load_plugin_state(resumed.plugins)
+        if not resumed.run:  # a state.json from before runs: this run goes on under a new id
+            self.log(f"{self.store.state_path} names no run: job {self.cfg.job} goes on as run "
+                     f"{self.run_id} (devices sign for it after its first control)")
         self.log(
             f"resuming job {self.cfg.job} after round {self.completed} "
             f"(global adapter {Path(resumed.global_file).name})"
@@ -285,6 +291,7 @@ class Aggregator(MessageIntake):
             session=self.session,
             rounds=self.cfg.rounds,
             weighting=self.cfg.weighting,
+            run=self.run_id,
         )
         if self.cfg.signing_key is not None:
             msg = authn.sign(msg, self.cfg.signing_key)
@@ -292,7 +299,8 @@ class Aggregator(MessageIntake):
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
 
     def _publish_control(self, state: str) -> None:
-        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session)
+        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session,
+                        run=self.run_id)
         if self.cfg.signing_key is not None:
             ctl = authn.sign(ctl, self.cfg.signing_key)
         self.t.publish(P.control_topic(self.cfg.job), ctl.encode(), retain=True).wait(5)
@@ -417,6 +425,7 @@ class Aggregator(MessageIntake):
             [*rows, summary_row],
             {
                 "job": self.cfg.job,
+                "run": self.run_id,
                 "seed": self.cfg.seed,
                 "dim": self.cfg.dim,
                 "rounds": self.cfg.rounds,
@@ -455,7 +464,8 @@ class Aggregator(MessageIntake):
         """On the validation thread: `prevalidate.predecode` against the open round."""
         return predecode(
             msg, self._decode_ctx, self.cfg.max_update_bytes,
-            lambda up: signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed),
+            lambda up: (up.run == self.run_id or not self.cfg.signed)
+            and signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed),
         )
 
     def _start_prevalidation(self) -> None:

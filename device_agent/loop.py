@@ -20,6 +20,8 @@ import torch
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.runbind import NEWER, OLDER
+from fedclip_edge.broker.runbind import compare as run_compare
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
@@ -55,6 +57,7 @@ class Agent(RoundWork):
         self.done = False
         self.rejected: Counter[str] = Counter()  # messages refused, by reason
         self._registry = cfg.aggregator_registry
+        self.run = ""  # the job run of the newest global/control held (broker/runbind.py)
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -110,12 +113,41 @@ class Agent(RoundWork):
             self._dispatch(m, msg)
 
     def _dispatch(self, m: P.Control | P.GlobalModel, msg: Received) -> None:
+        if not self._in_run(m):
+            return
         if isinstance(m, P.Control):
             if m.state == "done":
                 self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
                 self.done = True
         else:
             self._on_global(m, msg)
+
+    def _in_run(self, m: P.Control | P.GlobalModel) -> bool:
+        """Whether `m` speaks for the run this device holds, starting a newer run first; an
+        older run's message (a replay: its `done` must not end this run) is ignored, one line."""
+        where = run_compare(self.run, m.run)
+        if where == OLDER:
+            self.rejected["run"] += 1
+            self.log(f"warning: ignored a {type(m).__name__} of run {m.run or '(none)'}: this "
+                     f"device is in run {self.run} of job {self.cfg.job} (a replay from another "
+                     "run)")
+            return False
+        if where == NEWER:
+            self._start_run(m.run)
+        return True
+
+    def _start_run(self, run: str) -> None:
+        """A new run of the job: its rounds start afresh (nothing of the old run is sent into
+        it, nor signed for it), and the device says hello for it: only then is it online."""
+        if self.run:
+            self.log(f"job {self.cfg.job}: run {run} started (was {self.run}); round work of "
+                     "the old run dropped")
+        self.run = run
+        self.current_round = self.last_trained = -1
+        self._cached = self._outbox = self._last_global_key = None
+        self.final_state = self.final_global = None
+        if self.t.connected:
+            self._status("online", hello=True)
 
     def _pull(self) -> None:
         """Move what has already arrived into `_pending` (bounded), accepted messages only."""
@@ -138,6 +170,11 @@ class Agent(RoundWork):
         """
         self._pull()
         for m, _ in self._pending:
+            where = run_compare(self.run, m.run)
+            if where == OLDER:
+                continue  # ignored when its turn comes
+            if where == NEWER:
+                return f"run {m.run}'s {type(m).__name__}"
             if isinstance(m, P.Control) and m.state == "done":
                 return "the job's done message"
             if isinstance(m, P.GlobalModel) and m.round > rnd:
