@@ -42,7 +42,7 @@ from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old 
 )
 from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
-from fedclip_edge.broker.runbind import new_run_id
+from fedclip_edge.broker.runbind import is_run_id, new_run_id
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
@@ -87,6 +87,9 @@ class AggregatorConfig:
     # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    # the job run (broker/runbind.py); None: a fresh one at job start (--resume: the stored
+    # one). Given by tests and benchmarks whose simulated devices sign for it in advance.
+    run: str | None = None
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
@@ -100,6 +103,8 @@ class AggregatorConfig:
                 raise ConfigError(f"{', '.join(both)}: in both --device-keys and --site-keys (a "
                                   "key speaks as a device or as a site, not both)")
         P.check_id(self.job, "job")
+        if self.run is not None and not is_run_id(self.run):
+            raise ConfigError(f"run id {self.run!r} is not one (runbind.new_run_id makes them)")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
         if self.on_short not in POLICIES:
@@ -181,7 +186,8 @@ class Aggregator(MessageIntake):
         self.global_state: dict[str, torch.Tensor] | None = None
         self.session = uuid.uuid4().hex[:12]
         # the job run every signed message binds (broker/runbind.py): --resume keeps it
-        self.run_id = (self.store.stored_run() if cfg.resume else "") or new_run_id()
+        self.run_id = ((self.store.stored_run() if cfg.resume else "") or cfg.run
+                       or new_run_id())
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""

@@ -57,7 +57,7 @@ class Agent(RoundWork):
         self.done = False
         self.rejected: Counter[str] = Counter()  # messages refused, by reason
         self._registry = cfg.aggregator_registry
-        self.run = ""  # the job run of the newest global/control held (broker/runbind.py)
+        self.job_run = ""  # the job run of the newest global/control held (broker/runbind.py)
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -125,12 +125,12 @@ class Agent(RoundWork):
     def _in_run(self, m: P.Control | P.GlobalModel) -> bool:
         """Whether `m` speaks for the run this device holds, starting a newer run first; an
         older run's message (a replay: its `done` must not end this run) is ignored, one line."""
-        where = run_compare(self.run, m.run)
+        where = run_compare(self.job_run, m.run)
         if where == OLDER:
             self.rejected["run"] += 1
             self.log(f"warning: ignored a {type(m).__name__} of run {m.run or '(none)'}: this "
-                     f"device is in run {self.run} of job {self.cfg.job} (a replay from another "
-                     "run)")
+                     f"device is in run {self.job_run} of job {self.cfg.job} (a replay from "
+                     "another run)")
             return False
         if where == NEWER:
             self._start_run(m.run)
@@ -139,10 +139,10 @@ class Agent(RoundWork):
     def _start_run(self, run: str) -> None:
         """A new run of the job: its rounds start afresh (nothing of the old run is sent into
         it, nor signed for it), and the device says hello for it: only then is it online."""
-        if self.run:
-            self.log(f"job {self.cfg.job}: run {run} started (was {self.run}); round work of "
+        if self.job_run:
+            self.log(f"job {self.cfg.job}: run {run} started (was {self.job_run}); round work of "
                      "the old run dropped")
-        self.run = run
+        self.job_run = run
         self.current_round = self.last_trained = -1
         self._cached = self._outbox = self._last_global_key = None
         self.final_state = self.final_global = None
@@ -170,7 +170,7 @@ class Agent(RoundWork):
         """
         self._pull()
         for m, _ in self._pending:
-            where = run_compare(self.run, m.run)
+            where = run_compare(self.job_run, m.run)
             if where == OLDER:
                 continue  # ignored when its turn comes
             if where == NEWER:
