@@ -547,7 +547,7 @@ def test_a_committed_rounds_update_is_stale_also_between_rounds(tmp_path: Path) 
     agg = make_agg(MemoryBroker(), tmp_path)
     agg._init_state()
     agg.completed = 3  # as after `--resume`: round 4 is not open yet, `_round` is 0
-    agg.roster.put(Device("a", session="s", run=keys.RUN))
+    agg.roster.put(Device("a", session="s"))
     frame = encode_frame(const_state(1.0), job=JOB, round=2, client="a")
     up = authn.sign(P.Update(JOB, 2, "a", 1, {}, frame, session="s", run=keys.RUN), keys.key("a"))
     payload = up.encode()

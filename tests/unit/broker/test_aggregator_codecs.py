@@ -272,7 +272,7 @@ def test_a_site_aggregator_takes_delta_codecs_and_sends_a_dense_partial(tmp_path
     def cfg(out: Path, min_clients: int, rounds: int = 2) -> AggregatorConfig:
         return AggregatorConfig(job=JOB, rounds=rounds, out=out, min_clients=min_clients,
                                 round_timeout_s=10.0, dim=DIM, wait_clients_s=5.0,
-                                upload_grace_s=0.0, insecure_unsigned=True)
+                                upload_grace_s=0.0, insecure_unsigned=True, run=keys.RUN)
 
     central = Aggregator(MemoryTransport(central_broker, "aggregator"),
                          cfg(tmp_path / "central", 1), log=lambda s: None)
