@@ -188,6 +188,7 @@ class Aggregator(MessageIntake):
         # the job run every signed message binds (broker/runbind.py): --resume keeps it
         self.run_id = ((self.store.stored_run() if cfg.resume else "") or cfg.run
                        or new_run_id())
+        self.hellos_unbound = 0  # hellos naming no run yet (a device's first): nobody online
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""

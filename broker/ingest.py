@@ -80,6 +80,7 @@ class MessageIntake:
     refused: dict[str, tuple[str, str]]
     resumed: bool
     run_id: str
+    hellos_unbound: int
 
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
 
@@ -187,7 +188,7 @@ class MessageIntake:
     def _unbound(self, client: str) -> None:
         """A hello that names no run: the device has not seen this run's control yet (agents
         say hello again for it at once) or it is a replay; nobody comes online from it."""
-        self.counters["hello_unbound"] += 1
+        self.hellos_unbound += 1  # not a rejection, nor in the run's counters
         if client not in self.roster and client not in self.refused:
             self.refused[client] = ("run", f"device {client} said hello for no run yet; it comes "
                                     f"online with a hello for run {self.run_id}")
