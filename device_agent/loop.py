@@ -29,6 +29,7 @@ from fedclip_edge.device_agent.codec_state import CodecState
 from fedclip_edge.device_agent.keep import keep_final_models
 from fedclip_edge.device_agent.outbox import _Outbox
 from fedclip_edge.device_agent.round_work import RoundWork
+from fedclip_edge.device_agent.run_guard import RunGuard
 from fedclip_edge.errors import TransportError
 from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
@@ -36,7 +37,7 @@ from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
 MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
 
 
-class Agent(RoundWork):
+class Agent(RunGuard, RoundWork):
     """Wait for the global adapter, train locally, publish the update, until the job ends."""
 
     def __init__(
@@ -58,6 +59,7 @@ class Agent(RoundWork):
         self.rejected: Counter[str] = Counter()  # messages refused, by reason
         self._registry = cfg.aggregator_registry
         self.job_run = ""  # the job run of the newest global/control held (broker/runbind.py)
+        self._done_heard = False  # a `done` was this run's first word: its global confirms it
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -113,41 +115,17 @@ class Agent(RoundWork):
             self._dispatch(m, msg)
 
     def _dispatch(self, m: P.Control | P.GlobalModel, msg: Received) -> None:
-        if not self._in_run(m):
+        where = self._in_run(m)
+        if where is None:
             return
         if isinstance(m, P.Control):
-            if m.state == "done":
+            if m.state == "done" and self._done_confirmed(m, where):
                 self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
                 self.done = True
         else:
-            self._on_global(m, msg)
-
-    def _in_run(self, m: P.Control | P.GlobalModel) -> bool:
-        """Whether `m` speaks for the run this device holds, starting a newer run first; an
-        older run's message (a replay: its `done` must not end this run) is ignored, one line."""
-        where = run_compare(self.job_run, m.run)
-        if where == OLDER:
-            self.rejected["run"] += 1
-            self.log(f"warning: ignored a {type(m).__name__} of run {m.run or '(none)'}: this "
-                     f"device is in run {self.job_run} of job {self.cfg.job} (a replay from "
-                     "another run)")
-            return False
-        if where == NEWER:
-            self._start_run(m.run)
-        return True
-
-    def _start_run(self, run: str) -> None:
-        """A new run of the job: its rounds start afresh (nothing of the old run is sent into
-        it, nor signed for it), and the device says hello for it: only then is it online."""
-        if self.job_run:
-            self.log(f"job {self.cfg.job}: run {run} started (was {self.job_run}); round work of "
-                     "the old run dropped")
-        self.job_run = run
-        self.current_round = self.last_trained = -1
-        self._cached = self._outbox = self._last_global_key = None
-        self.final_state = self.final_global = None
-        if self.t.connected:
-            self._status("online", hello=True)
+            if not self._done_heard or m.round > m.rounds:  # a done job's round: no work
+                self._on_global(m, msg)
+            self._confirm_done(m)
 
     def _pull(self) -> None:
         """Move what has already arrived into `_pending` (bounded), accepted messages only."""
@@ -260,7 +238,9 @@ class Agent(RoundWork):
                         self._on_message(msg)
                 self._check_outbox()
                 quiet = self.clock() - last_heard
-                if quiet > self.cfg.idle_timeout_s:
+                if quiet > self.cfg.idle_timeout_s and self._done_heard:
+                    self.done = True  # a done nothing contradicted (its global was chunked)
+                elif quiet > self.cfg.idle_timeout_s:
                     raise TransportError(
                         f"nothing from the aggregator of job {self.cfg.job} for "
                         f"{self.cfg.idle_timeout_s:g}s; giving up: {self._waiting_for()}"

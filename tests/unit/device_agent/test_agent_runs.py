@@ -80,3 +80,24 @@ def test_an_older_runs_done_is_ignored_and_a_newer_run_starts_afresh() -> None:
     assert [m.run for m in _sent(broker, "status") if m.hello][-1] == r3
     _give(agent, P.Control(JOB, "done", 2, 2, "s", run=r3))
     assert agent.done
+
+
+def test_a_fresh_agent_obeys_a_done_only_when_its_runs_global_confirms_it() -> None:
+    """A device that has just started holds no run: a replayed `done` of an earlier run must
+    not end it (the current run's retained control follows), a finished job's must (its final
+    global is retained beside it)."""
+    broker = MemoryBroker()
+    agent, _ = _agent(broker)
+    _give(agent, P.Control(JOB, "done", 2, 2, "s", run=R1))  # a replay reaches it first
+    assert not agent.done
+    _give(agent, P.Control(JOB, "running", 0, 2, "s", run=R2))  # the current run's
+    assert not agent.done and agent.job_run == R2
+    _give(agent, _global(1, R2))
+    assert len(_sent(broker, "update")) == 1  # it works for the current run
+
+    finished = MemoryBroker()
+    late, _ = _agent(finished)
+    _give(late, P.Control(JOB, "done", 2, 2, "s", run=R2))
+    assert not late.done
+    _give(late, _global(3, R2))  # the final adapter (round 3 > rounds 2)
+    assert late.done and late.final_state is not None and not _sent(finished, "update")
