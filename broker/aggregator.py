@@ -491,6 +491,8 @@ class Aggregator(MessageIntake):
         self._epoch_seen = self.t.epoch
         if self.completed < self.cfg.rounds:
             self._publish_control("running")
+            self.log(f"job {self.cfg.job}: run {self.run_id} (devices sign for it; --resume "
+                     "keeps it)")
             self.log(
                 f"connected to the broker; job {self.cfg.job}: waiting up to "
                 f"{self.cfg.wait_clients_s:g}s for {self.cfg.min_clients} device(s)"
