@@ -54,6 +54,7 @@ from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, encode_frame
 
 POLICIES = ("retry", "stop")
+BIND_GRACE_S = 10.0  # at most this long for hellos of this run after min-clients are online
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Aggregator(MessageIntake):
         self.run_id = ((self.store.stored_run() if cfg.resume else "") or cfg.run
                        or new_run_id())
         self.hellos_unbound = 0  # hellos naming no run yet (a device's first): nobody online
+        self.binding: set[str] = set()  # devices whose hello for this run should follow
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""
@@ -258,6 +260,13 @@ class Aggregator(MessageIntake):
             f"resuming job {self.cfg.job} after round {self.completed} "
             f"(global adapter {Path(resumed.global_file).name})"
         )
+
+    def _await_binding(self) -> None:
+        """Devices whose retained hello predates this run say hello again for it once they see
+        its control (one round trip): wait for them briefly, so round 1 has them as before
+        runs; bounded (BIND_GRACE_S), a device that never does joins a later round."""
+        self._pump(self.clock() + min(BIND_GRACE_S, self.cfg.wait_clients_s),
+                   lambda: not self.binding)
 
     def _make_initial(self) -> None:
         if self.global_state is not None:
@@ -503,6 +512,7 @@ class Aggregator(MessageIntake):
             self.clock() + self.cfg.wait_clients_s,
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
+        self._await_binding()
         self._make_initial()
         self._start_prevalidation()
         self.log(

@@ -81,6 +81,7 @@ class MessageIntake:
     resumed: bool
     run_id: str
     hellos_unbound: int
+    binding: set[str]  # said hello for no run / another run: expected to say it for this one
 
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
 
@@ -136,10 +137,13 @@ class MessageIntake:
             authn.verify(st, keys_of, job=self.cfg.job)  # admitted only if registered
         if st.state != "offline":
             check_site_role(client, st.backend, self.cfg.sites, self.cfg.signed)
-            # online only for this run: another run's is refused, none (a first hello) waits
+            # online only for this run: another run's is refused, none (a first hello) waits;
+            # either way the device (if live) says hello for this run once it sees its control
+            self.binding.add(client)
             if not status_binds(st.run, self.run_id, self.cfg.signed):
                 self._unbound(client)
                 return
+        self.binding.discard(client)
         dev = self.roster.get(client)
         if st.state == "offline":
             if dev is not None and dev.session and st.session and st.session != dev.session:

@@ -374,6 +374,7 @@ class SiteAggregator(Aggregator):
         self._publish_control("running")
         self._pump(self.clock() + 0.3, lambda: False)
         self._wait_for_devices()
+        self._await_binding()
         dim = self._site_dim()
         if self.global_state is None:
             self.global_state = self._template()
