@@ -299,7 +299,8 @@ def bench_soak(
     kinds: Annotated[
         list[str] | None,
         typer.Option("--kind", help="Fault kinds (default all): kill_agent, restart_broker, "
-                     "kill_aggregator, garbage, replay, foreign_signed."),
+                     "kill_aggregator, garbage, replay, foreign_signed, site_claim, flood, "
+                     "cross_run."),
     ] = None,
     min_clients: Annotated[
         int | None,

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedclip_edge.benchmarks.soak_crossrun import cross_run_payloads
 from fedclip_edge.benchmarks.soak_reconcile import (
     FAULT_KINDS,
     _update_round,
@@ -55,7 +56,7 @@ FLOOD_MESSAGES = 3000  # per flood fault: well over a sender's burst (500)
 # faults per committed round, by kind (at least one of each whatever the length of the run)
 FAULT_RATES = {
     "kill_agent": 0.06, "restart_broker": 0.03, "kill_aggregator": 0.03, "garbage": 0.06,
-    "replay": 0.06, "foreign_signed": 0.03, "site_claim": 0.03, "flood": 0.02,
+    "replay": 0.06, "foreign_signed": 0.03, "site_claim": 0.03, "flood": 0.02, "cross_run": 0.03,
 }
 # the domains of the synthetic data, shared round-robin by the agents
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
@@ -411,6 +412,20 @@ class Soak:
                                       "round": f.fired_at_round + 1,
                                       "sha256": hashlib.sha256(payload).hexdigest()})
                 f.outcome = "injected" if ok else "not acknowledged by the broker"
+        elif f.kind == "cross_run":  # soak_crossrun.py: another run's signed update and done
+            made = cross_run_payloads(self.out / "keys", self.job, f.fired_at_round + 1,
+                                      [m[2] for m in recorder.snapshot()])
+            if made is None:
+                f.outcome = "skipped: no update recorded yet to take a run from"
+                return
+            f.target, payload, done = made
+            topic = P.update_topic(self.job, f.target)
+            ok = injector.publish(topic, payload) and injector.publish(
+                P.control_topic(self.job), done)
+            self.injected.append({"kind": "cross_run", "topic": topic,
+                                  "round": f.fired_at_round + 1,
+                                  "sha256": hashlib.sha256(payload).hexdigest()})
+            f.outcome = "injected" if ok else "not acknowledged by the broker"
         elif f.kind == "flood":
             # garbage as fast as the chaos client can publish, on the topic of an id that is
             # no device: it must cost that id (rate limit), not the devices' rounds

@@ -27,7 +27,7 @@ from fedclip_edge.wire import FrameRejected, decode_frame
 # the fault kinds, in the order the report lists them
 FAULT_KINDS = (
     "kill_agent", "restart_broker", "kill_aggregator", "garbage", "replay", "foreign_signed",
-    "site_claim", "flood",
+    "site_claim", "flood", "cross_run",
 )
 _RATE_LIMITED = re.compile(r"rate limit: dropped (\d+) messages")
 _ROUND_LINE = re.compile(r"\] round (\d+) \| samples .* \| upload (\S+)$")

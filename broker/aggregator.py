@@ -42,6 +42,7 @@ from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old 
 )
 from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
+from fedclip_edge.broker.runbind import is_run_id, new_run_id
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
@@ -53,6 +54,7 @@ from fedclip_edge.train import accuracy
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, encode_frame
 
 POLICIES = ("retry", "stop")
+BIND_GRACE_S = 10.0  # at most this long for hellos of this run after min-clients are online
 
 
 @dataclass
@@ -86,6 +88,9 @@ class AggregatorConfig:
     # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    # the job run (broker/runbind.py); None: a fresh one at job start (--resume: the stored
+    # one). Given by tests and benchmarks whose simulated devices sign for it in advance.
+    run: str | None = None
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
@@ -99,6 +104,8 @@ class AggregatorConfig:
                 raise ConfigError(f"{', '.join(both)}: in both --device-keys and --site-keys (a "
                                   "key speaks as a device or as a site, not both)")
         P.check_id(self.job, "job")
+        if self.run is not None and not is_run_id(self.run):
+            raise ConfigError(f"run id {self.run!r} is not one (runbind.new_run_id makes them)")
         if self.rounds < 1 or self.min_clients < 1 or self.round_timeout_s <= 0:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
         if self.on_short not in POLICIES:
@@ -179,6 +186,11 @@ class Aggregator(MessageIntake):
         self.completed = 0
         self.global_state: dict[str, torch.Tensor] | None = None
         self.session = uuid.uuid4().hex[:12]
+        # the job run every signed message binds (broker/runbind.py): --resume keeps it
+        self.run_id = ((self.store.stored_run() if cfg.resume else "") or cfg.run
+                       or new_run_id())
+        self.hellos_unbound = 0  # hellos naming no run yet (a device's first): nobody online
+        self.binding: set[str] = set()  # devices whose hello for this run should follow
         self._eval: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.heldout_zero_shot: float | None = None  # CLIP without adapter, held-out domain
         self._global_payload = b""
@@ -241,10 +253,20 @@ class Aggregator(MessageIntake):
         self.history = resumed.history
         self.cfg.dim = resumed.dim
         self.engine.load_plugin_state(resumed.plugins)
+        if not resumed.run:  # a state.json from before runs: this run goes on under a new id
+            self.log(f"{self.store.state_path} names no run: job {self.cfg.job} goes on as run "
+                     f"{self.run_id} (devices sign for it after its first control)")
         self.log(
             f"resuming job {self.cfg.job} after round {self.completed} "
             f"(global adapter {Path(resumed.global_file).name})"
         )
+
+    def _await_binding(self) -> None:
+        """Devices whose retained hello predates this run say hello again for it once they see
+        its control (one round trip): wait for them briefly, so round 1 has them as before
+        runs; bounded (BIND_GRACE_S), a device that never does joins a later round."""
+        self._pump(self.clock() + min(BIND_GRACE_S, self.cfg.wait_clients_s),
+                   lambda: not self.binding)
 
     def _make_initial(self) -> None:
         if self.global_state is not None:
@@ -285,6 +307,7 @@ class Aggregator(MessageIntake):
             session=self.session,
             rounds=self.cfg.rounds,
             weighting=self.cfg.weighting,
+            run=self.run_id,
         )
         if self.cfg.signing_key is not None:
             msg = authn.sign(msg, self.cfg.signing_key)
@@ -292,7 +315,8 @@ class Aggregator(MessageIntake):
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
 
     def _publish_control(self, state: str) -> None:
-        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session)
+        ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session,
+                        run=self.run_id)
         if self.cfg.signing_key is not None:
             ctl = authn.sign(ctl, self.cfg.signing_key)
         self.t.publish(P.control_topic(self.cfg.job), ctl.encode(), retain=True).wait(5)
@@ -417,6 +441,7 @@ class Aggregator(MessageIntake):
             [*rows, summary_row],
             {
                 "job": self.cfg.job,
+                "run": self.run_id,
                 "seed": self.cfg.seed,
                 "dim": self.cfg.dim,
                 "rounds": self.cfg.rounds,
@@ -455,7 +480,8 @@ class Aggregator(MessageIntake):
         """On the validation thread: `prevalidate.predecode` against the open round."""
         return predecode(
             msg, self._decode_ctx, self.cfg.max_update_bytes,
-            lambda up: signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed),
+            lambda up: (up.run == self.run_id or not self.cfg.signed)
+            and signature_holds(up, self.cfg.keys_of(up.client), self.cfg.signed),
         )
 
     def _start_prevalidation(self) -> None:
@@ -474,6 +500,8 @@ class Aggregator(MessageIntake):
         self._epoch_seen = self.t.epoch
         if self.completed < self.cfg.rounds:
             self._publish_control("running")
+            self.log(f"job {self.cfg.job}: run {self.run_id} (devices sign for it; --resume "
+                     "keeps it)")
             self.log(
                 f"connected to the broker; job {self.cfg.job}: waiting up to "
                 f"{self.cfg.wait_clients_s:g}s for {self.cfg.min_clients} device(s)"
@@ -484,6 +512,7 @@ class Aggregator(MessageIntake):
             self.clock() + self.cfg.wait_clients_s,
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
+        self._await_binding()
         self._make_initial()
         self._start_prevalidation()
         self.log(

@@ -15,7 +15,10 @@ everything else that matters in the message:
   upload time);
 - control: its state, round and rounds (a forged "done" must not end a job).
 
-A signature therefore verifies for no other round, job, client, session or message type.
+Every message also carries the job run it belongs to (`run`, signed as its own field; empty in a
+device's hello before it saw any: broker/runbind.py says who checks it and how).
+
+A signature therefore verifies for no other round, job, run, client, session or message type.
 Verification failures are `MessageRejected` with the signing module's reason
 (`bad_signature`, `unknown_key`, `malformed_signature`) or `unsigned`, so the aggregator and the
 agent count them like every other rejection.
@@ -119,7 +122,7 @@ def _fields(msg: P.Message, job: str) -> dict[str, Any]:
 
 def sign(msg: Any, key: Ed25519PrivateKey, *, job: str = "") -> Any:
     """A copy of `msg` carrying its sender's signature (statuses need the topic's `job`)."""
-    sig = sign_message(key, **_fields(msg, job))
+    sig = sign_message(key, **_fields(msg, job), run=msg.run)
     return dataclasses.replace(msg, sig=encode_signature(sig))
 
 
@@ -131,7 +134,7 @@ def verify(msg: Any, registry: KeyRegistry, *, job: str = "", key_id: str | None
         raise P.MessageRejected("unsigned", f"unsigned {type(msg).__name__.lower()} message")
     try:
         return verify_message(registry, decode_signature(msg.sig), key_id=key_id,
-                              **_fields(msg, job))
+                              run=msg.run, **_fields(msg, job))
     except SignatureRejected as exc:
         raise P.MessageRejected(exc.reason, _with_fix(msg, exc.reason, str(exc))) from None
 

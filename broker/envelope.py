@@ -50,6 +50,7 @@ REASONS: frozenset[str] = frozenset(
         "unknown_key",
         "malformed_signature",
         "site_claim",
+        "run",
     }
 )
 

@@ -24,6 +24,7 @@ from fedclip_edge.broker.hierarchy import (
     read_site_weight,
 )
 from fedclip_edge.broker.roster import Device
+from fedclip_edge.broker.runbind import check_run, status_binds
 from fedclip_edge.broker.transport import Received
 from fedclip_edge.rounds import Update
 from fedclip_edge.strategy import over_sites_note
@@ -78,6 +79,9 @@ class MessageIntake:
     _warned_over_sites: bool
     refused: dict[str, tuple[str, str]]
     resumed: bool
+    run_id: str
+    hellos_unbound: int
+    binding: set[str]  # said hello for no run / another run: expected to say it for this one
 
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
 
@@ -133,6 +137,13 @@ class MessageIntake:
             authn.verify(st, keys_of, job=self.cfg.job)  # admitted only if registered
         if st.state != "offline":
             check_site_role(client, st.backend, self.cfg.sites, self.cfg.signed)
+            # online only for this run: another run's is refused, none (a first hello) waits;
+            # either way the device (if live) says hello for this run once it sees its control
+            self.binding.add(client)
+            if not status_binds(st.run, self.run_id, self.cfg.signed):
+                self._unbound(client)
+                return
+        self.binding.discard(client)
         dev = self.roster.get(client)
         if st.state == "offline":
             if dev is not None and dev.session and st.session and st.session != dev.session:
@@ -178,6 +189,14 @@ class MessageIntake:
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s
 
+    def _unbound(self, client: str) -> None:
+        """A hello that names no run: the device has not seen this run's control yet (agents
+        say hello again for it at once) or it is a replay; nobody comes online from it."""
+        self.hellos_unbound += 1  # not a rejection, nor in the run's counters
+        if client not in self.roster and client not in self.refused:
+            self.refused[client] = ("run", f"device {client} said hello for no run yet; it comes "
+                                    f"online with a hello for run {self.run_id}")
+
     def _decode_frame(self, frame: bytes) -> Any:
         """The update frame decoded against the open round's global (the one it names)."""
         rnd = self._open
@@ -213,6 +232,7 @@ class MessageIntake:
             keys_of = self.cfg.keys_of(client)
             assert keys_of is not None
             authn.verify(up, keys_of)
+        check_run("update", up.run, self.run_id, self.cfg.signed)
         assert self.global_state is not None
         try:
             # the worker's result only when it decoded against this round's global

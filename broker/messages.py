@@ -3,7 +3,8 @@
 Each message encodes to one envelope (`fedclip_edge.broker.envelope`); `decode_message` turns
 a whole (reassembled) payload back into one, every field checked (`fedclip_edge.broker.fields`).
 Signed messages carry `session` and `sig` (Ed25519, base64; see broker/authn.py), absent from
-unsigned ones so older peers see no change.
+unsigned ones so older peers see no change; `run` (the job run they belong to, signed with
+them: broker/runbind.py) is absent when empty.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Status:
     hello: bool = False
     session: str = ""  # the device process's id (signed: see broker/authn.py)
     sig: str = ""  # Ed25519 signature, base64; "" when unsigned
+    run: str = ""  # the job run this device holds ("" before it saw one: broker/runbind.py)
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -71,7 +73,7 @@ class Status:
                 "versions": self.versions,
                 "round": self.round,
                 "upload_s": self.upload_s,
-                **_signed(self.session, self.sig),
+                **_signed(self.session, self.sig, self.run),
             }
         )
 
@@ -96,6 +98,7 @@ class GlobalModel:
     rounds: int = 0  # the job's last round: a global with round > rounds is the final adapter
     sig: str = ""
     weighting: str = ""  # the job's FedAvg weighting, which a site applies to its devices
+    run: str = ""  # the job run (made at job start, kept by --resume: broker/runbind.py)
 
     def encode(self) -> bytes:
         extra = {"weighting": self.weighting} if self.weighting else {}
@@ -110,7 +113,7 @@ class GlobalModel:
                 "train": self.train,
                 "have": sorted(self.have),
                 "session": self.session,
-                **_signed(None, self.sig),
+                **_signed(None, self.sig, self.run),
             },
             self.frame,
         )
@@ -126,6 +129,7 @@ class Update:
     frame: bytes
     session: str = ""
     sig: str = ""
+    run: str = ""  # the run of the global this update answers
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -136,7 +140,7 @@ class Update:
                 "client": self.client,
                 "samples": self.samples,
                 "metrics": _finite(self.metrics),
-                **_signed(self.session, self.sig),
+                **_signed(self.session, self.sig, self.run),
             },
             self.frame,
         )
@@ -150,6 +154,7 @@ class Control:
     rounds: int
     session: str = ""
     sig: str = ""
+    run: str = ""  # the job run it speaks for: a `done` ends that run only
 
     def encode(self) -> bytes:
         return encode_envelope(
@@ -159,7 +164,7 @@ class Control:
                 "state": self.state,
                 "round": self.round,
                 "rounds": self.rounds,
-                **_signed(self.session, self.sig),
+                **_signed(self.session, self.sig, self.run),
             }
         )
 
@@ -167,11 +172,13 @@ class Control:
 Message = Status | GlobalModel | Update | Control
 
 
-def _signed(session: str | None, sig: str) -> dict[str, str]:
+def _signed(session: str | None, sig: str, run: str = "") -> dict[str, str]:
     """Header fields of a signed message; none for an unsigned one (old peers see no change)."""
     out = {} if session is None or not session else {"session": session}
     if sig:
         out["sig"] = sig
+    if run:
+        out["run"] = run
     return out
 
 
@@ -233,6 +240,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             hello=kind == "hello",
             session=_text_field(header, "session", ""),
             sig=_text_field(header, "sig", ""),
+            run=_text_field(header, "run", ""),
         )
     if kind == "global":
         have = header.get("have", [])
@@ -257,6 +265,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             session=_text_field(header, "session", ""),
             rounds=_int_field(header, "rounds", 0, MAX_ROUND),
             sig=_text_field(header, "sig", ""),
+            run=_text_field(header, "run", ""),
             weighting=_text_field(header, "weighting", ""),
         )
     if kind == "update":
@@ -275,6 +284,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             frame=body,
             session=_text_field(header, "session", ""),
             sig=_text_field(header, "sig", ""),
+            run=_text_field(header, "run", ""),
         )
     if kind == "control":
         state = _need(header, "state", str)
@@ -287,5 +297,6 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             rounds=_int_field(header, "rounds", 0, MAX_ROUND),
             session=_text_field(header, "session", ""),
             sig=_text_field(header, "sig", ""),
+            run=_text_field(header, "run", ""),
         )
     raise MessageRejected("type", f"a bare {kind!r} envelope is not a message")

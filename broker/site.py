@@ -38,6 +38,8 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, AggregatorHooks
 from fedclip_edge.broker.hierarchy import DEVICES_KEY, SITE_BACKEND, STRATEGY_KEY, site_metrics
+from fedclip_edge.broker.runbind import NEWER, OLDER
+from fedclip_edge.broker.runbind import compare as run_compare
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.signing import KeyRegistry
@@ -94,6 +96,7 @@ class SiteAggregator(Aggregator):
         self._template_state: dict[str, torch.Tensor] | None = None
         self.final_state: dict[str, torch.Tensor] | None = None
         self.central_rounds: list[int] = []  # central rounds this site answered (tests, bench)
+        self.up_run = ""  # the central's job run, from its control or global (runbind.py)
 
     # ------------------------------------------------------------------ local side
     def _on_update(self, client: str, msg: Received) -> None:
@@ -133,7 +136,7 @@ class SiteAggregator(Aggregator):
         st = P.Status(
             self.site, "online", {"train": int(samples)}, SITE_BACKEND, self._site_dim(),
             {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name},
-            hello=True, session=self.session,
+            hello=True, session=self.session, run=self.up_run,
         )
         self.up.publish(P.status_topic(self.cfg.job, self.site), self._signed(st).encode(),
                         retain=True)
@@ -146,7 +149,7 @@ class SiteAggregator(Aggregator):
         if delivery.wait(30.0):
             st = P.Status(
                 self.site, "uploaded", {}, SITE_BACKEND, int(self.cfg.dim or 0),
-                round=rnd, upload_s=self.clock() - t0, session=self.session,
+                round=rnd, upload_s=self.clock() - t0, session=self.session, run=self.up_run,
             )
             self.up.publish(P.status_topic(self.cfg.job, self.site), self._signed(st).encode(),
                         retain=True)
@@ -159,7 +162,8 @@ class SiteAggregator(Aggregator):
         metrics = site_metrics(devices, samples, self.cfg.weighting)
         if loss is not None:
             metrics["loss"] = loss
-        up = P.Update(self.cfg.job, rnd, self.site, samples, metrics, frame, session=self.session)
+        up = P.Update(self.cfg.job, rnd, self.site, samples, metrics, frame, session=self.session,
+                      run=self.up_run)
         return self._signed(up).encode()
 
     def _partial_from_disk(self, rnd: int) -> bytes | None:
@@ -246,6 +250,8 @@ class SiteAggregator(Aggregator):
                 self.log(f"site {self.site}: ignored an unsigned or forged {type(m).__name__} "
                          f"({exc.reason})")
                 return False
+        if isinstance(m, (P.Control, P.GlobalModel)) and not self._in_central_run(m):
+            return False
         if isinstance(m, P.Control) and m.job == self.cfg.job and m.state == "done":
             self.log(f"site {self.site}: the central says job {self.cfg.job} is done")
             return True
@@ -281,6 +287,20 @@ class SiteAggregator(Aggregator):
             return True
         self._answer(m, frame.tensors)
         return False
+
+    def _in_central_run(self, m: P.Control | P.GlobalModel) -> bool:
+        """As an agent does: an older run of the central job is a replay (ignored, counted);
+        a newer one is joined (hello for it; what this site sent before is not resent)."""
+        where = run_compare(self.up_run, m.run)
+        if where == OLDER:
+            self.up_counters["rejected_run"] += 1
+            self.log(f"site {self.site}: ignored a {type(m).__name__} of the central's run "
+                     f"{m.run or '(none)'}: the central's run is {self.up_run} (a replay)")
+            return False
+        if where == NEWER:
+            self.up_run, self._partial = m.run, None
+            self._hello_up()
+        return True
 
     def _template(self) -> dict[str, torch.Tensor]:
         from fedclip_edge.adapter import AttentionAdapter
@@ -354,6 +374,7 @@ class SiteAggregator(Aggregator):
         self._publish_control("running")
         self._pump(self.clock() + 0.3, lambda: False)
         self._wait_for_devices()
+        self._await_binding()
         dim = self._site_dim()
         if self.global_state is None:
             self.global_state = self._template()

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedclip_edge.broker import report as M
+from fedclip_edge.broker.runbind import is_run_id
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.io import atomic_write_json
 
@@ -40,6 +41,7 @@ class Resumed:
     history: list[dict[str, Any]] = field(default_factory=list)
     global_file: str = ""
     plugins: list[dict[str, Any]] = field(default_factory=list)  # the round engine's plug-ins
+    run: str = ""  # the job run (broker/runbind.py); "" in a state.json from before runs
 
 
 def save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> str:
@@ -80,6 +82,15 @@ class RunStore:
         self.metrics_path.unlink(missing_ok=True)
         return None
 
+    def stored_run(self) -> str:
+        """The run id state.json keeps ("" when there is none to read): a resumed job goes
+        on as the same run, so its devices' signed messages still count."""
+        try:
+            run = json.loads(self.state_path.read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            return ""
+        return run if is_run_id(run) else ""
+
     def _read_state(self, job: str, seed: int) -> Resumed:
         path = self.state_path
         try:
@@ -118,6 +129,7 @@ class RunStore:
             history=list(st.get("history", [])),
             global_file=rel,
             plugins=list(st.get("plugins", [])),
+            run=str(st.get("run") or ""),
         )
 
     def commit(

@@ -20,6 +20,8 @@ import torch
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.runbind import NEWER, OLDER
+from fedclip_edge.broker.runbind import compare as run_compare
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
@@ -27,6 +29,7 @@ from fedclip_edge.device_agent.codec_state import CodecState
 from fedclip_edge.device_agent.keep import keep_final_models
 from fedclip_edge.device_agent.outbox import _Outbox
 from fedclip_edge.device_agent.round_work import RoundWork
+from fedclip_edge.device_agent.run_guard import RunGuard
 from fedclip_edge.errors import TransportError
 from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
@@ -34,7 +37,7 @@ from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
 MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
 
 
-class Agent(RoundWork):
+class Agent(RunGuard, RoundWork):
     """Wait for the global adapter, train locally, publish the update, until the job ends."""
 
     def __init__(
@@ -55,6 +58,8 @@ class Agent(RoundWork):
         self.done = False
         self.rejected: Counter[str] = Counter()  # messages refused, by reason
         self._registry = cfg.aggregator_registry
+        self.job_run = ""  # the job run of the newest global/control held (broker/runbind.py)
+        self._done_heard = False  # a `done` was this run's first word: its global confirms it
         self.current_round = -1
         self.last_trained = -1
         self.rounds_trained = 0
@@ -110,12 +115,17 @@ class Agent(RoundWork):
             self._dispatch(m, msg)
 
     def _dispatch(self, m: P.Control | P.GlobalModel, msg: Received) -> None:
+        where = self._in_run(m)
+        if where is None:
+            return
         if isinstance(m, P.Control):
-            if m.state == "done":
+            if m.state == "done" and self._done_confirmed(m, where):
                 self.log(f"job {self.cfg.job} is done (round {m.round}/{m.rounds})")
                 self.done = True
         else:
-            self._on_global(m, msg)
+            if not self._done_heard or m.round > m.rounds:  # a done job's round: no work
+                self._on_global(m, msg)
+            self._confirm_done(m)
 
     def _pull(self) -> None:
         """Move what has already arrived into `_pending` (bounded), accepted messages only."""
@@ -138,6 +148,11 @@ class Agent(RoundWork):
         """
         self._pull()
         for m, _ in self._pending:
+            where = run_compare(self.job_run, m.run)
+            if where == OLDER:
+                continue  # ignored when its turn comes
+            if where == NEWER:
+                return f"run {m.run}'s {type(m).__name__}"
             if isinstance(m, P.Control) and m.state == "done":
                 return "the job's done message"
             if isinstance(m, P.GlobalModel) and m.round > rnd:
@@ -223,7 +238,9 @@ class Agent(RoundWork):
                         self._on_message(msg)
                 self._check_outbox()
                 quiet = self.clock() - last_heard
-                if quiet > self.cfg.idle_timeout_s:
+                if quiet > self.cfg.idle_timeout_s and self._done_heard:
+                    self.done = True  # a done nothing contradicted (its global was chunked)
+                elif quiet > self.cfg.idle_timeout_s:
                     raise TransportError(
                         f"nothing from the aggregator of job {self.cfg.job} for "
                         f"{self.cfg.idle_timeout_s:g}s; giving up: {self._waiting_for()}"

@@ -38,6 +38,7 @@ class Outbox:
     current_round: int
     last_trained: int
     last_upload_s: float | None
+    job_run: str  # the job run this device holds: what it signs for
     _outbox: _Outbox | None
     _last_wire: int
     _sizes: dict[str, int]
@@ -46,7 +47,7 @@ class Outbox:
         st = P.Status(
             self.cfg.client_id, state, self._sizes, self.data.backend, self.data.dim,
             self.data.versions, round=self.last_trained, upload_s=upload_s, hello=hello,
-            session=self.cfg.session,
+            session=self.cfg.session, run=self.job_run,
         )
         if self.cfg.key is not None:
             st = authn.sign(st, self.cfg.key, job=self.cfg.job)

@@ -173,7 +173,7 @@ class RoundWork(Outbox):
                                   topk_fraction=self.cfg.topk_fraction)
             metrics["residual_norm"] = feedback.norm()
         update = P.Update(self.cfg.job, g.round, self.cfg.client_id, samples, metrics, frame,
-                          session=self.cfg.session)
+                          session=self.cfg.session, run=g.run)
         if self.cfg.key is not None:
             update = authn.sign(update, self.cfg.key)
         payload = update.encode()
@@ -208,7 +208,8 @@ class RoundWork(Outbox):
         st = self._load_codec_state(glob)
         if st.round < 0 or st.round < g.round:
             return False
-        if st.round > g.round or st.global_sha256 != global_digest(g.frame):
+        if (st.round > g.round or st.global_sha256 != global_digest(g.frame)
+                or _run_of(st.update) != g.run):
             # the job went back, or this round's global is another one (a new run of the job):
             # that residual belongs to updates this aggregator never had
             self.log(f"warning: error-feedback state of round {st.round} does not match the "
@@ -224,3 +225,14 @@ class RoundWork(Outbox):
                  f"({len(st.update)} B, not encoded again)")
         self._send(g.round, st.update)
         return True
+
+
+def _run_of(payload: bytes) -> str | None:
+    """The run a saved update was signed for (a new run of the job with the same seed has the
+    same round-1 global: its update must still not be the old run's bytes)."""
+    try:
+        header, _ = P.decode_envelope(payload)
+    except P.MessageRejected:
+        return None
+    run = header.get("run", "")
+    return run if isinstance(run, str) else None

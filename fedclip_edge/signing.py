@@ -5,10 +5,10 @@ a device's broker credentials can still publish anything. A signature binds a me
 of the device (or aggregator) that made it, end to end.
 
 What is signed is a canonical, domain-separated encoding of the message's identifying fields
-(type, job, round, client, session) and the sha256 of its frame, so a signature lifted from one
-message verifies for no other round, job, client, session or type. Artifact signatures cover
-the manifest's exact bytes; the manifest lists every file's sha256, so the signature
-authenticates every file.
+(type, job, round, client, session, the job's run) and the sha256 of its frame, so a signature
+lifted from one message verifies for no other round, job, run, client, session or type.
+Artifact signatures cover the manifest's exact bytes; the manifest lists every file's sha256,
+so the signature authenticates every file.
 
 Key files: `<id>.key` (PEM PKCS8, mode 0600, refused if group/other can read it, as ssh does)
 and `<id>.pub` (PEM SubjectPublicKeyInfo). A `KeyRegistry` (a folder of `*.pub` files, or one
@@ -317,10 +317,12 @@ def _digest(value: Any) -> bytes:
 
 
 def signed_bytes(
-    *, type: str, job: str, round: int, client: str, session: str, frame_sha256: bytes | str
+    *, type: str, job: str, round: int, client: str, session: str, frame_sha256: bytes | str,
+    run: str = "",
 ) -> bytes:
     """The exact bytes a message signature covers: a fixed domain tag, then each field as
-    tag + u32 length + value in a fixed order, so no two field tuples encode alike."""
+    tag + u32 length + value in a fixed order, so no two field tuples encode alike. The job
+    run (`run`, broker/runbind.py) is a last tagged field, present only when not empty."""
     if isinstance(round, bool) or not isinstance(round, int) or not 0 <= round < 2**63:
         raise ValueError(f"round must be an integer in [0, 2**63), got {round!r}")
     return MESSAGE_DOMAIN + b"".join(
@@ -331,6 +333,7 @@ def signed_bytes(
             _field("client", _text("client", client)),
             _field("session", _text("session", session, empty_ok=True)),
             _field("frame_sha256", _digest(frame_sha256)),
+            _field("run", _text("run", run, empty_ok=True)) if run else b"",
         )
     )
 
@@ -344,6 +347,7 @@ def sign_message(
     client: str,
     session: str,
     frame_sha256: bytes | str,
+    run: str = "",
 ) -> bytes:
     """The 64-byte signature of a message's identifying fields and its frame's sha256."""
     return key.sign(
@@ -354,6 +358,7 @@ def sign_message(
             client=client,
             session=session,
             frame_sha256=frame_sha256,
+            run=run,
         )
     )
 
@@ -369,6 +374,7 @@ def verify_message(
     session: str,
     frame_sha256: bytes | str,
     key_id: str | None = None,
+    run: str = "",
 ) -> str:
     """Check a message's signature against the registered key of `key_id` (default: `client`,
     the sender of an update); returns the key id. `SignatureRejected` if it does not verify."""
@@ -389,6 +395,7 @@ def verify_message(
             client=client,
             session=session,
             frame_sha256=frame_sha256,
+            run=run,
         )
     except ValueError as exc:  # a field nobody can have signed
         raise SignatureRejected(

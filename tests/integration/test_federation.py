@@ -244,13 +244,17 @@ def hold_after_round_1(procs: Procs, seen: mh.Presence,
     three devices, round 2 open, dev-c has answered it and dev-a and dev-b are frozen (SIGSTOP)
     without having answered it, so round 2 cannot close until the test lets them go on.
 
-    How: all three devices' hellos are retained before the aggregator starts (so it knows all
-    three before any update); dev-c is frozen, so round 1 cannot close; dev-a and dev-b answer
-    it and are frozen; dev-c goes on, answers round 1 (the round closes) and round 2."""
+    How: all three devices say hello, the aggregator starts, and each says hello again for the
+    aggregator's run (docs/protocol.md "Runs"; the aggregator waits for these before round 1,
+    so it knows all three before any update); dev-c is frozen as soon as its hello for the run
+    is seen (its round-1 training takes seconds: the freeze lands first), so round 1 cannot
+    close; dev-a and dev-b answer it and are frozen; dev-c goes on, answers round 1 (the round
+    closes) and round 2."""
     for c in DOMAINS:
         seen.wait(c, "online", timeout=300)
-    procs.procs["dev-c"].send_signal(signal.SIGSTOP)
     start_aggregator()
+    seen.wait_bound("dev-c", timeout=300)
+    procs.procs["dev-c"].send_signal(signal.SIGSTOP)
     wait_log(procs, ["dev-a", "dev-b"], "round 1 | samples", timeout=300)
     for c in ("dev-a", "dev-b"):
         procs.procs[c].send_signal(signal.SIGSTOP)

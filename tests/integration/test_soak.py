@@ -78,6 +78,13 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
         assert rej.get("site_claim", 0) + rej.get("duplicate", 0) + rej.get("stale", 0) + rej.get(
             "future", 0) >= injected["site_claim"]
     assert injected.get("flood", 0) >= 1 and report["rate_limited"] >= 1, report["schedule"]
+    # issue 22 item 2: another run's signed update is refused (`run`, or the round's own
+    # reasons when the device or the round got there first); its signed `done`, ignored by the
+    # agents, ended nothing (every round above committed, nothing lost)
+    assert injected.get("cross_run", 0) >= 1, report["schedule"]
+    rej = report["rejected_by_reason"]
+    assert sum(rej.get(k, 0) for k in ("run", "duplicate", "stale", "future")) >= injected[
+        "cross_run"]
     assert report["updates_sent"] >= 6 * 2 and report["accepted"] >= 6 * 2
     if signing_hook_reason() is not None:
         assert report["faults_not_injected"]["foreign_signed"].startswith("skipped: ")

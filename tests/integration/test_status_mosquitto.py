@@ -8,6 +8,7 @@ publishes that device's last will itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,9 +74,9 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
         url = f"mqtt://127.0.0.1:{port}"
         # the silent device: a hello, then nothing
         silent = mh.connect_client(port, "dev-silent")
-        hello = P.Status("dev-silent", "online", {"train": 5}, "tensorrt", 8, hello=True,
+        first = P.Status("dev-silent", "online", {"train": 5}, "tensorrt", 8, hello=True,
                          session="s")
-        hello = authn.sign(hello, keys.key("dev-silent"), job=JOB)
+        hello = authn.sign(first, keys.key("dev-silent"), job=JOB)
         mh.publish(silent, P.status_topic(JOB, "dev-silent"), hello.encode(), retain=True)
         kdir = keys.key_files(tmp_path / "keys", ["dev-a", "dev-b", "dev-silent"])
         agents = []
@@ -106,6 +107,21 @@ def test_status_and_metrics_of_a_live_job(tmp_path: Path) -> None:
 
         def logs() -> str:
             return (tmp_path / "aggregator.log").read_text(errors="replace")
+
+        # the silent device learns the job's run from the aggregator's retained control, as
+        # agents do, and says hello for it: a hello for no run puts nobody online
+        watch = MqttTransport(url, "dev-silent-watch", clean_session=True)
+        watch.subscribe(P.control_topic(JOB))
+        watch.connect(10)
+        ctl, deadline = None, time.monotonic() + 60
+        while ctl is None and time.monotonic() < deadline:
+            got = watch.recv(0.5)
+            ctl = P.decode_message(got.payload) if got is not None else None
+        watch.close()
+        assert isinstance(ctl, P.Control) and ctl.run, logs()
+        bound = authn.sign(dataclasses.replace(first, run=ctl.run), keys.key("dev-silent"),
+                           job=JOB)
+        mh.publish(silent, P.status_topic(JOB, "dev-silent"), bound.encode(), retain=True)
 
         try:
             murl = f"http://127.0.0.1:{mport}/metrics"

@@ -14,6 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedclip_edge.signing import KeyRegistry
 
 AGGREGATOR = "aggregator"
+# The job run tests' aggregators are given (AggregatorConfig.run), so simulated devices sign
+# their hellos and updates for it in advance (real agents learn it from the control/global).
+RUN = "0000000001-00000000000000aa"
 
 
 @cache

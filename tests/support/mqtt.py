@@ -284,6 +284,7 @@ class Presence:
     def __init__(self, port: int, job: str, host: str = HOST) -> None:
         self.port, self.job, self.host = port, job, host
         self.states: dict[str, list[str]] = {}  # client -> every state seen, in order
+        self.bound: set[str] = set()  # clients seen saying hello for a job run
         self._cond = threading.Condition()
         self._client: mqtt.Client | None = None
 
@@ -307,6 +308,8 @@ class Presence:
         if isinstance(st, P.Status):
             with self._cond:
                 self.states.setdefault(st.client, []).append(st.state)
+                if st.run and st.state != "offline":
+                    self.bound.add(st.client)  # said hello for a run (docs/protocol.md "Runs")
                 self._cond.notify_all()
 
     def wait(self, client: str, state: str, timeout: float = 60.0, *, after: int = 0) -> int:
@@ -324,6 +327,16 @@ class Presence:
                         f"{client} did not announce {state!r} within {timeout:g} s "
                         f"(seen: {seen})"
                     )
+                self._cond.wait(left)
+
+    def wait_bound(self, client: str, timeout: float = 60.0) -> None:
+        """Until `client` has said hello for a run (what the aggregator counts online)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while client not in self.bound:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{client} said hello for no run within {timeout:g} s")
                 self._cond.wait(left)
 
     def count(self, client: str) -> int:

@@ -47,7 +47,7 @@ def hello(broker: MemoryBroker, client: str, dim: int = 2) -> MemoryTransport:
     t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
     t.connect()
     st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True,
-                  session="s")
+                  session="s", run=keys.RUN)
     t.publish(P.status_topic(JOB, client), authn.sign(st, keys.key(client), job=JOB).encode(),
               retain=True)
     return t
@@ -62,7 +62,7 @@ def update_payload(
     frame_client: str | None = None,
 ) -> bytes:
     frame = encode_frame(const_state(value), job=job, round=rnd, client=frame_client or client)
-    up = P.Update(job, rnd, client, samples, {"loss": value}, frame, session="s")
+    up = P.Update(job, rnd, client, samples, {"loss": value}, frame, session="s", run=keys.RUN)
     return authn.sign(up, keys.key(client)).encode()
 
 
@@ -115,7 +115,7 @@ def make_agg(
         wait_clients_s=kw.pop("wait_clients_s", 2.0),
         upload_grace_s=0.0,
         registry=kw.pop("registry", keys.registry(DEVICES)),
-        signing_key=keys.key(keys.AGGREGATOR),
+        signing_key=keys.key(keys.AGGREGATOR), run=keys.RUN,
         **kw,
     )
     lines: list[str] = []
@@ -179,10 +179,11 @@ def test_every_bad_update_is_rejected_counted_and_the_run_goes_on(
         evil.publish(up, update_payload("a", 5, 9.0))  # future round
         evil.publish(up, update_payload("a", 2, 9.0, job="other"))  # other job
         # b itself (registered, signing) sends frames that fail validation
-        nan = authn.sign(P.Update(JOB, 2, "b", 1, {}, _nan_frame("b", 2)), keys.key("b"))
+        nan = authn.sign(P.Update(JOB, 2, "b", 1, {}, _nan_frame("b", 2), run=keys.RUN),
+                         keys.key("b"))
         evil.publish(P.update_topic(JOB, "b"), nan.encode())  # non-finite
         wrong = encode_frame({"x": torch.ones(3)}, job=JOB, round=2, client="b")
-        bad = authn.sign(P.Update(JOB, 2, "b", 1, {}, wrong), keys.key("b"))
+        bad = authn.sign(P.Update(JOB, 2, "b", 1, {}, wrong, run=keys.RUN), keys.key("b"))
         evil.publish(P.update_topic(JOB, "b"), bad.encode())
         attacked.set()
 
@@ -417,7 +418,7 @@ def test_hostile_update_fields_are_refused_and_the_round_commits(tmp_path: Path)
     frame = encode_frame(const_state(5.0), job=JOB, round=1, client="evil")
     topic = P.update_topic(JOB, "evil")
     for samples, metrics in ((10**400, {}), (1, {"bytes_down": "x"}), (1, {"loss": 10**400})):
-        up = P.Update(JOB, 1, "evil", 1, metrics, frame, session="s")
+        up = P.Update(JOB, 1, "evil", 1, metrics, frame, session="s", run=keys.RUN)
         body = authn.sign(up, keys.key("evil")).encode()
         if samples != 1:  # the field as a hostile sender writes it, past our encoder
             header, frame_bytes = P.decode_envelope(body)
@@ -548,7 +549,7 @@ def test_a_committed_rounds_update_is_stale_also_between_rounds(tmp_path: Path) 
     agg.completed = 3  # as after `--resume`: round 4 is not open yet, `_round` is 0
     agg.roster.put(Device("a", session="s"))
     frame = encode_frame(const_state(1.0), job=JOB, round=2, client="a")
-    up = authn.sign(P.Update(JOB, 2, "a", 1, {}, frame, session="s"), keys.key("a"))
+    up = authn.sign(P.Update(JOB, 2, "a", 1, {}, frame, session="s", run=keys.RUN), keys.key("a"))
     payload = up.encode()
     agg._handle(Received(P.update_topic(JOB, "a"), payload, False, len(payload)))
     assert agg.counters["rejected_stale"] == 1 and agg.counters["rejected_future"] == 0

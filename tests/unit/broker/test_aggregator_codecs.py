@@ -39,14 +39,14 @@ def _hello(broker: MemoryBroker, client: str, dim: int = DIM) -> MemoryTransport
     t.subscribe(P.global_topic(JOB), P.control_topic(JOB))
     t.connect()
     st = P.Status(client, "online", {"train": 6, "val": 2, "test": 2}, "test", dim, hello=True,
-                  session="s")
+                  session="s", run=keys.RUN)
     t.publish(P.status_topic(JOB, client), authn.sign(st, keys.key(client), job=JOB).encode(),
               retain=True)
     return t
 
 
 def _signed_update(client: str, rnd: int, frame: bytes) -> bytes:
-    up = P.Update(JOB, rnd, client, 1, {"loss": 0.5}, frame, session="s")
+    up = P.Update(JOB, rnd, client, 1, {"loss": 0.5}, frame, session="s", run=keys.RUN)
     return authn.sign(up, keys.key(client)).encode()
 
 
@@ -95,7 +95,7 @@ def _agg(broker: MemoryBroker, out: Path, transport_cls: type, **kw) -> Aggregat
         job=JOB, rounds=kw.pop("rounds", 2), out=out, min_clients=kw.pop("min_clients", 5),
         round_timeout_s=5.0, dim=DIM, wait_clients_s=5.0, upload_grace_s=0.0,
         registry=keys.registry(tuple(CODECS) + ("evil",)),
-        signing_key=keys.key(keys.AGGREGATOR), **kw,
+        signing_key=keys.key(keys.AGGREGATOR), run=keys.RUN, **kw,
     )
     lines: list[str] = []
     agg = Aggregator(transport_cls(broker, "aggregator"), cfg, log=lines.append)
@@ -223,7 +223,7 @@ def _agents_run(tmp: Path, crash_at: int | None = None) -> dict[str, torch.Tenso
         cfg = AggregatorConfig(
             job=JOB, rounds=4, out=tmp, min_clients=3, round_timeout_s=20.0, dim=8,
             wait_clients_s=10.0, upload_grace_s=0.0, registry=reg, train=TRAIN, seed=3,
-            signing_key=keys.key(keys.AGGREGATOR), resume=resume,
+            signing_key=keys.key(keys.AGGREGATOR), run=keys.RUN, resume=resume,
         )
         return Aggregator(PrevalidatingMemory(broker, "aggregator"), cfg, log=lambda s: None)
 
@@ -272,7 +272,7 @@ def test_a_site_aggregator_takes_delta_codecs_and_sends_a_dense_partial(tmp_path
     def cfg(out: Path, min_clients: int, rounds: int = 2) -> AggregatorConfig:
         return AggregatorConfig(job=JOB, rounds=rounds, out=out, min_clients=min_clients,
                                 round_timeout_s=10.0, dim=DIM, wait_clients_s=5.0,
-                                upload_grace_s=0.0, insecure_unsigned=True)
+                                upload_grace_s=0.0, insecure_unsigned=True, run=keys.RUN)
 
     central = Aggregator(MemoryTransport(central_broker, "aggregator"),
                          cfg(tmp_path / "central", 1), log=lambda s: None)

@@ -36,7 +36,8 @@ def _cfg(out: Path, **kw) -> AggregatorConfig:  # noqa: ANN003
     return AggregatorConfig(
         job=JOB, rounds=1, out=out, min_clients=kw.pop("min_clients", 2), round_timeout_s=5.0,
         dim=DIM, wait_clients_s=3.0, upload_grace_s=0.0, strategy="fedavg",
-        registry=keys.registry(["honest", "liar"]), signing_key=keys.key(keys.AGGREGATOR), **kw)
+        registry=keys.registry(["honest", "liar"]), signing_key=keys.key(keys.AGGREGATOR),
+        run=keys.RUN, **kw)
 
 
 class _Device(threading.Thread):
@@ -49,7 +50,8 @@ class _Device(threading.Thread):
         self.t = MemoryTransport(broker, client)
         self.t.subscribe(P.global_topic(JOB))
         self.t.connect()
-        st = P.Status(client, "online", {"train": 5}, backend, DIM, hello=True, session="s")
+        st = P.Status(client, "online", {"train": 5}, backend, DIM, hello=True, session="s",
+                      run=keys.RUN)
         self.t.publish(P.status_topic(JOB, client),
                        authn.sign(st, keys.key(client), job=JOB).encode(), retain=True)
 
@@ -62,7 +64,8 @@ class _Device(threading.Thread):
             g = P.decode_message(m.payload)
             if isinstance(g, P.GlobalModel) and g.round == 1:
                 frame = encode_frame(_state(self.v), job=JOB, round=1, client=self.client)
-                up = P.Update(JOB, 1, self.client, 5, dict(self.metrics), frame, session="s")
+                up = P.Update(JOB, 1, self.client, 5, dict(self.metrics), frame, session="s",
+                              run=keys.RUN)
                 self.t.publish(P.update_topic(JOB, self.client),
                                authn.sign(up, keys.key(self.client)).encode())
                 return
@@ -107,7 +110,8 @@ def test_a_registered_sites_weight_is_bounded_by_its_registration(tmp_path: Path
     cfg = AggregatorConfig(
         job=JOB, rounds=1, out=tmp_path, min_clients=1, round_timeout_s=5.0, dim=DIM,
         wait_clients_s=3.0, upload_grace_s=0.0, strategy="fedavg",
-        registry=keys.registry(["honest"]), sites=sites, signing_key=keys.key(keys.AGGREGATOR))
+        registry=keys.registry(["honest"]), sites=sites, signing_key=keys.key(keys.AGGREGATOR),
+        run=keys.RUN)
     agg = Aggregator(MemoryTransport(broker, "aggregator"), cfg, log=lines.append)
     honest = _Device(broker, "honest", "test", 1.0, {})
     big = _Device(broker, "site-a", SITE_BACKEND, 3.0, site_metrics(51, 5 * 51, "uniform"))
@@ -125,7 +129,8 @@ def test_a_registered_site_within_its_bound_weighs_what_it_claims(tmp_path: Path
     cfg = AggregatorConfig(
         job=JOB, rounds=1, out=tmp_path, min_clients=2, round_timeout_s=5.0, dim=DIM,
         wait_clients_s=3.0, upload_grace_s=0.0, strategy="fedavg",
-        registry=keys.registry(["honest"]), sites=sites, signing_key=keys.key(keys.AGGREGATOR))
+        registry=keys.registry(["honest"]), sites=sites, signing_key=keys.key(keys.AGGREGATOR),
+        run=keys.RUN)
     agg = Aggregator(MemoryTransport(broker, "aggregator"), cfg, log=lambda s: None)
     for d in (_Device(broker, "honest", "test", 1.0, {}),
               _Device(broker, "site-a", SITE_BACKEND, 3.0, site_metrics(3, 15, "uniform"))):
@@ -156,11 +161,11 @@ def test_a_badly_signed_update_is_not_decoded(tmp_path: Path) -> None:
 
     agg._decode_ctx = _Round()  # type: ignore[assignment]
     frame = encode_frame(_state(5.0), job=JOB, round=1, client="honest")
-    forged = authn.sign(P.Update(JOB, 1, "honest", 5, {}, frame, session="s"),
+    forged = authn.sign(P.Update(JOB, 1, "honest", 5, {}, frame, session="s", run=keys.RUN),
                         keys.key("foreign")).encode()
     up, pre = agg._predecode(Received(P.update_topic(JOB, "honest"), forged))
     assert isinstance(up, P.Update) and pre is None and calls == []
-    good = authn.sign(P.Update(JOB, 1, "honest", 5, {}, frame, session="s"),
+    good = authn.sign(P.Update(JOB, 1, "honest", 5, {}, frame, session="s", run=keys.RUN),
                       keys.key("honest")).encode()
     up, pre = agg._predecode(Received(P.update_topic(JOB, "honest"), good))
     assert pre is not None and pre[0] == 1 and calls == ["x"]
