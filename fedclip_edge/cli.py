@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
+from fedclip_edge import cli_dp as dpo
 from fedclip_edge import cli_ranges as R
 from fedclip_edge.benchmarks.cli import (
     bench_aggregator,
@@ -39,6 +40,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.privacy.central import dp_config
 from fedclip_edge.runs import build_features, run_demo, run_simulation
 from fedclip_edge.serving.cli import classify, models_app, serve
 from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
@@ -196,11 +198,22 @@ def simulate_cmd(
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
+    dp_noise_multiplier: dpo.NoiseMultiplier = None,
+    dp_clip: dpo.Clip = None,
+    dp_adaptive_clip: dpo.AdaptiveClip = False,
+    dp_clip_quantile: dpo.ClipQuantile = None,
+    dp_population: dpo.Population = None,
+    dp_delta: dpo.Delta = None,
+    dp_target_epsilon: dpo.TargetEpsilon = None,
+    dp_accountant: dpo.Accountant = None,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
     if (data is None) == (features_dir is None):
         raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
+    dp = dp_config(dp_noise_multiplier, clip=dp_clip, adaptive=dp_adaptive_clip,
+                   quantile=dp_clip_quantile, population=dp_population, delta=dp_delta,
+                   target_epsilon=dp_target_epsilon, accountant=dp_accountant)
     run_simulation(
         out,
         data=data,
@@ -224,6 +237,7 @@ def simulate_cmd(
         strategy_options={"bound": clip_bound, "trim": trim},
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
+        dp=dp,
     )
 
 

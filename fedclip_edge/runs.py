@@ -17,6 +17,7 @@ from fedclip_edge.features import FeatureSet, TorchEncoder, extract_features, lo
 from fedclip_edge.models import encode_prompts, load_model
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.names import unknown_name
+from fedclip_edge.privacy.central import dp_strategy
 from fedclip_edge.simulate import result_table, simulate, write_json
 
 
@@ -72,8 +73,10 @@ def run_simulation(
     strategy_options: dict[str, Any] | None = None,
     update_codec: str = "fp32",
     topk_fraction: float = 0.01,
+    dp: Any = None,
 ) -> dict[str, Any]:
-    """Features (cached) -> federated simulation -> OUT/summary.json."""
+    """Features (cached) -> federated simulation -> OUT/summary.json. `dp`: central DP's
+    config (privacy.central.CentralDPConfig), None when off."""
 
     train = train_config(preset, overrides)
     cfg = SimulationConfig(
@@ -87,6 +90,7 @@ def run_simulation(
         strategy_options=strategy_options or {},
         update_codec=update_codec,
         topk_fraction=topk_fraction,
+        dp=dp,
     )
     out = Path(out)
     if features_dir is None:
@@ -97,6 +101,10 @@ def run_simulation(
     else:
         fs = load_feature_cache(features_dir)
     _check_test_domain(test_domain, fs.domains)
+    if dp is not None:
+        note = dp_strategy(strategy, weighting)[1]
+        if note:
+            print(note)
     t0 = time.perf_counter()
     summary = simulate(fs, cfg, out)
     for line in result_table(summary):

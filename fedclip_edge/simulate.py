@@ -20,6 +20,7 @@ from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
+from fedclip_edge.privacy.central import CentralDP, PrivacyBudgetSpent
 from fedclip_edge.rounds import (
     BestRound,
     InProcessFleet,
@@ -151,11 +152,23 @@ def run_seed(
         }
 
     best = BestRound("mean_val_acc")  # as select_round()
-    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best)
+    # central DP: every client takes part every round (expected count = clients), the noise
+    # from a generator of the seed (a simulation is reproducible; the aggregator's is not)
+    dp = None if cfg.dp is None else CentralDP(
+        cfg.dp, planned_rounds=cfg.rounds, generator=_generator(seed, 7_919),
+        fleet_size=lambda: len(clients))
+    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best,
+                         plugins=() if dp is None else (dp,))
     fleet = InProcessFleet(clients, work)
     for rnd in range(1, cfg.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
-        done = engine.run_round(rnd, global_state, fleet)
+        try:
+            done = engine.run_round(rnd, global_state, fleet)
+        except PrivacyBudgetSpent as exc:
+            if rnd == 1:
+                raise
+            log(f"seed {seed}: {exc}")
+            break
         assert done is not None  # every client answers in process
         ev = done.evaluation
         losses = records(done.answered, "loss")
@@ -174,7 +187,10 @@ def run_seed(
             f"{entry['mean_val_acc']:.1%} | test "
             + " ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
             + f" | held-out {cfg.test_domain} {entry['generalization_acc']:.1%}"
+            + ("" if dp is None else f" | {dp.note()}")
         )
+        if dp is not None:
+            entry["epsilon"] = dp.epsilon
 
     best_round = best.round
     assert best.state is not None
@@ -209,7 +225,9 @@ def run_seed(
         "adapter_change": moved,
         "history": history,
     }
-    log(selection_line(seed, cfg.rounds, selection))
+    if dp is not None:
+        result["privacy"] = dp.privacy()
+    log(selection_line(seed, len(history), selection))
     log(
         f"seed {seed}: round {best_round} test "
         + ", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
@@ -301,6 +319,8 @@ def simulate(
         },
         "per_seed": runs,
     }
+    if cfg.dp is not None:  # the schedule is the same for every seed: seed 0's block
+        summary["privacy"] = runs[0]["privacy"]
     if cfg.personalize_epochs > 0:
         loc_mean, loc_std = _per_client_stats(runs, "personalization_acc_local")
         summary["personalization_acc_local"] = loc_mean
