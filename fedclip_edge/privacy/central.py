@@ -154,6 +154,26 @@ def dp_strategy(strategy: str, weighting: str) -> tuple[str, str | None]:
     return "fedavg", note
 
 
+def aggregator_dp(cfg: CentralDPConfig | None, *, rounds: int | None, min_clients: int,
+                  sites: bool, resume: bool) -> CentralDP | None:
+    """`aggregate`'s plug-in (None when central DP is off): noise from the OS's CSPRNG. A job
+    whose plan exceeds --dp-target-epsilon is refused here when the expected count is known
+    (--dp-per-round) and nothing is committed yet; else before its first round."""
+    if cfg is None:
+        return None
+    if sites:
+        raise ConfigError("central DP over sites is not supported yet: clipping a site's "
+                          "aggregate bounds a site, not a device (user-level DP needs each "
+                          "device's delta); run central DP on a flat job")
+    if cfg.per_round is not None and cfg.per_round < min_clients:
+        raise ConfigError(f"central DP: --dp-per-round {cfg.per_round} is below --min-clients "
+                          f"{min_clients}")
+    dp = CentralDP(cfg, planned_rounds=rounds)
+    if cfg.per_round is not None and not resume:
+        dp.check_plan()
+    return dp
+
+
 def count_stddev(noise_multiplier: float, expected: float) -> float:
     """sigma_b of adaptive clipping's noised count (0 without noise)."""
     if noise_multiplier == 0:
@@ -245,10 +265,33 @@ class CentralDP(RoundPlugin):
             "target_epsilon": self.cfg.target_epsilon,
         }
 
+    def report(self) -> dict[str, Any]:
+        """What the aggregator's summary.json gains."""
+        return {"privacy": self.privacy()}
+
     def note(self) -> str:
         """What a round line ends with."""
         return (f"DP eps {_fmt_eps(self.epsilon)} at delta {self.delta:.3g} "
                 f"(z {self.cfg.noise_multiplier:g}, C {self.clip:.3g}, q {self.sampling_rate:.3g})")
+
+    def check_plan(self) -> None:
+        """Refuse (ConfigError) a job whose planned rounds, after those already committed, would
+        spend more than --dp-target-epsilon; once, before its first round (or earlier, when the
+        expected count per round is known before devices connect)."""
+        self._checked = True
+        target = self.cfg.target_epsilon
+        if target is None or self.planned_rounds is None:
+            return
+        left = self.planned_rounds - self.rounds
+        planned = self._epsilon_of(self._with(max(left, 0)))
+        if planned is None or planned > target:
+            allowed = A.max_rounds(target, self.cfg.noise_multiplier, self.sampling_rate,
+                                   self.delta, self.cfg.accountant)
+            raise ConfigError(
+                f"central DP: {self.planned_rounds} rounds would spend epsilon "
+                f"{_fmt_eps(planned)} > --dp-target-epsilon {target:g} at delta "
+                f"{self.delta:.3g} (z {self.cfg.noise_multiplier:g}, q {self.sampling_rate:.3g});"
+                f" {allowed} rounds fit the budget from none spent")
 
     # ------------------------------------------------------------------ the round
     def on_open(self, rnd: OpenRound) -> None:
@@ -261,19 +304,9 @@ class CentralDP(RoundPlugin):
                 raise ConfigError(f"central DP: {size} devices per round exceed the population "
                                   f"--dp-population {self.cfg.population}")
             self.per_round = size
+        if not self._checked:
+            self.check_plan()
         target = self.cfg.target_epsilon
-        if target is not None and not self._checked and self.planned_rounds is not None:
-            left = self.planned_rounds - self.rounds
-            planned = self._epsilon_of(self._with(max(left, 0)))
-            if planned is None or planned > target:
-                allowed = A.max_rounds(target, self.cfg.noise_multiplier, self.sampling_rate,
-                                       self.delta, self.cfg.accountant)
-                raise ConfigError(
-                    f"central DP: {self.planned_rounds} rounds would spend epsilon "
-                    f"{_fmt_eps(planned)} > --dp-target-epsilon {target:g} at delta "
-                    f"{self.delta:.3g} (z {self.cfg.noise_multiplier:g}, q "
-                    f"{self.sampling_rate:.3g}); {allowed} fresh rounds fit the budget")
-        self._checked = True
         if target is not None:
             after = self._epsilon_of(self._with(1))
             if after is None or after > target:
