@@ -304,6 +304,9 @@ class CentralDP(RoundPlugin):
                 raise ConfigError(f"central DP: {size} devices per round exceed the population "
                                   f"--dp-population {self.cfg.population}")
             self.per_round = size
+        if self.delta >= 1.0:
+            raise ConfigError("central DP: a population of 1 makes the default delta 1 (no "
+                              "guarantee): give --dp-population or --dp-delta")
         if not self._checked:
             self.check_plan()
         target = self.cfg.target_epsilon
