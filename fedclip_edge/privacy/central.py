@@ -122,7 +122,8 @@ def dp_config(noise_multiplier: float | None, *, clip: float | None = None,
     if noise_multiplier is None:
         named = [k for k, v in given.items() if v is not None]
         if named:
-            raise ConfigError(f"{', '.join(named)} need --dp-noise-multiplier (central DP is on "
+            raise ConfigError(f"{', '.join(named)} need{'s' if len(named) == 1 else ''} "
+                              "--dp-noise-multiplier (central DP is on "
                               "only with it; 0 clips without noise)")
         return None
     return CentralDPConfig(

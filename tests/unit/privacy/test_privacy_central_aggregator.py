@@ -12,6 +12,7 @@ import torch
 from support.federation import CLIENTS, make_federation
 
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.prom import PromHooks
 from fedclip_edge.broker.status import format_status, status_from_run_folder
 from fedclip_edge.privacy import accountant as A
 from fedclip_edge.privacy.central import CentralDP, CentralDPConfig, PrivacyBudgetSpent
@@ -29,7 +30,10 @@ def plugin(target: float | None = None, planned: int | None = 2) -> CentralDP:
 
 def test_aggregator_reports_epsilon_every_round_and_resumes_it(tmp_path: Path) -> None:
     dp = plugin()
-    _, agg, threads = make_federation(tmp_path, rounds=2, plugins=(dp,))
+    prom = PromHooks()
+    _, agg, threads = make_federation(tmp_path, rounds=2, plugins=(dp,), hooks=prom)
+    prom.bind(agg)
+    assert prom.registry.get_sample_value("fedclip_dp_epsilon") == 0.0  # nothing spent yet
     lines: list[str] = []
     agg.log = lines.append
     dp.fleet_size = lambda: agg.roster.active_count  # as `aggregate` binds it
@@ -44,6 +48,7 @@ def test_aggregator_reports_epsilon_every_round_and_resumes_it(tmp_path: Path) -
         assert f"DP eps {e:.3g} at delta 0.001 (z 1, C 0.5, q 0.1)" in line
     block = json.loads((tmp_path / "summary.json").read_text())["privacy"]
     assert block["epsilon"] == pytest.approx(eps[1])
+    assert prom.registry.get_sample_value("fedclip_dp_epsilon") == pytest.approx(eps[1])
     assert (block["delta"], block["noise_multiplier"], block["clip"], block["population"],
             block["rounds"], block["expected_per_round"]) == (DELTA, Z, 0.5, POPULATION, 2, 3)
     assert block["sampling_rate"] == pytest.approx(Q)
