@@ -198,6 +198,15 @@ def simulate_cmd(
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
+    clients_per_domain: Annotated[
+        int, typer.Option(help="Split each training domain into this many clients (devices "
+                          "named <domain>-<i>; the held-out domain stays whole).", **R.COUNT)
+    ] = 1,
+    clients_per_round: Annotated[
+        int | None, typer.Option(help="Poisson-sample clients: each takes part in a round with "
+                                 "probability this / clients (default: all, every round).",
+                                 **R.COUNT)
+    ] = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,
     dp_clip: dpo.Clip = None,
     dp_adaptive_clip: dpo.AdaptiveClip = False,
@@ -238,6 +247,8 @@ def simulate_cmd(
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
         dp=dp,
+        clients_per_domain=clients_per_domain,
+        clients_per_round=clients_per_round,
     )
 
 

@@ -148,6 +148,8 @@ class SimulationConfig:
 
     # Central DP (privacy.central.CentralDPConfig), None when off.
     dp: Any = None
+    # Poisson sampling of clients: this many expected per round (None: every client, every round)
+    clients_per_round: int | None = None
 
     # How each client's update travels (fedclip_edge.codecs); fp32 is lossless, today's frames.
     update_codec: str = "fp32"

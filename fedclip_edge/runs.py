@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedclip_edge.config import PRESETS, SimulationConfig, train_config  # noqa: F401
+from fedclip_edge.data.devices import split_domains
 from fedclip_edge.data.folder import scan_dataset
 from fedclip_edge.data.synth import write_dataset
 from fedclip_edge.errors import ConfigError
@@ -74,6 +75,8 @@ def run_simulation(
     update_codec: str = "fp32",
     topk_fraction: float = 0.01,
     dp: Any = None,
+    clients_per_domain: int = 1,
+    clients_per_round: int | None = None,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json. `dp`: central DP's
     config (privacy.central.CentralDPConfig), None when off."""
@@ -91,6 +94,7 @@ def run_simulation(
         update_codec=update_codec,
         topk_fraction=topk_fraction,
         dp=dp,
+        clients_per_round=clients_per_round,
     )
     out = Path(out)
     if features_dir is None:
@@ -101,6 +105,7 @@ def run_simulation(
     else:
         fs = load_feature_cache(features_dir)
     _check_test_domain(test_domain, fs.domains)
+    fs = split_domains(fs, clients_per_domain, test_domain)
     if dp is not None:
         note = dp_strategy(strategy, weighting)[1]
         if note:

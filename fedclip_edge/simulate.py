@@ -6,6 +6,7 @@ Pure over a FeatureSet (no image decoding, no sockets): features come from the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -16,11 +17,12 @@ import torch
 
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.config import SimulationConfig
+from fedclip_edge.data.devices import poisson_sample
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
-from fedclip_edge.privacy.central import CentralDP, PrivacyBudgetSpent
+from fedclip_edge.privacy.central import CentralDP, CentralDPConfig, PrivacyBudgetSpent
 from fedclip_edge.rounds import (
     BestRound,
     InProcessFleet,
@@ -73,6 +75,17 @@ def selection_line(seed: int, rounds: int, selection: dict[str, Any]) -> str:
         f"seed {seed}: selected round {selection['round']}/{rounds}: best mean validation "
         f"accuracy among the trained rounds, {v:.1%} ({verdict}: zero-shot {z:.1%} on validation)"
     )
+
+
+def _sampled_dp(dp: CentralDPConfig, per_round: int | None, clients: int) -> CentralDPConfig:
+    """Central DP's config for this simulation: with client sampling the population is the
+    clients (the accountant's q is then the rate the simulation samples at)."""
+    if per_round is None:
+        return dp
+    if dp.population is not None and dp.population != clients:
+        raise ConfigError(f"--dp-population {dp.population}: simulate samples from its own "
+                          f"{clients} clients, so the population is {clients}")
+    return dataclasses.replace(dp, population=clients)
 
 
 def _movement(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -154,14 +167,23 @@ def run_seed(
     best = BestRound("mean_val_acc")  # as select_round()
     # central DP: every client takes part every round (expected count = clients), the noise
     # from a generator of the seed (a simulation is reproducible; the aggregator's is not)
+    per_round = cfg.clients_per_round
+    if per_round is not None and not 1 <= per_round <= len(clients):
+        raise ConfigError(f"--clients-per-round {per_round} must be in 1..{len(clients)} "
+                          "(the training clients)")
     dp = None if cfg.dp is None else CentralDP(
-        cfg.dp, planned_rounds=cfg.rounds, generator=_generator(seed, 7_919),
-        fleet_size=lambda: len(clients))
+        _sampled_dp(cfg.dp, per_round, len(clients)), planned_rounds=cfg.rounds,
+        generator=_generator(seed, 7_919), fleet_size=lambda: per_round or len(clients))
     engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best,
                          plugins=() if dp is None else (dp,))
     fleet = InProcessFleet(clients, work)
+    index = {c: i for i, c in enumerate(clients)}
+    sampler = _generator(seed, 104_729)
     for rnd in range(1, cfg.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
+        if per_round is not None:  # Poisson sampling; a client keeps its generator's index
+            fleet = InProcessFleet(poisson_sample(clients, per_round, sampler),
+                                   lambda r, i, c: work(r, index[c], c))
         try:
             done = engine.run_round(rnd, global_state, fleet)
         except PrivacyBudgetSpent as exc:
@@ -185,7 +207,10 @@ def run_seed(
         log(
             f"round {rnd:>3}/{cfg.rounds} | loss {_mean(list(losses.values())):.4f} | val "
             f"{entry['mean_val_acc']:.1%} | test "
-            + " ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
+            + (" ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
+               if len(clients) <= 8 else
+               f"mean {_mean(list(entry['test_acc'].values())):.1%} of {len(clients)} clients, "
+               f"{len(losses)} trained")
             + f" | held-out {cfg.test_domain} {entry['generalization_acc']:.1%}"
             + ("" if dp is None else f" | {dp.note()}")
         )
@@ -292,6 +317,7 @@ def simulate(
         "personalize_epochs": cfg.personalize_epochs,
         "update_codec": cfg.update_codec,
         "topk_fraction": cfg.topk_fraction,
+        **({} if cfg.clients_per_round is None else {"clients_per_round": cfg.clients_per_round}),
         "up_bytes_per_client_per_round": _mean([r["up_bytes_per_client_per_round"] for r in runs]),
         "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"],
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),

@@ -226,3 +226,32 @@ def test_simulate_refuses_a_plan_over_the_target(tmp_path: Path) -> None:
     assert not (tmp_path / "summary.json").exists()
     with pytest.raises(ConfigError, match="central DP is DP-FedAvg"):
         SimulationConfig(test_domain="held", strategy="trimmed-mean", dp=dp_config(1.0))
+
+
+def test_many_sampled_clients_make_q_the_simulations_own_rate(tmp_path: Path) -> None:
+    from fedclip_edge.data.devices import poisson_sample, split_domains
+
+    fs = split_domains(tiny_features(), 3, keep="held")
+    assert sorted(fs.domains) == ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2", "c-0", "c-1", "c-2",
+                                  "held"]
+    assert sum(len(fs.domains[f"a-{i}"]) for i in range(3)) == 30  # dealt, none lost
+    # Poisson sampling: about q of the clients each round
+    g = torch.Generator().manual_seed(0)
+    clients = [f"c{i}" for i in range(100)]
+    sizes = [len(poisson_sample(clients, 10, g)) for _ in range(400)]
+    assert sum(sizes) / len(sizes) == pytest.approx(10, rel=0.05)
+    assert len(set(sizes)) > 5  # not a fixed count
+
+    cfg = SimulationConfig(test_domain="held", rounds=2, train=train_config("learning"),
+                           strategy="fedavg", dp=dp_config(1.0), clients_per_round=3)
+    summary = simulate(fs, cfg, None, log=lambda s: None)
+    block = summary["privacy"]
+    assert (block["population"], block["expected_per_round"]) == (9, 3)
+    assert block["sampling_rate"] == pytest.approx(1 / 3)
+    assert block["epsilon"] == pytest.approx(A.epsilon(1.0, 1 / 3, 2, 1 / 9))
+    trained = [len(h["train_loss"]) for h in summary["history"]]
+    assert all(1 <= n <= 9 for n in trained)
+    with pytest.raises(ConfigError, match="population is 9"):
+        simulate(fs, SimulationConfig(test_domain="held", rounds=1, clients_per_round=3,
+                                      dp=dp_config(1.0, population=100)), None,
+                 log=lambda s: None)
