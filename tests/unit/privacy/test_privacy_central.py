@@ -255,3 +255,14 @@ def test_many_sampled_clients_make_q_the_simulations_own_rate(tmp_path: Path) ->
         simulate(fs, SimulationConfig(test_domain="held", rounds=1, clients_per_round=3,
                                       dp=dp_config(1.0, population=100)), None,
                  log=lambda s: None)
+
+
+def test_a_job_file_turns_central_dp_on_for_aggregate(tmp_path: Path) -> None:
+    from fedclip_edge.jobconfig import parse_job_config
+
+    cfg = parse_job_config("[aggregator]\ndp_noise_multiplier = 1.0\ndp_population = 50\n"
+                           "dp_target_epsilon = 8.0\n", tmp_path)
+    opts = cfg.options("aggregate")
+    assert (opts["dp_noise_multiplier"], opts["dp_population"], opts["dp_target_epsilon"]) == \
+        (1.0, 50, 8.0)
+    assert "dp_noise_multiplier" not in cfg.options("agent")  # the agent's is local DP's
