@@ -296,6 +296,11 @@ class CentralDP(RoundPlugin):
 
     # ------------------------------------------------------------------ the round
     def on_open(self, rnd: OpenRound) -> None:
+        if rnd.number != self.rounds + 1:
+            raise ConfigError(
+                f"central DP: round {rnd.number} opens with {self.rounds} round(s) accounted; "
+                "the rounds before it ran without central DP (their globals have no finite "
+                "epsilon): start a new job (another --out) to run it with DP")
         if self.per_round is None:
             size = self.fleet_size() if self.fleet_size is not None else 0
             if size < 1:

@@ -266,3 +266,10 @@ def test_a_job_file_turns_central_dp_on_for_aggregate(tmp_path: Path) -> None:
     assert (opts["dp_noise_multiplier"], opts["dp_population"], opts["dp_target_epsilon"]) == \
         (1.0, 50, 8.0)
     assert "dp_noise_multiplier" not in cfg.options("agent")  # the agent's is local DP's
+
+
+def test_dp_cannot_be_switched_on_in_the_middle_of_a_job() -> None:
+    dp = CentralDP(CentralDPConfig(noise_multiplier=1.0, per_round=2, population=10),
+                   generator=seeded())
+    with pytest.raises(ConfigError, match="round 3 opens with 0 round"):
+        engine_with(dp).open(3, {"w": torch.zeros(2)})  # a resumed job that ran without DP
