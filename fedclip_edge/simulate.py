@@ -255,7 +255,10 @@ def run_seed(
     log(selection_line(seed, len(history), selection))
     log(
         f"seed {seed}: round {best_round} test "
-        + ", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
+        + (", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
+           if len(clients) <= 8 else
+           f"mean of {len(clients)} clients {_mean(list(pers.values())):.1%} (zero-shot "
+           f"{_mean(list(zero_shot_test.values())):.1%})")
         + f" | held-out {cfg.test_domain} {gen:.1%} (zero-shot {zero_shot_heldout:.1%})"
     )
     if cfg.personalize_epochs > 0:
