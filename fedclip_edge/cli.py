@@ -317,8 +317,16 @@ def demo(
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
     config: config_option("demo") = None,
+    dp_noise_multiplier: dpo.NoiseMultiplier = None,
+    dp_clip: dpo.Clip = None,
+    dp_population: dpo.Population = None,
+    dp_delta: dpo.Delta = None,
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
+    dp = dp_config(dp_noise_multiplier, clip=dp_clip, population=dp_population, delta=dp_delta)
+    if dp is not None and not inproc:
+        raise ConfigError("--dp-* on the demo is for --inproc (both settings with central DP); "
+                          "over MQTT run `fedclip-edge aggregate --dp-noise-multiplier ...`")
     if inproc and resume:
         raise ConfigError("--resume continues an MQTT demo run; --inproc runs are quick to redo")
     if inproc and update_codec.value != "fp32":
@@ -333,6 +341,7 @@ def demo(
             test_domain=test_domain,
             seeds=tuple(seeds or (0, 1, 2)),
             personalize_epochs=personalize_epochs,
+            dp=dp,
         )
         return
 

@@ -131,10 +131,11 @@ def run_demo(
     test_domain: str = "photo",
     seeds: tuple[int, ...] = (0, 1, 2),
     personalize_epochs: int = 5,
+    dp: Any = None,
 ) -> dict[str, Any]:
     """Synthetic data, the offline default model, cached features, and FedCLIP with the paper's
     reference setting and with the setting that learns (plus local personalization), side by
-    side, over several seeds."""
+    side, over several seeds; `dp`: both with central DP (privacy.central.CentralDPConfig)."""
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -163,8 +164,15 @@ def run_demo(
             seeds=seeds,
             train=train_config(preset),
             personalize_epochs=k,
+            dp=dp,
         )
         results[name] = simulate(fs, cfg, out / name, log=_quiet_rounds)
+        if dp is not None:
+            p = results[name]["privacy"]
+            eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+            print(f"    central DP: epsilon {eps} at delta {p['delta']:.3g} after {p['rounds']} "
+                  f"rounds (z {p['noise_multiplier']:g}, C {p['clip']:g}, q "
+                  f"{p['sampling_rate']:.3g})")
     _print_demo_table(results, test_domain)
     report = {
         "seconds": round(time.perf_counter() - t0, 1),

@@ -273,3 +273,23 @@ def test_dp_cannot_be_switched_on_in_the_middle_of_a_job() -> None:
                    generator=seeded())
     with pytest.raises(ConfigError, match="round 3 opens with 0 round"):
         engine_with(dp).open(3, {"w": torch.zeros(2)})  # a resumed job that ran without DP
+
+
+def test_command_lines_refuse_dp_where_it_does_not_apply(tmp_path: Path, capsys) -> None:
+    from fedclip_edge.cli import main
+
+    cases = [
+        (["demo", "--out", str(tmp_path / "d"), "--dp-noise-multiplier", "1"], "for --inproc"),
+        (["aggregate", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--rounds", "3",
+          "--out", str(tmp_path / "a"), "--insecure-unsigned", "--dp-noise-multiplier", "1",
+          "--strategy", "median"], "strategy 'median' is refused"),
+        (["aggregate", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--rounds", "300",
+          "--out", str(tmp_path / "a"), "--insecure-unsigned", "--dp-noise-multiplier", "1",
+          "--dp-per-round", "3", "--dp-population", "30", "--dp-target-epsilon", "2"],
+         "300 rounds would spend epsilon 7.13 > --dp-target-epsilon 2"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 6, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
