@@ -47,6 +47,7 @@ from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exp
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
+from fedclip_edge.privacy.central import PrivacyBudgetSpent
 from fedclip_edge.rounds import OpenRound, RoundEngine, RoundPlugin
 from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.strategy import Strategy, check_round_size, make_strategy
@@ -457,7 +458,9 @@ class Aggregator(MessageIntake):
         )
         self.global_state = state
         self.completed = rnd
-        self.log(M.round_line(summary_row, self.cfg.rounds))
+        # plug-ins' words on the round (central DP's epsilon) end its line
+        notes = [n() for p in self.engine.plugins if (n := getattr(p, "note", None))]
+        self.log(" | ".join([M.round_line(summary_row, self.cfg.rounds), *notes]))
         if self.console is not None:
             self.console.print(M.round_table(rnd, rows))
 
@@ -471,6 +474,9 @@ class Aggregator(MessageIntake):
                 "counters": dict(self.counters),
                 "eval_domain": self.cfg.eval_domain,
                 "heldout_zero_shot": self.heldout_zero_shot,
+                # plug-ins' blocks (central DP's `privacy`)
+                **{k: v for p in self.engine.plugins if (r := getattr(p, "report", None))
+                   for k, v in r().items()},
             },
             draw=plot,
             log=self.log,
@@ -521,7 +527,13 @@ class Aggregator(MessageIntake):
             f"{self.completed + 1}..{self.cfg.rounds}, min clients {self.cfg.min_clients}"
         )
         for rnd in range(self.completed + 1, self.cfg.rounds + 1):
-            if not self._run_round(rnd):
+            try:
+                ran = self._run_round(rnd)
+            except PrivacyBudgetSpent:  # central DP: the job is over, every round committed
+                self._round = 0
+                self._publish_control("done")
+                raise
+            if not ran:
                 self._round = 0
                 self._publish_control("done")
                 note = self._refused_note()

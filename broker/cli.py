@@ -20,6 +20,7 @@ from typing import Annotated, Any, TextIO
 import typer
 from rich.console import Console
 
+from fedclip_edge import cli_dp as dpo
 from fedclip_edge import cli_ranges as R
 from fedclip_edge.broker import authn
 from fedclip_edge.broker import cli_options as opt
@@ -33,6 +34,7 @@ from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransp
 from fedclip_edge.cli_runner import run_app, run_command
 from fedclip_edge.config import train_config
 from fedclip_edge.errors import ConfigError, Interrupted
+from fedclip_edge.privacy.central import aggregator_dp, dp_config, dp_strategy
 from fedclip_edge.signing import KeyRegistry, load_private_key, load_public_key
 from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
 
@@ -222,10 +224,29 @@ def aggregate(
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
     config: opt.config_option("aggregate") = None,
+    dp_noise_multiplier: dpo.NoiseMultiplier = None,
+    dp_clip: dpo.Clip = None,
+    dp_adaptive_clip: dpo.AdaptiveClip = False,
+    dp_clip_quantile: dpo.ClipQuantile = None,
+    dp_population: dpo.Population = None,
+    dp_per_round: dpo.PerRound = None,
+    dp_delta: dpo.Delta = None,
+    dp_target_epsilon: dpo.TargetEpsilon = None,
+    dp_accountant: dpo.Accountant = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
     if (upstream is None) != (site is None):
         raise ConfigError("give --upstream and --site together (a site aggregator)")
+    dp = aggregator_dp(
+        dp_config(dp_noise_multiplier, clip=dp_clip, adaptive=dp_adaptive_clip,
+                  quantile=dp_clip_quantile, population=dp_population, per_round=dp_per_round,
+                  delta=dp_delta, target_epsilon=dp_target_epsilon, accountant=dp_accountant),
+        rounds=rounds, min_clients=min_clients, sites=bool(upstream or site_keys),
+        resume=resume)
+    if dp is not None:
+        strategy, note = dp_strategy(strategy, weighting)
+        if note:
+            print(note, flush=True)
     if upstream is None and rounds is None:
         raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
     if site is not None:
@@ -310,7 +331,10 @@ def aggregate(
             session=site_session,
         )
     else:
-        agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom)
+        agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom,
+                         plugins=() if dp is None else (dp,))
+        if dp is not None:  # the expected count: the devices online when round 1 opens
+            dp.fleet_size = lambda: max(agg.roster.active_count, cfg.min_clients)
     if prom is not None:
         metrics = serve_metrics(agg, prom, metrics_host, metrics_port)
         log(f"metrics for Prometheus at {metrics.url}")

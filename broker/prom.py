@@ -18,6 +18,7 @@ each, deploy/grafana/fedclip-edge.json plots them):
   `mqtt_payload_bytes_total{direction}` (every MQTT payload the aggregator sent or received),
   `transport_rejected_total{reason}` (chunks refused before a whole message existed, a full inbox)
 - devices: `devices_online`, `devices_known`; `aggregator_info{fedclip_job, session}`
+- privacy: `dp_epsilon` (central DP's epsilon after the committed rounds; NaN when off)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ METRICS = {
     f"{NS}_transport_rejected_total": "counter",
     f"{NS}_devices_online": "gauge",
     f"{NS}_devices_known": "gauge",
+    f"{NS}_dp_epsilon": "gauge",
     f"{NS}_aggregator_info": "info",
 }
 
@@ -161,6 +163,11 @@ class PromHooks(AggregatorHooks):
         )
         self.devices_online = Gauge(f"{NS}_devices_online", "Devices online", registry=r)
         self.devices_known = Gauge(f"{NS}_devices_known", "Devices seen in this job", registry=r)
+        self.dp_epsilon = Gauge(
+            f"{NS}_dp_epsilon",
+            "Central DP: epsilon at --dp-delta after the committed rounds (NaN: DP off)",
+            registry=r,
+        )
         self.info = Info(f"{NS}_aggregator", "The job this aggregator runs", registry=r)
         r.register(_TransportCounters(self))
 
@@ -173,6 +180,7 @@ class PromHooks(AggregatorHooks):
         self.devices_online.set_function(lambda: agg.roster.active_count)
         self.devices_known.set_function(lambda: len(agg.roster))
         self.round_committed.set_function(lambda: agg.completed)
+        self.dp_epsilon.set_function(lambda: _dp_epsilon(agg))
 
     # ------------------------------------------------------------------ hooks
     def round_started(self, agg: Aggregator, rnd: int) -> None:
@@ -207,6 +215,14 @@ class PromHooks(AggregatorHooks):
     def after_commit(self, agg: Aggregator, rnd: int, commit_s: float, reports_s: float) -> None:
         self.rounds_completed.inc()
         self.round_current.set(0)
+
+
+def _dp_epsilon(agg: Aggregator) -> float:
+    """The epsilon of a central-DP plug-in (privacy/central.py), NaN without one."""
+    for p in agg.engine.plugins:
+        if hasattr(p, "privacy") and hasattr(p, "epsilon"):
+            return float("inf") if p.epsilon is None else float(p.epsilon)
+    return float("nan")
 
 
 class MetricsServer:

@@ -271,7 +271,12 @@ def status_from_run_folder(out: Path, job: str | None = None) -> dict[str, Any]:
                 "codec": codecs.get(c),
             }
         )
+    # central DP's block (privacy/central.py), as committed with the last round
+    plugins = st.get("plugins") if isinstance(st.get("plugins"), list) else []
+    privacy = next((p["central_dp"].get("privacy") for p in plugins
+                    if isinstance(p, dict) and isinstance(p.get("central_dp"), dict)), None)
     return {
+        "privacy": privacy,
         "job": st.get("job"),
         "state": "done" if completed >= rounds else None,
         "rounds": rounds,
@@ -347,6 +352,7 @@ def build_status(
         "last_round": None,
         "run": None,
         "rejected": None,
+        "privacy": None,
     }
     if files is not None:
         status.update(files)
@@ -477,6 +483,14 @@ def format_status(s: Mapping[str, Any]) -> str:
         )
         if last.get("codec_savings"):
             lines.append(f"    {last['codec_savings']}")
+    dp = s.get("privacy")
+    if isinstance(dp, dict):
+        eps = dp.get("epsilon")
+        lines.append(
+            f"  central DP: epsilon {'inf' if eps is None else format(eps, '.3g')} at delta "
+            f"{dp.get('delta'):.3g} after {dp.get('rounds')} round(s) (z "
+            f"{dp.get('noise_multiplier'):g}, clip {dp.get('clip'):.3g}, q "
+            f"{dp.get('sampling_rate'):.3g}, {dp.get('accountant')})")
     run = s.get("run")
     if run:
         lat = run["latency_s"]

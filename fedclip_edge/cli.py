@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from fedclip_edge import __version__
+from fedclip_edge import cli_dp as dpo
 from fedclip_edge import cli_ranges as R
 from fedclip_edge.benchmarks.cli import (
     bench_aggregator,
@@ -39,6 +40,7 @@ from fedclip_edge.errors import ConfigError
 from fedclip_edge.exporters.cli import export
 from fedclip_edge.models import list_architectures
 from fedclip_edge.models.tiny import ensure_pretrained
+from fedclip_edge.privacy.central import dp_config
 from fedclip_edge.runs import build_features, run_demo, run_simulation
 from fedclip_edge.serving.cli import classify, models_app, serve
 from fedclip_edge.strategy import CLI_DEFAULT_STRATEGY
@@ -196,11 +198,31 @@ def simulate_cmd(
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
+    clients_per_domain: Annotated[
+        int, typer.Option(help="Split each training domain into this many clients (devices "
+                          "named <domain>-<i>; the held-out domain stays whole).", **R.COUNT)
+    ] = 1,
+    clients_per_round: Annotated[
+        int | None, typer.Option(help="Poisson-sample clients: each takes part in a round with "
+                                 "probability this / clients (default: all, every round).",
+                                 **R.COUNT)
+    ] = None,
+    dp_noise_multiplier: dpo.NoiseMultiplier = None,
+    dp_clip: dpo.Clip = None,
+    dp_adaptive_clip: dpo.AdaptiveClip = False,
+    dp_clip_quantile: dpo.ClipQuantile = None,
+    dp_population: dpo.Population = None,
+    dp_delta: dpo.Delta = None,
+    dp_target_epsilon: dpo.TargetEpsilon = None,
+    dp_accountant: dpo.Accountant = None,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
     if (data is None) == (features_dir is None):
         raise ConfigError("give exactly one of --data DIR or --features CACHE_DIR")
+    dp = dp_config(dp_noise_multiplier, clip=dp_clip, adaptive=dp_adaptive_clip,
+                   quantile=dp_clip_quantile, population=dp_population, delta=dp_delta,
+                   target_epsilon=dp_target_epsilon, accountant=dp_accountant)
     run_simulation(
         out,
         data=data,
@@ -224,6 +246,9 @@ def simulate_cmd(
         strategy_options={"bound": clip_bound, "trim": trim},
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
+        dp=dp,
+        clients_per_domain=clients_per_domain,
+        clients_per_round=clients_per_round,
     )
 
 
@@ -292,8 +317,16 @@ def demo(
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
     config: config_option("demo") = None,
+    dp_noise_multiplier: dpo.NoiseMultiplier = None,
+    dp_clip: dpo.Clip = None,
+    dp_population: dpo.Population = None,
+    dp_delta: dpo.Delta = None,
 ) -> None:
     """The whole federation on this machine, no downloads: broker, agents, aggregator."""
+    dp = dp_config(dp_noise_multiplier, clip=dp_clip, population=dp_population, delta=dp_delta)
+    if dp is not None and not inproc:
+        raise ConfigError("--dp-* on the demo is for --inproc (both settings with central DP); "
+                          "over MQTT run `fedclip-edge aggregate --dp-noise-multiplier ...`")
     if inproc and resume:
         raise ConfigError("--resume continues an MQTT demo run; --inproc runs are quick to redo")
     if inproc and update_codec.value != "fp32":
@@ -308,6 +341,7 @@ def demo(
             test_domain=test_domain,
             seeds=tuple(seeds or (0, 1, 2)),
             personalize_epochs=personalize_epochs,
+            dp=dp,
         )
         return
 

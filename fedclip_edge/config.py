@@ -140,7 +140,16 @@ class SimulationConfig:
     def make_strategy(self):  # -> strategy.Strategy (imported late: strategy imports torch)
         from fedclip_edge.strategy import make_strategy
 
+        if self.dp is not None:  # central DP runs DP-FedAvg (privacy/central.py)
+            from fedclip_edge.privacy.central import dp_strategy
+
+            return make_strategy(dp_strategy(self.strategy, self.weighting)[0])
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
+
+    # Central DP (privacy.central.CentralDPConfig), None when off.
+    dp: Any = None
+    # Poisson sampling of clients: this many expected per round (None: every client, every round)
+    clients_per_round: int | None = None
 
     # How each client's update travels (fedclip_edge.codecs); fp32 is lossless, today's frames.
     update_codec: str = "fp32"

@@ -85,6 +85,16 @@ class AggregatorSection:
     dim: int | None = key("dim", AGG)
     eval_features: Path | None = key("eval_features", AGG)
     eval_domain: str | None = key("eval_domain", AGG)
+    # central DP (docs/privacy.md); dp_noise_multiplier turns it on
+    dp_noise_multiplier: float | None = key("dp_noise_multiplier", AGG)
+    dp_clip: float | None = key("dp_clip", AGG)
+    dp_adaptive_clip: bool | None = key("dp_adaptive_clip", AGG)
+    dp_clip_quantile: float | None = key("dp_clip_quantile", AGG)
+    dp_population: int | None = key("dp_population", AGG)
+    dp_per_round: int | None = key("dp_per_round", AGG)
+    dp_delta: float | None = key("dp_delta", AGG)
+    dp_target_epsilon: float | None = key("dp_target_epsilon", AGG)
+    dp_accountant: str | None = key("dp_accountant", AGG)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedclip_edge.config import PRESETS, SimulationConfig, train_config  # noqa: F401
+from fedclip_edge.data.devices import split_domains
 from fedclip_edge.data.folder import scan_dataset
 from fedclip_edge.data.synth import write_dataset
 from fedclip_edge.errors import ConfigError
@@ -17,6 +18,7 @@ from fedclip_edge.features import FeatureSet, TorchEncoder, extract_features, lo
 from fedclip_edge.models import encode_prompts, load_model
 from fedclip_edge.models.tiny import ensure_pretrained
 from fedclip_edge.names import unknown_name
+from fedclip_edge.privacy.central import dp_strategy
 from fedclip_edge.simulate import result_table, simulate, write_json
 
 
@@ -72,8 +74,12 @@ def run_simulation(
     strategy_options: dict[str, Any] | None = None,
     update_codec: str = "fp32",
     topk_fraction: float = 0.01,
+    dp: Any = None,
+    clients_per_domain: int = 1,
+    clients_per_round: int | None = None,
 ) -> dict[str, Any]:
-    """Features (cached) -> federated simulation -> OUT/summary.json."""
+    """Features (cached) -> federated simulation -> OUT/summary.json. `dp`: central DP's
+    config (privacy.central.CentralDPConfig), None when off."""
 
     train = train_config(preset, overrides)
     cfg = SimulationConfig(
@@ -87,6 +93,8 @@ def run_simulation(
         strategy_options=strategy_options or {},
         update_codec=update_codec,
         topk_fraction=topk_fraction,
+        dp=dp,
+        clients_per_round=clients_per_round,
     )
     out = Path(out)
     if features_dir is None:
@@ -97,6 +105,11 @@ def run_simulation(
     else:
         fs = load_feature_cache(features_dir)
     _check_test_domain(test_domain, fs.domains)
+    fs = split_domains(fs, clients_per_domain, test_domain)
+    if dp is not None:
+        note = dp_strategy(strategy, weighting)[1]
+        if note:
+            print(note)
     t0 = time.perf_counter()
     summary = simulate(fs, cfg, out)
     for line in result_table(summary):
@@ -118,10 +131,11 @@ def run_demo(
     test_domain: str = "photo",
     seeds: tuple[int, ...] = (0, 1, 2),
     personalize_epochs: int = 5,
+    dp: Any = None,
 ) -> dict[str, Any]:
     """Synthetic data, the offline default model, cached features, and FedCLIP with the paper's
     reference setting and with the setting that learns (plus local personalization), side by
-    side, over several seeds."""
+    side, over several seeds; `dp`: both with central DP (privacy.central.CentralDPConfig)."""
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -150,8 +164,15 @@ def run_demo(
             seeds=seeds,
             train=train_config(preset),
             personalize_epochs=k,
+            dp=dp,
         )
         results[name] = simulate(fs, cfg, out / name, log=_quiet_rounds)
+        if dp is not None:
+            p = results[name]["privacy"]
+            eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+            print(f"    central DP: epsilon {eps} at delta {p['delta']:.3g} after {p['rounds']} "
+                  f"rounds (z {p['noise_multiplier']:g}, C {p['clip']:g}, q "
+                  f"{p['sampling_rate']:.3g})")
     _print_demo_table(results, test_domain)
     report = {
         "seconds": round(time.perf_counter() - t0, 1),

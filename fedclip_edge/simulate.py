@@ -6,6 +6,7 @@ Pure over a FeatureSet (no image decoding, no sockets): features come from the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -16,10 +17,12 @@ import torch
 
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.config import SimulationConfig
+from fedclip_edge.data.devices import poisson_sample
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
 from fedclip_edge.io import atomic_write_json
+from fedclip_edge.privacy.central import CentralDP, CentralDPConfig, PrivacyBudgetSpent
 from fedclip_edge.rounds import (
     BestRound,
     InProcessFleet,
@@ -72,6 +75,17 @@ def selection_line(seed: int, rounds: int, selection: dict[str, Any]) -> str:
         f"seed {seed}: selected round {selection['round']}/{rounds}: best mean validation "
         f"accuracy among the trained rounds, {v:.1%} ({verdict}: zero-shot {z:.1%} on validation)"
     )
+
+
+def _sampled_dp(dp: CentralDPConfig, per_round: int | None, clients: int) -> CentralDPConfig:
+    """Central DP's config for this simulation: with client sampling the population is the
+    clients (the accountant's q is then the rate the simulation samples at)."""
+    if per_round is None:
+        return dp
+    if dp.population is not None and dp.population != clients:
+        raise ConfigError(f"--dp-population {dp.population}: simulate samples from its own "
+                          f"{clients} clients, so the population is {clients}")
+    return dataclasses.replace(dp, population=clients)
 
 
 def _movement(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -151,11 +165,32 @@ def run_seed(
         }
 
     best = BestRound("mean_val_acc")  # as select_round()
-    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best)
+    # central DP: every client takes part every round (expected count = clients), the noise
+    # from a generator of the seed (a simulation is reproducible; the aggregator's is not)
+    per_round = cfg.clients_per_round
+    if per_round is not None and not 1 <= per_round <= len(clients):
+        raise ConfigError(f"--clients-per-round {per_round} must be in 1..{len(clients)} "
+                          "(the training clients)")
+    dp = None if cfg.dp is None else CentralDP(
+        _sampled_dp(cfg.dp, per_round, len(clients)), planned_rounds=cfg.rounds,
+        generator=_generator(seed, 7_919), fleet_size=lambda: per_round or len(clients))
+    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best,
+                         plugins=() if dp is None else (dp,))
     fleet = InProcessFleet(clients, work)
+    index = {c: i for i, c in enumerate(clients)}
+    sampler = _generator(seed, 104_729)
     for rnd in range(1, cfg.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
-        done = engine.run_round(rnd, global_state, fleet)
+        if per_round is not None:  # Poisson sampling; a client keeps its generator's index
+            fleet = InProcessFleet(poisson_sample(clients, per_round, sampler),
+                                   lambda r, i, c: work(r, index[c], c))
+        try:
+            done = engine.run_round(rnd, global_state, fleet)
+        except PrivacyBudgetSpent as exc:
+            if rnd == 1:
+                raise
+            log(f"seed {seed}: {exc}")
+            break
         assert done is not None  # every client answers in process
         ev = done.evaluation
         losses = records(done.answered, "loss")
@@ -172,9 +207,15 @@ def run_seed(
         log(
             f"round {rnd:>3}/{cfg.rounds} | loss {_mean(list(losses.values())):.4f} | val "
             f"{entry['mean_val_acc']:.1%} | test "
-            + " ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
+            + (" ".join(f"{c} {a:.1%}" for c, a in entry["test_acc"].items())
+               if len(clients) <= 8 else
+               f"mean {_mean(list(entry['test_acc'].values())):.1%} of {len(clients)} clients, "
+               f"{len(losses)} trained")
             + f" | held-out {cfg.test_domain} {entry['generalization_acc']:.1%}"
+            + ("" if dp is None else f" | {dp.note()}")
         )
+        if dp is not None:
+            entry["epsilon"] = dp.epsilon
 
     best_round = best.round
     assert best.state is not None
@@ -209,10 +250,15 @@ def run_seed(
         "adapter_change": moved,
         "history": history,
     }
-    log(selection_line(seed, cfg.rounds, selection))
+    if dp is not None:
+        result["privacy"] = dp.privacy()
+    log(selection_line(seed, len(history), selection))
     log(
         f"seed {seed}: round {best_round} test "
-        + ", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
+        + (", ".join(f"{c} {pers[c]:.1%} (zero-shot {zero_shot_test[c]:.1%})" for c in clients)
+           if len(clients) <= 8 else
+           f"mean of {len(clients)} clients {_mean(list(pers.values())):.1%} (zero-shot "
+           f"{_mean(list(zero_shot_test.values())):.1%})")
         + f" | held-out {cfg.test_domain} {gen:.1%} (zero-shot {zero_shot_heldout:.1%})"
     )
     if cfg.personalize_epochs > 0:
@@ -274,6 +320,7 @@ def simulate(
         "personalize_epochs": cfg.personalize_epochs,
         "update_codec": cfg.update_codec,
         "topk_fraction": cfg.topk_fraction,
+        **({} if cfg.clients_per_round is None else {"clients_per_round": cfg.clients_per_round}),
         "up_bytes_per_client_per_round": _mean([r["up_bytes_per_client_per_round"] for r in runs]),
         "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"],
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
@@ -301,6 +348,8 @@ def simulate(
         },
         "per_seed": runs,
     }
+    if cfg.dp is not None:  # the schedule is the same for every seed: seed 0's block
+        summary["privacy"] = runs[0]["privacy"]
     if cfg.personalize_epochs > 0:
         loc_mean, loc_std = _per_client_stats(runs, "personalization_acc_local")
         summary["personalization_acc_local"] = loc_mean

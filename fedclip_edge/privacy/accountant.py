@@ -110,3 +110,21 @@ def max_rounds(target_epsilon: float, noise_multiplier: float, sampling_rate: fl
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
+
+
+def schedule_epsilon(segments: list[tuple[float, float, int]], delta: float,
+                     accountant: str = "rdp") -> float:
+    """Epsilon at `delta` after a schedule of (noise multiplier, sampling rate, rounds) segments
+    composed in order (a job resumed with other parameters has several): one accountant over
+    all of them, so the composition is the library's, not a sum of epsilons."""
+    acc = make_accountant(accountant)
+    composed = 0
+    for z, q, r in segments:
+        _check(z, q, r, delta)
+        if r == 0 or q == 0.0:
+            continue
+        if z == 0.0:
+            return math.inf
+        acc.compose(_event(z, q, r))
+        composed += r
+    return float(acc.get_epsilon(delta)) if composed else 0.0
