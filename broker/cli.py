@@ -221,9 +221,23 @@ def aggregate(
     strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
+    secure_aggregation: opt.SecureAggregation = False,
+    secagg_clip: Annotated[
+        float,
+        typer.Option(min=1e-9, max=1e9, help="Secure aggregation: each device clips its "
+                     "update delta coordinate-wise to [-this, this] (the fixed-point range)."),
+    ] = 1.0,
     config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
+    if secure_aggregation and upstream is not None:
+        raise ConfigError("--secure-aggregation is not implemented for a site aggregator yet "
+                          "(docs/privacy.md)")
+    if secure_aggregation and strategy == CLI_DEFAULT_STRATEGY and clip_bound is None:
+        # the default's per-update clip cannot run on a sum; the devices clip instead
+        print(f"secure aggregation: strategy fedavg (the default {CLI_DEFAULT_STRATEGY} clips "
+              "each update by its own norm; devices clip to --secagg-clip instead)", flush=True)
+        strategy = "fedavg"
     if (upstream is None) != (site is None):
         raise ConfigError("give --upstream and --site together (a site aggregator)")
     if upstream is None and rounds is None:
@@ -258,6 +272,8 @@ def aggregate(
         insecure_unsigned=insecure_unsigned,
         strategy=strategy,
         strategy_options={"bound": clip_bound, "trim": trim},
+        secure_aggregation=secure_aggregation,
+        secagg_clip=secagg_clip,
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)
