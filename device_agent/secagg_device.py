@@ -209,7 +209,10 @@ class SecAggDevice:
         assert a is not None
         u3 = W.ids(m.data.get("u3"), "survivors")
         dropped = set(a.u2) - set(u3)
-        if (self.client not in u3 or not set(u3) <= set(a.u2) or len(u3) < a.t
+        if self.client not in u3:  # my masked vector came too late: it is not in the sum
+            self.log(f"round {m.round}: my masked update is not in this attempt's sum")
+            return
+        if (not set(u3) <= set(a.u2) or len(u3) < a.t
                 or set(u3) & a.revealed_s or dropped & a.revealed_b):
             raise P.MessageRejected("secagg", f"survivors of round {m.round} refused: "
                                     "revealing those shares could unmask a device")

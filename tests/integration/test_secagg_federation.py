@@ -88,3 +88,19 @@ def test_secure_aggregator_killed_and_resumed(fed, tmp_path: Path) -> None:  # n
     same_global(out, plain)
     client_rows = [(r["round"], r["client"]) for r in rows(out) if r["kind"] == "client"]
     assert sorted(client_rows) == sorted(set(client_rows)) and len(client_rows) == 9
+
+
+def test_aggregate_refuses_median_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "fedclip_edge.cli", "aggregate", "--broker", "mqtt://127.0.0.1:1",
+         "--job", "j", "--rounds", "1", "--min-clients", "3", "--out", str(tmp_path),
+         "--insecure-unsigned", "--secure-aggregation", "--strategy", "median"],
+        capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --secure-aggregation: strategy "
+                                                   "median is refused"), p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
