@@ -44,11 +44,12 @@ def secure_federation(out: Path, *, rounds: int = 1, weighting: str = "uniform",
                 return d
 
             agent._secagg.publish = publish
+    options: dict[str, Any] = {"round_timeout_s": 20.0, **cfg}
     config = AggregatorConfig(
-        job=JOB, rounds=rounds, out=out, min_clients=3, round_timeout_s=20.0, dim=8,
-        wait_clients_s=10.0, upload_grace_s=2.0, train=TRAIN, seed=3, weighting=weighting,
+        job=JOB, rounds=rounds, out=out, min_clients=3, dim=8, wait_clients_s=10.0,
+        upload_grace_s=2.0, train=TRAIN, seed=3, weighting=weighting,
         registry=keys.registry(CLIENTS), signing_key=keys.key(keys.AGGREGATOR),
-        secure_aggregation=True, **cfg)
+        secure_aggregation=True, **options)
     agg = Aggregator(MemoryTransport(broker, "aggregator"), config, log=lambda line: None)
     return agg, [a for a, _ in running], [th for _, th in running]
 
@@ -191,3 +192,30 @@ def test_two_devices_and_non_fp32_codecs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="update-codec int8"):
         AgentConfig(JOB, "dev-a", insecure_unsigned=True, update_codec="int8",
                     secure_aggregation=True)
+
+
+def test_a_failed_attempt_is_retried_with_fresh_keys(tmp_path: Path) -> None:
+    """dev-b's and dev-c's first reveals are lost: one reveal is below the threshold (2), the
+    attempt fails at its deadline, the round's global goes out again and the devices redo the
+    round with fresh keys; the sum is still the mean of the three deltas."""
+    agg, agents, threads = secure_federation(tmp_path, round_timeout_s=4.0)
+    deltas = record_deltas(agents)
+    keys_sent: dict[str, list[str]] = {c: [] for c in CLIENTS}
+    for agent in agents:
+        c, inner = agent.cfg.client_id, agent._secagg.publish
+        lost = [c in ("dev-b", "dev-c")]
+
+        def publish(payload: bytes, c=c, inner=inner, lost=lost) -> Any:
+            m = W.decode(payload)
+            if m.step == "keys":
+                keys_sent[c].append(m.data["s"])
+            if m.step == "reveal" and lost[0]:
+                lost[0] = False
+                return None  # never published
+            return inner(payload)
+
+        agent._secagg.publish = publish
+    final = run(agg, threads)
+    close(final, expected(deltas, CLIENTS), 1e-6)
+    assert all(len(set(k)) == len(k) == 2 for k in keys_sent.values()), keys_sent
+    assert agg.history[0]["clients"] == CLIENTS
