@@ -38,7 +38,7 @@ def test_a_signature_covers_step_data_and_body() -> None:
 
 
 def test_shares_decrypt_for_their_recipient_only() -> None:
-    (a_sk, a_pk), (b_sk, b_pk), (c_sk, c_pk) = keypair(), keypair(), keypair()
+    (a_sk, a_pk), (b_sk, b_pk), (c_sk, _) = keypair(), keypair(), keypair()
     ctx = W.context("j", 1, "x")
     ct = W.seal(W.share_cipher(a_sk, b_pk, ctx), "a", "b", b"secret", b"\x00" * 12)
     assert W.unseal(W.share_cipher(b_sk, a_pk, ctx), "a", "b", ct) == b"secret"
