@@ -317,6 +317,8 @@ class Aggregator(MessageIntake):
                 if self._round:
                     self._publish_control("running")
                     self._publish_global()
+                    if self._secagg is not None:
+                        self._secagg.republish()
             if msg is not None:
                 try:
                     self._handle(msg)

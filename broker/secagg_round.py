@@ -74,6 +74,7 @@ class SecAggCollect:
         self.u2: list[str] = []
         self.u3: list[str] = []
         self.failed = ""  # why the last attempt failed
+        self._last = b""  # the phase's message: sent again after a reconnect
 
     # ---------------------------------------------------------------- messages in
     def on_message(self, client: str, msg: Received) -> None:
@@ -153,7 +154,14 @@ class SecAggCollect:
         agg = self.agg
         m = W.SecAggMessage(step, agg.cfg.job, self.round, P.AGGREGATOR_ID, self.attempt,
                             data, body, session=agg.session)
-        agg.t.publish(P.control_topic(agg.cfg.job), W.sign(m, agg.cfg.signing_key).encode())
+        self._last = W.sign(m, agg.cfg.signing_key).encode()
+        agg.t.publish(P.control_topic(agg.cfg.job), self._last)
+
+    def republish(self) -> None:
+        """After a reconnect (the broker may have restarted and lost it): the phase's message
+        again; devices answer a repeated one as they did (every step is idempotent)."""
+        if self.phase and self._last:
+            self.agg.t.publish(P.control_topic(self.agg.cfg.job), self._last)
 
     def _wait(self, done: Callable[[], bool]) -> None:
         self.agg._pump(self.agg.clock() + self.agg.cfg.round_timeout_s, done)
@@ -166,6 +174,7 @@ class SecAggCollect:
         """One attempt of the round: True with the unmasked state in the accumulator."""
         agg = self.agg
         self.attempt = secrets.token_hex(8)
+        self._last = b""
         self.keys, self.shares, self.masked, self.records, self.reveals = {}, {}, {}, {}, {}
         self.u2, self.u3 = [], []
         need = max(MIN_DEVICES, agg.cfg.min_clients)

@@ -219,6 +219,8 @@ class Agent(RoundWork):
                 if self.t.epoch != self._epoch_seen:
                     self._epoch_seen = self.t.epoch
                     self._status("online", hello=True)
+                    if self._secagg is not None:
+                        self._secagg.resend()
                     ob = self._outbox
                     if ob is not None and not ob.delivery.wait(0):
                         self.log(f"round {ob.round}: reconnected, sending the queued update again")

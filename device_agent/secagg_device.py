@@ -75,6 +75,7 @@ class SecAggDevice:
         self.advertised: list[_Keys] = []
         self.current: _Attempt | None = None
         self.sent = 0  # masked vectors sent (tests read it)
+        self._last = b""  # the last message sent: again after a reconnect
 
     # ---------------------------------------------------------------- from the agent
     def trained(self, rnd: int, glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor],
@@ -107,7 +108,14 @@ class SecAggDevice:
     def _send(self, step: str, attempt: str, data: dict[str, Any], body: bytes = b"") -> None:
         m = W.SecAggMessage(step, self.job, self.round, self.client, attempt, data, body,
                             session=self.session)
-        self.publish(W.sign(m, self.key).encode())
+        self._last = W.sign(m, self.key).encode()
+        self.publish(self._last)
+
+    def resend(self) -> None:
+        """After a reconnect (the broker may have lost it): the last message again; the
+        aggregator takes a repeated step as the same one."""
+        if self.delta is not None and self._last:
+            self.publish(self._last)
 
     # ---------------------------------------------------------------- from the aggregator
     def on_message(self, m: W.SecAggMessage) -> None:
@@ -167,6 +175,8 @@ class SecAggDevice:
         a = self.current
         assert a is not None and self.delta is not None
         u2 = W.ids(m.data.get("u2"), "deal's u2")
+        if a.u2 == u2:
+            return  # the same deal again (re-sent after a reconnect): answered already
         if self.client not in u2 or not set(u2) <= set(a.order) or len(u2) < a.t or a.u2:
             raise P.MessageRejected("secagg", f"deal of round {m.round} refused ({len(u2)} "
                                     f"devices, threshold {a.t})")

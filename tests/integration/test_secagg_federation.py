@@ -90,6 +90,31 @@ def test_secure_aggregator_killed_and_resumed(fed, tmp_path: Path) -> None:  # n
     assert sorted(client_rows) == sorted(set(client_rows)) and len(client_rows) == 9
 
 
+@pytest.mark.mosquitto
+def test_secure_run_survives_a_broker_restart(fed, tmp_path: Path) -> None:  # noqa: F811
+    """mosquitto stopped (persistence off: retained messages and sessions gone) once round 1
+    is committed, while a later round is open at whatever phase, and started again: both ends
+    reconnect and send their last step again, and the run ends with the plain run's global."""
+    with mh.embedded_broker() as broker:
+        plain = run(fed, broker.url, tmp_path / "plain", "plainr", secure=False, rounds=3)
+    port = mh.free_port()
+    url, job, out = f"mqtt://127.0.0.1:{port}", "srestart", tmp_path / "run" / "out"
+    with processes(tmp_path / "run") as procs:
+        with mh.start_mosquitto(tmp_path / "b1", port=port):
+            procs.start("aggregator", agg_cmd(fed, url, job, out, 3, extra=SECURE))
+            for c in DOMAINS:
+                procs.start(c, agent_cmd(fed, url, job, c) + list(SECURE))
+            wait_round(out, 1, procs)
+        done = json.loads((out / "state.json").read_text())["completed_round"]
+        assert done < 3, "the run ended before the restart"
+        with mh.start_mosquitto(tmp_path / "b2", port=port):
+            assert procs.wait("aggregator", 600) == 0, procs.logs()
+            for c in DOMAINS:
+                assert procs.wait(c, 120) == 0, procs.logs()
+        assert "connection 2" in procs.log("aggregator")
+    same_global(out, plain)
+
+
 def test_aggregate_refuses_median_with_one_line(tmp_path: Path) -> None:
     import subprocess
     import sys
