@@ -43,6 +43,7 @@ from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old 
 from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.runbind import is_run_id, new_run_id
+from fedclip_edge.broker.secagg_round import DEFAULT_CLIP, SecAggCollect, check_config
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
@@ -92,12 +93,17 @@ class AggregatorConfig:
     # the job run (broker/runbind.py); None: a fresh one at job start (--resume: the stored
     # one). Given by tests and benchmarks whose simulated devices sign for it in advance.
     run: str | None = None
+    # the aggregator learns only each round's sum (broker/secagg_round.py, docs/privacy.md)
+    secure_aggregation: bool = False
+    secagg_clip: float = DEFAULT_CLIP
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
 
     def __post_init__(self) -> None:
         # a typo in a name or option, or a trim that drops nothing, fails before anything starts
+        if self.secure_aggregation:  # first: its refusal says why the strategy cannot run
+            check_config(self.strategy, self.min_clients, self.secagg_clip)
         check_round_size(self.make_strategy(), self.min_clients)
         if self.sites is not None and self.registry is not None:
             both = sorted(set(self.sites.keys.ids()) & set(self.registry.ids()))
@@ -211,6 +217,7 @@ class Aggregator(MessageIntake):
         # the round (its number and global) the validation thread may decode delta frames
         # against: replaced as one object (never mutated), so the worker reads a consistent pair
         self._decode_ctx: OpenRound | None = None
+        self._secagg = SecAggCollect(self, cfg.secagg_clip) if cfg.secure_aggregation else None
 
     @property
     def strategy(self) -> Strategy:
@@ -335,6 +342,8 @@ class Aggregator(MessageIntake):
                 if self._round:
                     self._publish_control("running")
                     self._publish_global()
+                    if self._secagg is not None:
+                        self._secagg.republish()
             if msg is not None:
                 try:
                     self._handle(msg)
@@ -359,6 +368,8 @@ class Aggregator(MessageIntake):
         """The round engine's collect: handle messages (accepted updates go to `rnd`) until
         every active device answered or the deadline, retrying a short round; then wait the
         upload grace. False when too few updates came (policy `stop` or retries spent)."""
+        if self._secagg is not None:
+            return self._secagg.collect(rnd)
         attempts = self._attempts = 0
         while True:
             self._pump(self.clock() + self.cfg.round_timeout_s, self._round_done)

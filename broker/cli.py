@@ -223,6 +223,12 @@ def aggregate(
     strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
+    secure_aggregation: opt.SecureAggregation = False,
+    secagg_clip: Annotated[
+        float,
+        typer.Option(min=1e-9, max=1e9, help="Secure aggregation: each device clips its "
+                     "update delta coordinate-wise to [-this, this] (the fixed-point range)."),
+    ] = 1.0,
     config: opt.config_option("aggregate") = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,
     dp_clip: dpo.Clip = None,
@@ -235,6 +241,14 @@ def aggregate(
     dp_accountant: dpo.Accountant = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
+    if secure_aggregation and upstream is not None:
+        raise ConfigError("--secure-aggregation is not implemented for a site aggregator yet "
+                          "(docs/privacy.md)")
+    if secure_aggregation and strategy == CLI_DEFAULT_STRATEGY and clip_bound is None:
+        # the default's per-update clip cannot run on a sum; the devices clip instead
+        print(f"secure aggregation: strategy fedavg (the default {CLI_DEFAULT_STRATEGY} clips "
+              "each update by its own norm; devices clip to --secagg-clip instead)", flush=True)
+        strategy = "fedavg"
     if (upstream is None) != (site is None):
         raise ConfigError("give --upstream and --site together (a site aggregator)")
     dp = aggregator_dp(
@@ -243,6 +257,10 @@ def aggregate(
                   delta=dp_delta, target_epsilon=dp_target_epsilon, accountant=dp_accountant),
         rounds=rounds, min_clients=min_clients, sites=bool(upstream or site_keys),
         resume=resume)
+    if dp is not None and secure_aggregation:
+        raise ConfigError("central DP (--dp-*) clips each device's update at the aggregator, which "
+                          "--secure-aggregation hides: use the agents' local DP (agent --dp-clip "
+                          "--dp-noise-multiplier) with secure aggregation (docs/privacy.md)")
     if dp is not None:
         strategy, note = dp_strategy(strategy, weighting)
         if note:
@@ -279,6 +297,8 @@ def aggregate(
         insecure_unsigned=insecure_unsigned,
         strategy=strategy,
         strategy_options={"bound": clip_bound, "trim": trim},
+        secure_aggregation=secure_aggregation,
+        secagg_clip=secagg_clip,
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)

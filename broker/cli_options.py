@@ -31,6 +31,15 @@ InsecureUnsigned = Annotated[
     ),
 ]
 
+SecureAggregation = Annotated[
+    bool,
+    typer.Option(
+        "--secure-aggregation",
+        help="Secure aggregation: the aggregator learns only each round's sum of updates "
+        "(pairwise masks, docs/privacy.md); aggregator and every agent must give it.",
+    ),
+]
+
 INSECURE_WARNING = (
     "warning: --insecure-unsigned: updates and globals are not signed; anyone who can publish "
     "on this broker can forge or replay them"

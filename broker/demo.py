@@ -87,6 +87,7 @@ def _spawn_agent(
     keys: Path,
     update_codec: str = "fp32",
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    secure_aggregation: bool = False,
 ) -> tuple[subprocess.Popen, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     logf = open(folder / f"{client}.log", "w")  # noqa: SIM115 - closed by the caller
@@ -126,6 +127,7 @@ def _spawn_agent(
         str(folder / f"{client}-state.safetensors"),
         "--models",
         str(models_dir(folder, client)),
+        *(["--secure-aggregation"] if secure_aggregation else []),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -151,6 +153,7 @@ def run_mqtt_demo(
     strategy_options: dict[str, Any] | None = None,
     update_codec: str = "fp32",
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    secure_aggregation: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary.
@@ -201,7 +204,7 @@ def run_mqtt_demo(
         for d in clients:
             proc, logf = _spawn_agent(
                 url, job, f"dev-{d}", d, data, artifact, out / "agents", keys,
-                update_codec, topk_fraction,
+                update_codec, topk_fraction, secure_aggregation,
             )
             stack.callback(logf.close)
             stack.callback(_stop, proc)
@@ -226,6 +229,7 @@ def run_mqtt_demo(
             resume=resume,
             strategy=strategy,
             strategy_options=strategy_options or {},
+            secure_aggregation=secure_aggregation,
             registry=KeyRegistry.load(keys / "devices"),
             signing_key=load_private_key(keys / "aggregator.key"),
         )

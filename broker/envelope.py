@@ -25,7 +25,7 @@ MAX_HEADER_BYTES = 256 * 1024
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024  # what a receiver reassembles at most (1 GiB)
 
-MESSAGE_TYPES = ("hello", "status", "global", "update", "control", "chunk")
+MESSAGE_TYPES = ("hello", "status", "global", "update", "control", "chunk", "secagg")
 
 # Reasons a message can be refused for (frame reasons from the wire format are `frame_<r>`).
 REASONS: frozenset[str] = frozenset(
@@ -51,6 +51,7 @@ REASONS: frozenset[str] = frozenset(
         "malformed_signature",
         "site_claim",
         "run",
+        "secagg",  # a secure-aggregation message out of step (broker/secagg_round.py)
     }
 )
 

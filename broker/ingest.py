@@ -25,6 +25,7 @@ from fedclip_edge.broker.hierarchy import (
 )
 from fedclip_edge.broker.roster import Device
 from fedclip_edge.broker.runbind import check_run, status_binds
+from fedclip_edge.broker.secagg_wire import is_secagg
 from fedclip_edge.broker.transport import Received
 from fedclip_edge.rounds import Update
 from fedclip_edge.strategy import over_sites_note
@@ -82,6 +83,7 @@ class MessageIntake:
     run_id: str
     hellos_unbound: int
     binding: set[str]  # said hello for no run / another run: expected to say it for this one
+    _secagg: Any  # broker.secagg_round.SecAggCollect with --secure-aggregation, else None
 
     def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
 
@@ -116,7 +118,14 @@ class MessageIntake:
                 self._on_status(client or "", msg)
             elif kind == "update":
                 is_update = True
-                self._on_update(client or "", msg)
+                if self._secagg is not None:  # only masked steps: a plain update is refused
+                    if not is_secagg(msg.payload):
+                        raise P.MessageRejected("secagg", "a plain update in a job with secure "
+                                                "aggregation (is the agent run with "
+                                                "--secure-aggregation?)")
+                    self._secagg.on_message(client or "", msg)
+                else:
+                    self._on_update(client or "", msg)
                 accepted = True
         except P.MessageRejected as exc:
             self._reject(exc.reason, msg.topic, exc.message)

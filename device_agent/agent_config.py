@@ -115,6 +115,8 @@ class AgentConfig:
     dp_clip: float | None = None
     dp_noise_multiplier: float = 0.0
     dp_delta: float = DEFAULT_LOCAL_DP_DELTA  # the delta at which the device reports epsilon
+    # secure aggregation (device_agent/secagg_device.py): only a masked update leaves
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
@@ -128,6 +130,9 @@ class AgentConfig:
             if self.update_dtype == "float16" and self.update_codec != "fp16":
                 raise ConfigError("give --update-codec or --update-dtype float16, not both")
         check_margin(self.promote_margin)
+        if self.secure_aggregation and self.codec != "fp32":
+            raise ConfigError(f"--secure-aggregation sends a masked fixed-point vector, not a "
+                              f"codec's frame: --update-codec {self.codec} is refused with it")
         check_local_dp(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs {self.personalize_epochs}: 0 or more")

@@ -134,6 +134,7 @@ def agent(
         typer.Option(min=1e-300, max=0.999,
                      help="Local DP: the delta at which the device reports its epsilon."),
     ] = 1e-5,
+    secure_aggregation: opt.SecureAggregation = False,
     config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
@@ -183,6 +184,7 @@ def agent(
         dp_clip=dp_clip,
         dp_noise_multiplier=dp_noise_multiplier,
         dp_delta=dp_delta,
+        secure_aggregation=secure_aggregation,
         log=log,
     )
 

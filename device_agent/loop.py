@@ -30,6 +30,7 @@ from fedclip_edge.device_agent.keep import keep_final_models
 from fedclip_edge.device_agent.outbox import _Outbox
 from fedclip_edge.device_agent.round_work import RoundWork
 from fedclip_edge.device_agent.run_guard import RunGuard
+from fedclip_edge.device_agent.secagg_device import secagg_for
 from fedclip_edge.errors import TransportError
 from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
@@ -84,6 +85,7 @@ class Agent(RunGuard, RoundWork):
         self.dp_rounds = 0
         self.dp_epsilon: float | None = None
         self.wait_log_s = 30.0  # while nothing arrives: say what this device waits for
+        self._secagg = secagg_for(self)  # None unless --secure-aggregation
         n = int(data.labels.shape[0])
         self._sizes = {k: len(v) for k, v in zip(("train", "val", "test"), split_indices(n, 0),
                                                  strict=True)}
@@ -92,6 +94,8 @@ class Agent(RunGuard, RoundWork):
     def _accept(self, msg: Received) -> P.Control | P.GlobalModel | None:
         """Decoded and, when signing is on, verified; None (counted, one line) otherwise."""
         try:
+            if self._secagg is not None and self._secagg.takes(msg):
+                return None  # a secure-aggregation step, handled on arrival
             m = P.decode_message(msg.payload)
         except P.MessageRejected as exc:
             self.rejected[exc.reason] += 1
@@ -164,6 +168,12 @@ class Agent(RunGuard, RoundWork):
         key = (g.session, g.round, tuple(sorted(g.have)))
         repeated = key == self._last_global_key
         self._last_global_key = key
+        if self._secagg is not None:
+            self._secagg.new_round(g.round)
+            if g.round <= g.rounds and g.round == self.last_trained:
+                self.current_round = g.round
+                self._secagg.again(g)
+                return
         if g.round <= g.rounds and g.round == self.last_trained:
             # Already trained this round. Every publication that does not list us means the
             # aggregator lacks our update (lost while the broker restarted, say): send it again,
@@ -224,6 +234,8 @@ class Agent(RunGuard, RoundWork):
                 if self.t.epoch != self._epoch_seen:
                     self._epoch_seen = self.t.epoch
                     self._status("online", hello=True)
+                    if self._secagg is not None:
+                        self._secagg.resend()
                     ob = self._outbox
                     if ob is not None and not ob.delivery.wait(0):
                         self.log(f"round {ob.round}: reconnected, sending the queued update again")

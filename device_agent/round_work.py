@@ -48,6 +48,7 @@ class RoundWork(Outbox):
     _codec_state: CodecState | None
     _superseded: Callable[[int], str | None]
     _dp_generator: torch.Generator | None
+    _secagg: Any  # device_agent.secagg_device.SecAggDevice, or None
     dp_rounds: int  # rounds counted in the device's epsilon (local DP)
     dp_epsilon: float | None
     stop: threading.Event  # SIGTERM/SIGINT: training ends at its next step boundary
@@ -115,6 +116,14 @@ class RoundWork(Outbox):
         dp_note = ""
         if self.cfg.dp_clip is not None:
             local, dp_note = self._local_dp(g.round, state, local, metrics)
+        if self._secagg is not None:  # the update stays here; a masked sum of it leaves
+            self._secagg.trained(g.round, state, local, samples, g.weighting, metrics)
+            self.last_trained = g.round
+            self.rounds_trained += 1
+            self.log(f"round {g.round} | samples {samples} | loss {res.loss:.4f} | compute "
+                     f"{train_s:.3f}s | secure aggregation: keys sent{dp_note}")
+            self._ready_at = self.clock()
+            return
         payload = self._encode_update(g, state, local, samples, metrics)
         self.last_trained = g.round
         self.rounds_trained += 1

@@ -316,6 +316,7 @@ def demo(
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
+    secure_aggregation: opt.SecureAggregation = False,
     config: config_option("demo") = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,
     dp_clip: dpo.Clip = None,
@@ -327,6 +328,13 @@ def demo(
     if dp is not None and not inproc:
         raise ConfigError("--dp-* on the demo is for --inproc (both settings with central DP); "
                           "over MQTT run `fedclip-edge aggregate --dp-noise-multiplier ...`")
+    if secure_aggregation and (inproc or update_codec.value != "fp32"):
+        raise ConfigError("--secure-aggregation is for the MQTT demo's fp32 updates (not "
+                          "--inproc, not --update-codec)")
+    if secure_aggregation and strategy == CLI_DEFAULT_STRATEGY and clip_bound is None:
+        print(f"secure aggregation: strategy fedavg (the default {CLI_DEFAULT_STRATEGY} clips "
+              "each update by its own norm; devices clip instead)", flush=True)
+        strategy = "fedavg"
     if inproc and resume:
         raise ConfigError("--resume continues an MQTT demo run; --inproc runs are quick to redo")
     if inproc and update_codec.value != "fp32":
@@ -361,6 +369,7 @@ def demo(
         strategy_options={"bound": clip_bound, "trim": trim},
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
+        secure_aggregation=secure_aggregation,
     )
 
 

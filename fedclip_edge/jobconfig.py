@@ -140,6 +140,7 @@ class KeysSection:
     aggregator_key: Path | None = key("aggregator_key", AGENT)
     artifact_key: Path | None = key("artifact_key", AGENT)
     insecure_unsigned: bool | None = key("insecure_unsigned", AGG, AGENT)
+    secure_aggregation: bool | None = key("secure_aggregation", AGG, AGENT)  # docs/privacy.md
 
 
 @dataclass(frozen=True)
