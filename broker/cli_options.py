@@ -49,6 +49,15 @@ UpdateCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+GlobalCodec = Annotated[
+    CodecName,
+    typer.Option(
+        "--global-codec",
+        help="How the global goes down: fp32 dense (as before); any other codec sends the "
+        "change since the last round, with the server's error feedback (docs/codecs.md).",
+        case_sensitive=False,
+    ),
+]
 # The agent's: unset means its --update-dtype decides (fp32, or fp16 with float16).
 OptionalUpdateCodec = Annotated[
     CodecName | None,

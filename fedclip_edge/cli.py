@@ -24,7 +24,13 @@ from fedclip_edge.benchmarks.cli_codecs import bench_codecs
 from fedclip_edge.benchmarks.cli_infer import bench_infer
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
-from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
+from fedclip_edge.broker.cli_options import (
+    CodecName,
+    GlobalCodec,
+    TopkFraction,
+    UpdateCodec,
+    config_option,
+)
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
@@ -196,6 +202,7 @@ def simulate_cmd(
     trim: opt.Trim = None,
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
+    global_codec: GlobalCodec = CodecName.fp32,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
@@ -224,6 +231,7 @@ def simulate_cmd(
         strategy_options={"bound": clip_bound, "trim": trim},
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
+        global_codec=global_codec.value,
     )
 
 

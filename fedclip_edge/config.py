@@ -145,6 +145,8 @@ class SimulationConfig:
     # How each client's update travels (fedclip_edge.codecs); fp32 is lossless, today's frames.
     update_codec: str = "fp32"
     topk_fraction: float = 0.01
+    # How the global goes down (fedclip_edge.global_codec); fp32: dense, today's behaviour.
+    global_codec: str = "fp32"
 
     def __post_init__(self) -> None:
         from fedclip_edge.codecs import CODECS, check_topk_fraction
@@ -155,6 +157,10 @@ class SimulationConfig:
         if self.update_codec not in CODECS:
             raise ConfigError(
                 f"unknown update codec {self.update_codec!r}; choose one of {', '.join(CODECS)}"
+            )
+        if self.global_codec not in CODECS:
+            raise ConfigError(
+                f"unknown global codec {self.global_codec!r}; choose one of {', '.join(CODECS)}"
             )
         try:
             check_topk_fraction(self.topk_fraction)

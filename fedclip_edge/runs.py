@@ -72,6 +72,7 @@ def run_simulation(
     strategy_options: dict[str, Any] | None = None,
     update_codec: str = "fp32",
     topk_fraction: float = 0.01,
+    global_codec: str = "fp32",
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
 
@@ -87,6 +88,7 @@ def run_simulation(
         strategy_options=strategy_options or {},
         update_codec=update_codec,
         topk_fraction=topk_fraction,
+        global_codec=global_codec,
     )
     out = Path(out)
     if features_dir is None:

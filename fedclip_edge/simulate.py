@@ -19,6 +19,7 @@ from fedclip_edge.config import SimulationConfig
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
+from fedclip_edge.global_codec import GlobalCodecPlugin, GlobalEncoder
 from fedclip_edge.io import atomic_write_json
 from fedclip_edge.rounds import (
     BestRound,
@@ -151,12 +152,22 @@ def run_seed(
         }
 
     best = BestRound("mean_val_acc")  # as select_round()
-    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best)
+    # A compressed global: every global (evaluated, selected, trained from) is the one a device
+    # rebuilds from the frames; round 1's is the dense initial one.
+    downlink = GlobalCodecPlugin(
+        GlobalEncoder(cfg.global_codec, job="simulate", topk_fraction=cfg.topk_fraction)
+    )
+    plugins = [downlink] if downlink.encoder.active else []
+    down_frames: list[int] = [down_bytes]
+    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best, plugins=plugins)
     fleet = InProcessFleet(clients, work)
     for rnd in range(1, cfg.rounds + 1):
         global_state = {k: v.detach().clone() for k, v in global_adapter.state_dict().items()}
         done = engine.run_round(rnd, global_state, fleet)
         assert done is not None  # every client answers in process
+        if plugins and rnd < cfg.rounds:  # the next round's global, as a delta frame
+            assert downlink.last is not None
+            down_frames.append(len(downlink.last.frame))
         ev = done.evaluation
         losses = records(done.answered, "loss")
         entry = {
@@ -206,6 +217,9 @@ def run_seed(
         ),
         "down_bytes_per_client_per_round": down_bytes,
         "local_steps": steps,
+        **({"global_codec": cfg.global_codec, "down_bytes_by_round": down_frames,
+            "down_bytes_per_client_per_round": _mean([float(b) for b in down_frames])}
+           if plugins else {}),
         "adapter_change": moved,
         "history": history,
     }
@@ -275,7 +289,10 @@ def simulate(
         "update_codec": cfg.update_codec,
         "topk_fraction": cfg.topk_fraction,
         "up_bytes_per_client_per_round": _mean([r["up_bytes_per_client_per_round"] for r in runs]),
-        "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"],
+        "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"]
+        if cfg.global_codec == "fp32"
+        else _mean([r["down_bytes_per_client_per_round"] for r in runs]),
+        **({"global_codec": cfg.global_codec} if cfg.global_codec != "fp32" else {}),
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
         "zero_shot": {
             d: accuracy(None, v.features, v.labels, fs.text_features) for d, v in fs.domains.items()
@@ -314,7 +331,10 @@ def simulate(
     log(
         f"update codec {cfg.update_codec}: {up:,.0f} bytes per client per round up "
         f"({fp32 / up:.1f}x fewer than fp32's {fp32:,}); "
-        f"{summary['down_bytes_per_client_per_round']:,} down (the dense fp32 global)"
+        + (f"{summary['down_bytes_per_client_per_round']:,} down (the dense fp32 global)"
+           if cfg.global_codec == "fp32" else
+           f"{summary['down_bytes_per_client_per_round']:,.0f} down (global codec "
+           f"{cfg.global_codec}, round 1's dense global included)")
     )
     if out is not None:
         write_json(Path(out) / "summary.json", summary)
