@@ -58,6 +58,15 @@ GlobalCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+OptionalGlobalCodec = Annotated[
+    CodecName | None,
+    typer.Option(
+        "--global-codec",
+        help="How the global goes down: unset or fp32 dense; any other codec sends the change "
+        "since the last round, with the server's error feedback (docs/codecs.md).",
+        case_sensitive=False,
+    ),
+]
 # The agent's: unset means its --update-dtype decides (fp32, or fp16 with float16).
 OptionalUpdateCodec = Annotated[
     CodecName | None,

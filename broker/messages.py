@@ -37,6 +37,7 @@ from fedclip_edge.broker.fields import (
     _text_field,
 )
 from fedclip_edge.broker.topics import _ID_RE
+from fedclip_edge.global_fields import check_delta_fields
 
 STATES = ("online", "offline", "training", "uploaded")
 CONTROL_STATES = ("running", "done")
@@ -96,9 +97,13 @@ class GlobalModel:
     rounds: int = 0  # the job's last round: a global with round > rounds is the final adapter
     sig: str = ""
     weighting: str = ""  # the job's FedAvg weighting, which a site applies to its devices
+    # a compressed global (fedclip_edge.global_codec): {codec, base_round, digest}; {}: dense
+    delta: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         extra = {"weighting": self.weighting} if self.weighting else {}
+        if self.delta:
+            extra["delta"] = self.delta
         return encode_envelope(
             {
                 **extra,
@@ -258,6 +263,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             rounds=_int_field(header, "rounds", 0, MAX_ROUND),
             sig=_text_field(header, "sig", ""),
             weighting=_text_field(header, "weighting", ""),
+            delta=_delta_field(header),
         )
     if kind == "update":
         metrics = _flat_object(header, "metrics") if "metrics" in header else {}
@@ -289,3 +295,13 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             sig=_text_field(header, "sig", ""),
         )
     raise MessageRejected("type", f"a bare {kind!r} envelope is not a message")
+
+
+def _delta_field(header: dict[str, Any]) -> dict[str, Any]:
+    """A compressed global's {codec, base_round, digest} ({} for a dense one), checked."""
+    if "delta" not in header:
+        return {}
+    try:
+        return check_delta_fields(header["delta"])
+    except ValueError as exc:
+        raise MessageRejected("fields", f"global 'delta': {exc}") from None

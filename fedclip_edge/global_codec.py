@@ -30,12 +30,15 @@ import safetensors.torch
 import torch
 
 from fedclip_edge import codecs
+from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, ErrorFeedback
 from fedclip_edge.errors import FrameError
+from fedclip_edge.global_fields import check_delta_fields  # noqa: F401  (re-exported)
 from fedclip_edge.rounds.engine import OpenRound, RoundPlugin, State
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, decode_update, encode_update
 
 GLOBAL_CLIENT = "global"  # the client id inside a global delta frame's header
+DIGEST_HEX_BYTES = 64  # a digest as the envelope carries it
 
 
 class GlobalMismatch(FrameError):
@@ -55,6 +58,16 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def derive_initial(seed: int, dim: int) -> dict[str, torch.Tensor]:
+    """Round 1's global as every side makes it (`torch.manual_seed(seed)`, then the adapter's
+    default init), so a device that knows the job's seed and width needs no bytes for it; the
+    server's digest still decides (another torch could init otherwise). The caller's RNG is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {k: v.detach().clone() for k, v in AttentionAdapter(dim).state_dict().items()}
+
+
 @dataclass(frozen=True)
 class GlobalDelta:
     """The global of `round` as a codec frame against the global of `base_round`, and the
@@ -65,6 +78,10 @@ class GlobalDelta:
     base_round: int
     frame: bytes
     digest: str
+
+    def fields(self) -> dict[str, Any]:
+        """What the global envelope carries besides the frame (`check_delta_fields`)."""
+        return {"codec": self.codec, "base_round": self.base_round, "digest": self.digest}
 
     def to_dict(self) -> dict[str, Any]:
         return {"codec": self.codec, "round": self.round, "base_round": self.base_round,

@@ -49,8 +49,9 @@ def test_simulate_with_a_global_codec_counts_its_frames_and_fp32_is_unchanged():
     assert "global_codec" not in dense and "down_bytes_by_round" not in dense["per_seed"][0]
     frames = packed["per_seed"][0]["down_bytes_by_round"]
     assert packed["global_codec"] == "topk-int8" and len(frames) == 4
-    assert frames[0] == dense["down_bytes_per_client_per_round"]  # round 1: the dense global
-    assert all(b < frames[0] for b in frames[1:])
+    # round 1: derived from the seed on the device, only the digest counted
+    assert frames[0] == 64 and packed["per_seed"][0]["initial_global"] == "derived"
+    assert all(64 < b < dense["down_bytes_per_client_per_round"] for b in frames[1:])
     assert packed["down_bytes_per_client_per_round"] == sum(frames) / 4
     # round 1 trains from the same global both ways; later rounds from the compressed one
     h0, h1 = dense["history"], packed["history"]
