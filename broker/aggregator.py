@@ -33,6 +33,7 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.authn import signature_holds
+from fedclip_edge.broker.global_down import GlobalDownlink
 from fedclip_edge.broker.hierarchy import SiteRegistry
 from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old home)
     MAX_DIM,
@@ -86,6 +87,10 @@ class AggregatorConfig:
     # how updates are combined: a name from fedclip_edge.strategy.STRATEGIES and its options
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    # the global down (broker/global_down.py): fp32 dense; a codec sends the change since the
+    # last round, with a dense keyframe every `keyframe_every` rounds (0: round 1 only)
+    global_codec: str = "fp32"
+    keyframe_every: int = 0
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
@@ -173,6 +178,10 @@ class Aggregator(MessageIntake):
         self.hooks = hooks or AggregatorHooks()
         self.store = RunStore(cfg.out)
         self.out = self.store.out
+        self.downlink = GlobalDownlink(cfg.global_codec, job=cfg.job, rounds=cfg.rounds,
+                                       keyframe_every=cfg.keyframe_every)
+        if self.downlink.active:  # last: the global it makes is the one devices rebuild
+            plugins = (*plugins, self.downlink.plugin)
         self.engine = RoundEngine(cfg.make_strategy(), evaluate=self._evaluate, plugins=plugins)
         self.roster = Roster()
         self.counters: Counter[str] = Counter()
@@ -271,10 +280,12 @@ class Aggregator(MessageIntake):
         }
 
     # ------------------------------------------------------------------ publishing
-    def _publish_global(self, have: tuple[str, ...] | None = None) -> None:
+    def _publish_global(self, have: tuple[str, ...] | None = None, dense: bool = False) -> None:
         assert self.global_state is not None
         rnd = self._round
-        frame = encode_frame(self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
+        delta = self.downlink.delta_for(rnd, dense=dense)
+        frame = delta.frame if delta is not None else encode_frame(
+            self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
         msg = P.GlobalModel(
             self.cfg.job,
             rnd,
@@ -285,11 +296,13 @@ class Aggregator(MessageIntake):
             session=self.session,
             rounds=self.cfg.rounds,
             weighting=self.cfg.weighting,
+            delta=delta.fields() if delta is not None else {},
         )
         if self.cfg.signing_key is not None:
             msg = authn.sign(msg, self.cfg.signing_key)
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
+        self.downlink.count(rnd, len(self._global_payload), delta=delta is not None)
 
     def _publish_control(self, state: str) -> None:
         ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session)
@@ -405,6 +418,8 @@ class Aggregator(MessageIntake):
             heldout=heldout,
             counters=self.counters,
         )
+        if self.downlink.active:
+            summary_row.update(self.downlink.round_fields(rnd))
         self.history.append(
             {
                 k: summary_row[k]

@@ -221,6 +221,12 @@ def aggregate(
     strategy: opt.Strategy = CLI_DEFAULT_STRATEGY,
     clip_bound: opt.ClipBound = None,
     trim: opt.Trim = None,
+    global_codec: opt.GlobalCodec = opt.CodecName.fp32,
+    keyframe_every: Annotated[
+        int,
+        typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
+                     "only; devices that miss a round ask for one).", min=0),
+    ] = 0,
     config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
@@ -258,6 +264,8 @@ def aggregate(
         insecure_unsigned=insecure_unsigned,
         strategy=strategy,
         strategy_options={"bound": clip_bound, "trim": trim},
+        global_codec=global_codec.value,
+        keyframe_every=keyframe_every,
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)

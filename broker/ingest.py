@@ -78,8 +78,11 @@ class MessageIntake:
     _warned_over_sites: bool
     refused: dict[str, tuple[str, str]]
     resumed: bool
+    downlink: Any
 
-    def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
+    def _publish_global(
+        self, have: tuple[str, ...] | None = None, dense: bool = False
+    ) -> None: ...
 
     @property
     def _answered(self) -> dict[str, dict[str, Any]]:
@@ -167,13 +170,15 @@ class MessageIntake:
                 session=st.session,
             )
             self.roster.put(dev)
-            # a chunked global cannot be retained: send it again to a (re)joining device
+            # a chunked global cannot be retained, a compressed one needs the round before:
+            # send it again (dense) to a (re)joining device
+            compressed = self.downlink.active
             if (
                 self._round
-                and len(self._global_payload) > self.t.max_payload
+                and (len(self._global_payload) > self.t.max_payload or compressed)
                 and st.round < self._round
             ):
-                self._publish_global()
+                self._publish_global(dense=compressed)
         self.roster.set_state(client, st.state)
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s
