@@ -234,6 +234,9 @@ def aggregate(
         raise ConfigError("give --upstream and --site together (a site aggregator)")
     if upstream is None and rounds is None:
         raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
+    if upstream is not None and global_codec.value != "fp32":
+        raise ConfigError("--global-codec is for a central or a plain aggregator; a site sends "
+                          "its devices dense globals (not built yet)")
     if site is not None:
         try:
             P.check_id(site, "--site")

@@ -189,3 +189,43 @@ def test_after_a_resume_devices_still_hold_the_servers_global(tmp_path: Path, co
         assert a.globals_in.dense_asked == 0
         assert state_digest(a.final_state) == state_digest(resumed)
     assert server_globals(tmp_path / "full", 4) == server_globals(tmp_path / "crashed", 4)
+
+
+def test_the_envelope_carries_signed_delta_fields() -> None:
+    import dataclasses
+
+    from fedclip_edge import codecs, global_fields
+    from fedclip_edge.broker import authn
+    from fedclip_edge.signing import KeyRegistry
+
+    assert global_fields.CODECS == codecs.CODECS
+    fields = {"codec": "topk-int8", "base_round": 2, "digest": "ab" * 32}
+    g = authn.sign(P.GlobalModel(JOB, 3, b"frame", rounds=4, delta=fields),
+                   keys.key(keys.AGGREGATOR))
+    back = P.decode_message(g.encode())
+    assert back.delta == fields
+    reg = KeyRegistry({P.AGGREGATOR_ID: keys.aggregator_public()})
+    assert authn.verify(back, reg, key_id=P.AGGREGATOR_ID) == P.AGGREGATOR_ID
+    forged = dataclasses.replace(back, delta={**fields, "digest": "cd" * 32})
+    with pytest.raises(P.MessageRejected):
+        authn.verify(P.decode_message(forged.encode()), reg, key_id=P.AGGREGATOR_ID)
+    dense = P.decode_message(P.GlobalModel(JOB, 3, b"frame").encode())
+    assert dense.delta == {} and b'"delta"' not in P.GlobalModel(JOB, 3, b"frame").encode()
+    for bad in ({"codec": "fp32", "base_round": 2, "digest": "ab" * 32},
+                {"codec": "zip", "base_round": 2, "digest": "ab" * 32},
+                {"codec": "int8", "base_round": -1, "digest": "ab" * 32},
+                {"codec": "int8", "base_round": 2, "digest": "AB" * 32},
+                {"codec": "int8", "base_round": 2}, [1, 2]):
+        raw = P.GlobalModel(JOB, 3, b"frame", delta=bad).encode()  # type: ignore[arg-type]
+        with pytest.raises(P.MessageRejected, match="delta"):
+            P.decode_message(raw)
+
+
+def test_sites_and_global_codecs_are_refused_together(tmp_path: Path) -> None:
+    from fedclip_edge.broker.hierarchy import SiteRegistry
+    from fedclip_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--global-codec with --site-keys"):
+        AggregatorConfig(job=JOB, rounds=2, out=tmp_path, registry=keys.registry(DEVICES),
+                         signing_key=keys.key(keys.AGGREGATOR), global_codec="int8",
+                         sites=SiteRegistry(keys.registry(("site-1",)), {}))
