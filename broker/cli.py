@@ -225,7 +225,7 @@ def aggregate(
     keyframe_every: Annotated[
         int,
         typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
-                     "only; devices that miss a round ask for one).", min=0),
+                     "only; devices that miss a round ask for one).", min=0, max=R.ROUNDS["max"]),
     ] = 0,
     config: opt.config_option("aggregate") = None,
 ) -> None:
