@@ -75,6 +75,7 @@ def run_bench(
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run both methods and write OUT/bench.json, bench.md and the plots (after every round).
@@ -114,7 +115,7 @@ def run_bench(
     if global_codec is not None:
         try:
             check_codec(global_codec)
-            check_topk_fraction(topk_fraction)
+            check_topk_fraction(global_topk_fraction or topk_fraction)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if dtype != "float32":
@@ -183,7 +184,9 @@ def run_bench(
             "dtype": dtype,
             "update_codec": update_codec,
             "topk_fraction": topk_fraction if update_codec in SPARSE_CODECS else None,
-            **({"global_codec": global_codec} if global_codec is not None else {}),
+            **({"global_codec": global_codec,
+                "global_topk_fraction": global_topk_fraction or topk_fraction}
+               if global_codec is not None else {}),
             "fedavg_dtype": fedavg_dtype,
             "device": device,
             "seed": seed,
@@ -252,6 +255,7 @@ def run_bench(
             update_codec=update_codec,
             topk_fraction=topk_fraction,
             global_codec=global_codec,
+            global_topk_fraction=global_topk_fraction,
         )
         if update_codec is not None:
             report["uplink"] = _uplink(report, parts[0].name, loaded.embed_dim, link, rounds)
@@ -287,6 +291,7 @@ def _run_methods(
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
 ) -> None:
     """FedCLIP then full FedAvg, over the same clients and exchange (in-process or MQTT)."""
     visual0 = loaded.model.visual
@@ -355,6 +360,7 @@ def _run_methods(
         update_codec=update_codec,
         topk_fraction=topk_fraction,
         global_codec=global_codec,
+        global_topk_fraction=global_topk_fraction,
         derive=lambda: derive_initial(seed, loaded.embed_dim),
     )
     report["fedclip"]["tower_sha256_before"] = tower_hash_before

@@ -59,6 +59,7 @@ def federate(
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
     derive: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Both methods' rounds, driven through the round engine (`fedclip_edge.rounds`, as
@@ -73,7 +74,8 @@ def federate(
     client (from the job's seed) when given and its digest matches the server's: the digest
     (64 B) is all that round's downlink counts; else it goes down dense."""
     downlink = GlobalCodecPlugin(
-        GlobalEncoder(global_codec or "fp32", job="bench", topk_fraction=topk_fraction)
+        GlobalEncoder(global_codec or "fp32", job="bench",
+                      topk_fraction=global_topk_fraction or topk_fraction)
     )
     compressed = downlink.encoder.active
     # evaluation is timed apart, below

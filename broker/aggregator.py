@@ -45,6 +45,7 @@ from fedclip_edge.broker.prevalidate import predecode
 from fedclip_edge.broker.roster import Device, Roster
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
+from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.rounds import OpenRound, RoundEngine, RoundPlugin
@@ -91,6 +92,7 @@ class AggregatorConfig:
     # last round, with a dense keyframe every `keyframe_every` rounds (0: round 1 only)
     global_codec: str = "fp32"
     keyframe_every: int = 0
+    global_topk_fraction: float = DEFAULT_TOPK_FRACTION
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
@@ -182,7 +184,8 @@ class Aggregator(MessageIntake):
         self.store = RunStore(cfg.out)
         self.out = self.store.out
         self.downlink = GlobalDownlink(cfg.global_codec, job=cfg.job, rounds=cfg.rounds,
-                                       keyframe_every=cfg.keyframe_every)
+                                       keyframe_every=cfg.keyframe_every,
+                                       topk_fraction=cfg.global_topk_fraction)
         if self.downlink.active:  # last: the global it makes is the one devices rebuild
             plugins = (*plugins, self.downlink.plugin)
         self.engine = RoundEngine(cfg.make_strategy(), evaluate=self._evaluate, plugins=plugins)

@@ -227,6 +227,7 @@ def aggregate(
         typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
                      "only; devices that miss a round ask for one).", min=0, max=R.ROUNDS["max"]),
     ] = 0,
+    global_topk_fraction: opt.GlobalTopkFraction = None,
     config: opt.config_option("aggregate") = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
@@ -269,6 +270,7 @@ def aggregate(
         strategy_options={"bound": clip_bound, "trim": trim},
         global_codec=global_codec.value,
         keyframe_every=keyframe_every,
+        global_topk_fraction=global_topk_fraction or 0.01,
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)

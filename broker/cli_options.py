@@ -58,6 +58,15 @@ GlobalCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+GlobalTopkFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--global-topk-fraction",
+        help="topk global codecs: fraction (0, 1] of each tensor's change sent down per round "
+        "(default: --topk-fraction's, or 0.01).",
+        **R.FRACTION,
+    ),
+]
 OptionalGlobalCodec = Annotated[
     CodecName | None,
     typer.Option(

@@ -27,6 +27,7 @@ from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.cli_options import (
     CodecName,
     GlobalCodec,
+    GlobalTopkFraction,
     TopkFraction,
     UpdateCodec,
     config_option,
@@ -203,6 +204,7 @@ def simulate_cmd(
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
     global_codec: GlobalCodec = CodecName.fp32,
+    global_topk_fraction: GlobalTopkFraction = None,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
@@ -232,6 +234,7 @@ def simulate_cmd(
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
         global_codec=global_codec.value,
+        global_topk_fraction=global_topk_fraction,
     )
 
 

@@ -147,6 +147,7 @@ class SimulationConfig:
     topk_fraction: float = 0.01
     # How the global goes down (fedclip_edge.global_codec); fp32: dense, today's behaviour.
     global_codec: str = "fp32"
+    global_topk_fraction: float | None = None  # None: topk_fraction's
 
     def __post_init__(self) -> None:
         from fedclip_edge.codecs import CODECS, check_topk_fraction
@@ -164,6 +165,8 @@ class SimulationConfig:
             )
         try:
             check_topk_fraction(self.topk_fraction)
+            if self.global_topk_fraction is not None:
+                check_topk_fraction(self.global_topk_fraction)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:

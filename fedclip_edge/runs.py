@@ -73,6 +73,7 @@ def run_simulation(
     update_codec: str = "fp32",
     topk_fraction: float = 0.01,
     global_codec: str = "fp32",
+    global_topk_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json."""
 
@@ -89,6 +90,7 @@ def run_simulation(
         update_codec=update_codec,
         topk_fraction=topk_fraction,
         global_codec=global_codec,
+        global_topk_fraction=global_topk_fraction,
     )
     out = Path(out)
     if features_dir is None:

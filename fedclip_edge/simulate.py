@@ -161,7 +161,8 @@ def run_seed(
     # A compressed global: every global (evaluated, selected, trained from) is the one a device
     # rebuilds from the frames; round 1's is the dense initial one.
     downlink = GlobalCodecPlugin(
-        GlobalEncoder(cfg.global_codec, job="simulate", topk_fraction=cfg.topk_fraction)
+        GlobalEncoder(cfg.global_codec, job="simulate", topk_fraction=cfg.global_topk_fraction
+                      if cfg.global_topk_fraction is not None else cfg.topk_fraction)
     )
     plugins = [downlink] if downlink.encoder.active else []
     # round 1's global: derived on the device from the seed (its digest: 64 B) when it matches
@@ -301,7 +302,9 @@ def simulate(
         "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"]
         if cfg.global_codec == "fp32"
         else _mean([r["down_bytes_per_client_per_round"] for r in runs]),
-        **({"global_codec": cfg.global_codec} if cfg.global_codec != "fp32" else {}),
+        **({"global_codec": cfg.global_codec,
+            "global_topk_fraction": cfg.global_topk_fraction or cfg.topk_fraction}
+           if cfg.global_codec != "fp32" else {}),
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
         "zero_shot": {
             d: accuracy(None, v.features, v.labels, fs.text_features) for d, v in fs.domains.items()

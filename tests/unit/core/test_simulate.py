@@ -39,10 +39,10 @@ def test_simulate_with_a_global_codec_counts_its_frames_and_fp32_is_unchanged():
 
     fs = _features()
 
-    def run(codec: str) -> dict:
+    def run(codec: str, down_fraction: float | None = None) -> dict:
         cfg = SimulationConfig(test_domain="c", rounds=4, seeds=(0,),
                                train=train_config("learning"), global_codec=codec,
-                               topk_fraction=0.1)
+                               topk_fraction=0.1, global_topk_fraction=down_fraction)
         return simulate(fs, cfg, None, log=lambda line: None)
 
     dense, packed = run("fp32"), run("topk-int8")
@@ -57,3 +57,9 @@ def test_simulate_with_a_global_codec_counts_its_frames_and_fp32_is_unchanged():
     h0, h1 = dense["history"], packed["history"]
     assert h0[0]["train_loss"] == h1[0]["train_loss"]
     assert h0[1]["train_loss"] != h1[1]["train_loss"]
+    # --global-topk-fraction sets the downlink's fraction apart from the uplink's
+    wide = run("topk-int8", 0.5)
+    assert wide["global_topk_fraction"] == 0.5 and packed["global_topk_fraction"] == 0.1
+    assert wide["up_bytes_per_client_per_round"] == packed["up_bytes_per_client_per_round"]
+    assert all(w > p for w, p in zip(wide["per_seed"][0]["down_bytes_by_round"][1:],
+                                     frames[1:], strict=True))
