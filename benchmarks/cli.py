@@ -147,6 +147,8 @@ def bench_fedavg(
     seed: Annotated[int, typer.Option(help="Seed of splits, init and shuffling.", **R.SEED)] = 0,
     update_codec: opt.OptionalUpdateCodec = None,
     topk_fraction: opt.TopkFraction = 0.01,
+    global_codec: opt.OptionalGlobalCodec = None,
+    global_topk_fraction: opt.GlobalTopkFraction = None,
 ) -> None:
     """FedCLIP and full-model FedAvg side by side: time, bytes, accuracy, measured."""
     for flag, value in (
@@ -180,6 +182,8 @@ def bench_fedavg(
             max_payload=max_payload,
             update_codec=update_codec.value if update_codec is not None else None,
             topk_fraction=topk_fraction,
+            global_codec=global_codec.value if global_codec is not None else None,
+            global_topk_fraction=global_topk_fraction,
         )
     except KeyboardInterrupt:
         raise Interrupted(f"what was measured so far is in {Path(out) / 'bench.json'}") from None

@@ -44,6 +44,7 @@ from fedclip_edge.codecs import (
 )
 from fedclip_edge.config import TrainConfig
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.global_codec import derive_initial
 from fedclip_edge.train import accuracy, train_local
 
 SCHEMA = "fedclip-edge/bench-fedavg/v1"
@@ -73,6 +74,8 @@ def run_bench(
     max_payload: int | None = None,
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run both methods and write OUT/bench.json, bench.md and the plots (after every round).
@@ -80,6 +83,9 @@ def run_bench(
     update_codec: FedCLIP's updates travel in this codec (the global still goes down dense, in
     `dtype`); the report then compares its measured uplink bytes with the fp32 and fp16
     adapter frames and full FedAvg's tower frame.
+
+    global_codec: the global goes down as the change since the last round in this codec, with
+    the server's error feedback (fedclip_edge.global_codec); round 1's goes down dense.
 
     transport "mqtt": every exchange goes through `broker` (default: a private mosquitto, or the
     embedded broker, on a free loopback port), chunked above `max_payload` bytes."""
@@ -106,6 +112,15 @@ def run_bench(
         if dtype != "float32":
             raise ConfigError("--fp16 ships the adapter in fp16 both ways; with --update-codec "
                               "the global goes down fp32 and the codec sets the uplink: give one")
+    if global_codec is not None:
+        try:
+            check_codec(global_codec)
+            check_topk_fraction(global_topk_fraction or topk_fraction)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if dtype != "float32":
+            raise ConfigError("--fp16 ships the adapter in fp16 both ways; with --global-codec "
+                              "the codec sets the downlink: give one")
     max_payload = max_payload or DEFAULT_MAX_PAYLOAD
     if transport == "mqtt" and not 4096 <= max_payload <= 268_435_455:
         raise ConfigError("--max-payload must be 4096..268435455 bytes (MQTT's limit)")
@@ -169,6 +184,9 @@ def run_bench(
             "dtype": dtype,
             "update_codec": update_codec,
             "topk_fraction": topk_fraction if update_codec in SPARSE_CODECS else None,
+            **({"global_codec": global_codec,
+                "global_topk_fraction": global_topk_fraction or topk_fraction}
+               if global_codec is not None else {}),
             "fedavg_dtype": fedavg_dtype,
             "device": device,
             "seed": seed,
@@ -196,6 +214,12 @@ def run_bench(
             else "mqtt transport: transfer seconds are frame encoding, QoS 1 publish through "
             "the broker on loopback (chunked above max_payload), reassembly and decoding; bytes "
             "are MQTT payload bytes incl. chunk envelopes",
+            *([f"global codec {global_codec}: from round 2 the global goes down as the server's "
+               "delta frame (error feedback on the server), rebuilt and digest-checked on the "
+               "client; round 1's is derived on the client from the job's seed (as the server "
+               "makes it) and checked against the server's digest: its 64 hex characters are "
+               "that round's downlink bytes (a mismatch would send it dense)"]
+              if global_codec not in (None, "fp32") else []),
         ],
         "fedclip": {"rounds": []},
         "fedavg": {"rounds": []},
@@ -230,6 +254,8 @@ def run_bench(
             save=save,
             update_codec=update_codec,
             topk_fraction=topk_fraction,
+            global_codec=global_codec,
+            global_topk_fraction=global_topk_fraction,
         )
         if update_codec is not None:
             report["uplink"] = _uplink(report, parts[0].name, loaded.embed_dim, link, rounds)
@@ -264,6 +290,8 @@ def _run_methods(
     save: Any,
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
 ) -> None:
     """FedCLIP then full FedAvg, over the same clients and exchange (in-process or MQTT)."""
     visual0 = loaded.model.visual
@@ -331,6 +359,9 @@ def _run_methods(
         link=link,
         update_codec=update_codec,
         topk_fraction=topk_fraction,
+        global_codec=global_codec,
+        global_topk_fraction=global_topk_fraction,
+        derive=lambda: derive_initial(seed, loaded.embed_dim),
     )
     report["fedclip"]["tower_sha256_before"] = tower_hash_before
     report["fedclip"]["tower_sha256_after"] = state_hash(visual0)
@@ -392,7 +423,21 @@ def _speedups(report: dict[str, Any]) -> dict[str, Any]:
     )
     wall_fc = fc["rounds"][-1]["cumulative_wall_s"]  # extraction included once
     wall_fa = fa["rounds"][-1]["cumulative_wall_s"]
+    both_ways = {}
+    if report["config"].get("global_codec") is not None:  # what each direction contributes
+        up_fc, up_fa, down_fc, down_fa = (
+            statistics.mean(x[f"bytes_{d}_per_client"] for x in m["rounds"])
+            for d, m in (("up", fc), ("up", fa), ("down", fc), ("down", fa))
+        )
+        both_ways = {
+            "bytes_per_round_up": _ratio(up_fa, up_fc),
+            "bytes_per_round_down": _ratio(down_fa, down_fc),
+            "fedclip_bytes_up_per_client_round": up_fc,
+            "fedclip_bytes_down_per_client_round": down_fc,
+            "fedclip_bytes_down_by_round": [x["bytes_down_per_client"] for x in fc["rounds"]],
+        }
     return {
+        **both_ways,
         "compute_per_round": _ratio(comp_fa, comp_fc),
         "bytes_per_round": _ratio(bytes_fa, bytes_fc),
         "end_to_end_wall": _ratio(wall_fa, wall_fc),

@@ -24,6 +24,7 @@ import torch
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, ErrorFeedback
 from fedclip_edge.errors import TransportError
+from fedclip_edge.global_codec import GlobalDelta, apply_delta
 from fedclip_edge.wire import decode_frame, decode_update, encode_frame, encode_update
 
 PROBE_ROUND = 0  # benchmark rounds start at 1: round 0 messages only prove the routes work
@@ -39,6 +40,15 @@ class UpCodec:
     base: dict[str, torch.Tensor]
     feedback: ErrorFeedback | None = None
     topk_fraction: float = DEFAULT_TOPK_FRACTION
+
+
+@dataclass
+class DownDelta:
+    """A compressed global for the downlink (fedclip_edge.global_codec): the server's frame and
+    the global the client holds, which it applies the frame to (and checks the digest)."""
+
+    delta: GlobalDelta
+    base: dict[str, torch.Tensor]
 
 
 def encode_any(state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
@@ -62,10 +72,14 @@ def decode_any(frame: bytes, state: dict[str, torch.Tensor],
 
 def exchange_inproc(
     state: dict[str, torch.Tensor], *, job: str, rnd: int, client: str, dtype: str,
-    up: UpCodec | None = None,
+    up: UpCodec | None = None, gdown: DownDelta | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, float]:
-    """Encode and decode one frame: (tensors as received, bytes on the wire, seconds)."""
+    """Encode and decode one frame: (tensors as received, bytes on the wire, seconds). With
+    `gdown` the server's delta frame (encoded once, at the round's close) is applied."""
     t0 = time.perf_counter()
+    if gdown is not None:
+        out = apply_delta(gdown.delta.frame, gdown.base, gdown.delta.digest)
+        return out, len(gdown.delta.frame), time.perf_counter() - t0
     frame = encode_any(state, job=job, rnd=rnd, client=client, dtype=dtype, up=up)
     out = decode_any(frame, state, up)
     return out, len(frame), time.perf_counter() - t0
@@ -104,8 +118,12 @@ class MqttLink:
             raise
 
     def _message(self, tensors: dict[str, torch.Tensor], rnd: int, client: str | None,
-                 dtype: str, samples: int = 0, up: UpCodec | None = None) -> tuple[str, bytes]:
+                 dtype: str, samples: int = 0, up: UpCodec | None = None,
+                 gdown: DownDelta | None = None) -> tuple[str, bytes]:
         """(topic, payload): a global for the device end, or client's update for the server."""
+        if gdown is not None:
+            return P.global_topic(self.job), P.GlobalModel(
+                self.job, rnd, gdown.delta.frame, delta=gdown.delta.fields()).encode()
         if client is None:
             frame = encode_frame(tensors, job=self.job, round=rnd, client=P.AGGREGATOR_ID,
                                  dtype=dtype)
@@ -166,18 +184,22 @@ class MqttLink:
         down: bool,
         samples: int = 0,
         up: UpCodec | None = None,
+        gdown: DownDelta | None = None,
     ) -> tuple[dict[str, torch.Tensor], int, float, int]:
         """Encode, publish (chunked), receive, reassemble, decode: (tensors, payload bytes on
         the wire incl. chunk envelopes, seconds, MQTT messages)."""
         sender, receiver = (self.server, self.device) if down else (self.device, self.server)
         t0 = time.perf_counter()
         topic, payload = self._message(state, rnd, None if down else client, dtype, samples,
-                                       None if down else up)
+                                       None if down else up, gdown if down else None)
         before = sender.counters.snapshot()
         delivery = sender.publish(topic, payload)
         what = f"{'global' if down else 'update'} of {len(payload)} B for {client}"
         msg, decoded = self._receive(receiver, topic, rnd, what)
-        out = decode_any(decoded.frame, state, None if down else up)
+        if down and gdown is not None:
+            out = apply_delta(decoded.frame, gdown.base, decoded.delta["digest"])
+        else:
+            out = decode_any(decoded.frame, state, None if down else up)
         seconds = time.perf_counter() - t0
         if not delivery.wait(max(1.0, self.timeout_s)):
             raise TransportError(f"publish on {topic} not acknowledged")
@@ -221,14 +243,18 @@ def xfer(
     down: bool,
     samples: int = 0,
     up: UpCodec | None = None,
+    gdown: DownDelta | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, float, int]:
     """One exchange: (tensors as received, bytes, seconds, messages), in-process or via MQTT.
-    `up`: the uplink's codec (ignored for a global going down, which stays dense)."""
+    `up`: the uplink's codec (ignored for a global going down); `gdown`: a compressed global
+    (ignored for an update going up)."""
     up = None if down else up
+    gdown = gdown if down else None
     if link is None:
         tensors, nbytes, secs = exchange_inproc(
-            state, job="bench", rnd=rnd, client="server" if down else client, dtype=dtype, up=up
+            state, job="bench", rnd=rnd, client="server" if down else client, dtype=dtype, up=up,
+            gdown=gdown,
         )
         return tensors, nbytes, secs, 1
     return link.exchange(state, rnd=rnd, client=client, dtype=dtype, down=down, samples=samples,
-                         up=up)
+                         up=up, gdown=gdown)

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedclip_edge.benchmarks.mqtt_link import MqttLink, UpCodec, xfer
+from fedclip_edge.benchmarks.mqtt_link import DownDelta, MqttLink, UpCodec, xfer
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, DELTA_CODECS, ErrorFeedback
+from fedclip_edge.global_codec import (
+    DIGEST_HEX_BYTES,
+    GlobalCodecPlugin,
+    GlobalEncoder,
+    state_digest,
+)
 from fedclip_edge.rounds import InProcessFleet, OpenRound, RoundEngine, Update
 from fedclip_edge.strategy import FedAvg
 
@@ -51,6 +58,9 @@ def federate(
     link: MqttLink | None = None,
     update_codec: str | None = None,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
+    global_codec: str | None = None,
+    global_topk_fraction: float | None = None,
+    derive: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Both methods' rounds, driven through the round engine (`fedclip_edge.rounds`, as
     simulate and the aggregator): ship the global model down, train locally, ship the update up
@@ -58,8 +68,19 @@ def federate(
     save.
 
     `update_codec`: the uplink's codec (as `agent --update-codec`); each client keeps its
-    error-feedback residual across rounds, as a device does."""
-    engine = RoundEngine(FedAvg("uniform"))  # evaluation is timed apart, below
+    error-feedback residual across rounds, as a device does. `global_codec`: the downlink's
+    (fedclip_edge.global_codec): from round 2 each client gets the server's delta frame and
+    rebuilds the global from the one it holds (digest checked). Round 1's is `derive()`d on the
+    client (from the job's seed) when given and its digest matches the server's: the digest
+    (64 B) is all that round's downlink counts; else it goes down dense."""
+    downlink = GlobalCodecPlugin(
+        GlobalEncoder(global_codec or "fp32", job="bench",
+                      topk_fraction=global_topk_fraction or topk_fraction)
+    )
+    compressed = downlink.encoder.active
+    # evaluation is timed apart, below
+    engine = RoundEngine(FedAvg("uniform"), plugins=[downlink] if compressed else [])
+    held: dict[str, dict[str, torch.Tensor]] = {}  # each client's global (compressed only)
     cum_wall, cum_bytes = start_wall, 0
     feedback = {c.name: ErrorFeedback() for c in parts}
     base: dict[str, torch.Tensor] = {}  # the round's global on the CPU: the codecs' base
@@ -74,9 +95,20 @@ def federate(
 
     def work(rnd: OpenRound, ci: int, client: str) -> Update:
         c = parts[ci]
-        down, b_down, s_down, m_down = xfer(
-            link, rnd.global_state, rnd=rnd.number, client=c.name, dtype=dtype, down=True
-        )
+        gdown = None
+        if compressed and rnd.number > 1:
+            assert downlink.last is not None and downlink.last.round == rnd.number
+            gdown = DownDelta(downlink.last, held[c.name])
+        derived = _derived(derive, rnd) if compressed and rnd.number == 1 else None
+        if derived is not None:
+            down, b_down, s_down, m_down = derived
+        else:
+            down, b_down, s_down, m_down = xfer(
+                link, rnd.global_state, rnd=rnd.number, client=c.name, dtype=dtype, down=True,
+                gdown=gdown,
+            )
+        if compressed:
+            held[c.name] = {k: v.detach().to("cpu", torch.float32) for k, v in down.items()}
         local = make_local()
         local.load_state_dict(down, strict=False)
         t = time.perf_counter()
@@ -122,6 +154,20 @@ def federate(
         )
         log(round_line(name, rnd, rounds, per_client, wall, accs, gen))
         save()
+
+
+def _derived(
+    derive: Callable[[], dict[str, torch.Tensor]] | None, rnd: OpenRound
+) -> tuple[dict[str, torch.Tensor], int, float, int] | None:
+    """Round 1's global made on the client, if it is bit for bit the server's (its digest, the
+    64 hex characters a device checks, is the round's only downlink byte count); else None."""
+    if derive is None:
+        return None
+    t = time.perf_counter()
+    state = derive()
+    if state_digest(state) != state_digest(rnd.global_state):
+        return None
+    return state, DIGEST_HEX_BYTES, time.perf_counter() - t, 0
 
 
 def round_record(rnd, per_client, wall, eval_s, accs, gen, cum_wall, cum_bytes) -> dict:

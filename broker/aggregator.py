@@ -33,6 +33,7 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.authn import signature_holds
+from fedclip_edge.broker.global_down import GlobalDownlink
 from fedclip_edge.broker.hierarchy import SiteRegistry
 from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old home)
     MAX_DIM,
@@ -46,6 +47,7 @@ from fedclip_edge.broker.runbind import is_run_id, new_run_id
 from fedclip_edge.broker.secagg_round import DEFAULT_CLIP, SecAggCollect, check_config
 from fedclip_edge.broker.store import RunStore, state_sha  # noqa: F401  (re-exported)
 from fedclip_edge.broker.transport import Received, Transport
+from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.features import load_feature_cache
 from fedclip_edge.privacy.central import PrivacyBudgetSpent
@@ -96,6 +98,11 @@ class AggregatorConfig:
     # the aggregator learns only each round's sum (broker/secagg_round.py, docs/privacy.md)
     secure_aggregation: bool = False
     secagg_clip: float = DEFAULT_CLIP
+    # the global down (broker/global_down.py): fp32 dense; a codec sends the change since the
+    # last round, with a dense keyframe every `keyframe_every` rounds (0: round 1 only)
+    global_codec: str = "fp32"
+    keyframe_every: int = 0
+    global_topk_fraction: float = DEFAULT_TOPK_FRACTION
 
     def make_strategy(self) -> Strategy:
         return make_strategy(self.strategy, weighting=self.weighting, **self.strategy_options)
@@ -117,6 +124,9 @@ class AggregatorConfig:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
         if self.on_short not in POLICIES:
             raise ConfigError(f"on-short must be one of {', '.join(POLICIES)}")
+        if self.global_codec != "fp32" and self.sites is not None:
+            raise ConfigError("--global-codec with --site-keys: a site reads dense globals "
+                              "only (not built yet); run the central with --global-codec fp32")
         if (self.eval_features is None) != (self.eval_domain is None):
             raise ConfigError("give --eval-features and --eval-domain together")
         if not self.insecure_unsigned and (self.registry is None or self.signing_key is None):
@@ -187,6 +197,11 @@ class Aggregator(MessageIntake):
         self.hooks = hooks or AggregatorHooks()
         self.store = RunStore(cfg.out)
         self.out = self.store.out
+        self.downlink = GlobalDownlink(cfg.global_codec, job=cfg.job, rounds=cfg.rounds,
+                                       keyframe_every=cfg.keyframe_every,
+                                       topk_fraction=cfg.global_topk_fraction)
+        if self.downlink.active:  # last: the global it makes is the one devices rebuild
+            plugins = (*plugins, self.downlink.plugin)
         self.engine = RoundEngine(cfg.make_strategy(), evaluate=self._evaluate, plugins=plugins)
         self.roster = Roster()
         self.counters: Counter[str] = Counter()
@@ -301,10 +316,12 @@ class Aggregator(MessageIntake):
         }
 
     # ------------------------------------------------------------------ publishing
-    def _publish_global(self, have: tuple[str, ...] | None = None) -> None:
+    def _publish_global(self, have: tuple[str, ...] | None = None, dense: bool = False) -> None:
         assert self.global_state is not None
         rnd = self._round
-        frame = encode_frame(self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
+        delta = self.downlink.delta_for(rnd, dense=dense)
+        frame = delta.frame if delta is not None else encode_frame(
+            self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
         msg = P.GlobalModel(
             self.cfg.job,
             rnd,
@@ -316,11 +333,13 @@ class Aggregator(MessageIntake):
             rounds=self.cfg.rounds,
             weighting=self.cfg.weighting,
             run=self.run_id,
+            delta=delta.fields() if delta is not None else {},
         )
         if self.cfg.signing_key is not None:
             msg = authn.sign(msg, self.cfg.signing_key)
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
+        self.downlink.count(rnd, len(self._global_payload), delta=delta is not None)
 
     def _publish_control(self, state: str) -> None:
         ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session,
@@ -441,6 +460,8 @@ class Aggregator(MessageIntake):
             heldout=heldout,
             counters=self.counters,
         )
+        if self.downlink.active:
+            summary_row.update(self.downlink.round_fields(rnd))
         self.history.append(
             {
                 k: summary_row[k]

@@ -73,7 +73,10 @@ def _frame_digest(frame: bytes) -> bytes:
 
 def _global_digest(g: P.GlobalModel) -> bytes:
     h = hashlib.sha256(_frame_digest(g.frame))
-    h.update(_canonical({"seed": g.seed, "train": g.train, "rounds": g.rounds}))
+    fields: dict[str, Any] = {"seed": g.seed, "train": g.train, "rounds": g.rounds}
+    if g.delta:  # a compressed global's codec, base round and digest are signed too
+        fields["delta"] = g.delta
+    h.update(_canonical(fields))
     return h.digest()
 
 

@@ -229,6 +229,13 @@ def aggregate(
         typer.Option(min=1e-9, max=1e9, help="Secure aggregation: each device clips its "
                      "update delta coordinate-wise to [-this, this] (the fixed-point range)."),
     ] = 1.0,
+    global_codec: opt.GlobalCodec = opt.CodecName.fp32,
+    keyframe_every: Annotated[
+        int,
+        typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
+                     "only; devices that miss a round ask for one).", min=0, max=R.ROUNDS["max"]),
+    ] = 0,
+    global_topk_fraction: opt.GlobalTopkFraction = None,
     config: opt.config_option("aggregate") = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,
     dp_clip: dpo.Clip = None,
@@ -267,6 +274,9 @@ def aggregate(
             print(note, flush=True)
     if upstream is None and rounds is None:
         raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
+    if upstream is not None and global_codec.value != "fp32":
+        raise ConfigError("--global-codec is for a central or a plain aggregator; a site sends "
+                          "its devices dense globals (not built yet)")
     if site is not None:
         try:
             P.check_id(site, "--site")
@@ -299,6 +309,9 @@ def aggregate(
         strategy_options={"bound": clip_bound, "trim": trim},
         secure_aggregation=secure_aggregation,
         secagg_clip=secagg_clip,
+        global_codec=global_codec.value,
+        keyframe_every=keyframe_every,
+        global_topk_fraction=global_topk_fraction or 0.01,
     )
     if insecure_unsigned:
         print(opt.INSECURE_WARNING, file=sys.stderr, flush=True)

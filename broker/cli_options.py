@@ -58,6 +58,33 @@ UpdateCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+GlobalCodec = Annotated[
+    CodecName,
+    typer.Option(
+        "--global-codec",
+        help="How the global goes down: fp32 dense (as before); any other codec sends the "
+        "change since the last round, with the server's error feedback (docs/codecs.md).",
+        case_sensitive=False,
+    ),
+]
+GlobalTopkFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--global-topk-fraction",
+        help="topk global codecs: fraction (0, 1] of each tensor's change sent down per round "
+        "(default: --topk-fraction's, or 0.01).",
+        **R.FRACTION,
+    ),
+]
+OptionalGlobalCodec = Annotated[
+    CodecName | None,
+    typer.Option(
+        "--global-codec",
+        help="How the global goes down: unset or fp32 dense; any other codec sends the change "
+        "since the last round, with the server's error feedback (docs/codecs.md).",
+        case_sensitive=False,
+    ),
+]
 # The agent's: unset means its --update-dtype decides (fp32, or fp16 with float16).
 OptionalUpdateCodec = Annotated[
     CodecName | None,

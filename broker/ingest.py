@@ -84,8 +84,11 @@ class MessageIntake:
     hellos_unbound: int
     binding: set[str]  # said hello for no run / another run: expected to say it for this one
     _secagg: Any  # broker.secagg_round.SecAggCollect with --secure-aggregation, else None
+    downlink: Any
 
-    def _publish_global(self, have: tuple[str, ...] | None = None) -> None: ...
+    def _publish_global(
+        self, have: tuple[str, ...] | None = None, dense: bool = False
+    ) -> None: ...
 
     @property
     def _answered(self) -> dict[str, dict[str, Any]]:
@@ -187,13 +190,15 @@ class MessageIntake:
                 session=st.session,
             )
             self.roster.put(dev)
-            # a chunked global cannot be retained: send it again to a (re)joining device
+            # a chunked global cannot be retained, a compressed one needs the round before:
+            # send it again (dense) to a (re)joining device
+            compressed = self.downlink.active
             if (
                 self._round
-                and len(self._global_payload) > self.t.max_payload
+                and (len(self._global_payload) > self.t.max_payload or compressed)
                 and st.round < self._round
             ):
-                self._publish_global()
+                self._publish_global(dense=compressed)
         self.roster.set_state(client, st.state)
         if st.state == "uploaded" and st.upload_s is not None:
             self._uploads[(client, st.round)] = st.upload_s

@@ -38,6 +38,7 @@ from fedclip_edge.broker.fields import (
     _text_field,
 )
 from fedclip_edge.broker.topics import _ID_RE
+from fedclip_edge.global_fields import check_delta_fields
 
 STATES = ("online", "offline", "training", "uploaded")
 CONTROL_STATES = ("running", "done")
@@ -99,9 +100,13 @@ class GlobalModel:
     sig: str = ""
     weighting: str = ""  # the job's FedAvg weighting, which a site applies to its devices
     run: str = ""  # the job run (made at job start, kept by --resume: broker/runbind.py)
+    # a compressed global (fedclip_edge.global_codec): {codec, base_round, digest}; {}: dense
+    delta: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         extra = {"weighting": self.weighting} if self.weighting else {}
+        if self.delta:
+            extra["delta"] = self.delta
         return encode_envelope(
             {
                 **extra,
@@ -267,6 +272,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             sig=_text_field(header, "sig", ""),
             run=_text_field(header, "run", ""),
             weighting=_text_field(header, "weighting", ""),
+            delta=_delta_field(header),
         )
     if kind == "update":
         metrics = _flat_object(header, "metrics") if "metrics" in header else {}
@@ -300,3 +306,13 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             run=_text_field(header, "run", ""),
         )
     raise MessageRejected("type", f"a bare {kind!r} envelope is not a message")
+
+
+def _delta_field(header: dict[str, Any]) -> dict[str, Any]:
+    """A compressed global's {codec, base_round, digest} ({} for a dense one), checked."""
+    if "delta" not in header:
+        return {}
+    try:
+        return check_delta_fields(header["delta"])
+    except ValueError as exc:
+        raise MessageRejected("fields", f"global 'delta': {exc}") from None

@@ -26,6 +26,7 @@ from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
 from fedclip_edge.device_agent.codec_state import CodecState
+from fedclip_edge.device_agent.global_in import GlobalIn
 from fedclip_edge.device_agent.keep import keep_final_models
 from fedclip_edge.device_agent.outbox import _Outbox
 from fedclip_edge.device_agent.round_work import RoundWork
@@ -33,7 +34,7 @@ from fedclip_edge.device_agent.run_guard import RunGuard
 from fedclip_edge.device_agent.secagg_device import secagg_for
 from fedclip_edge.errors import TransportError
 from fedclip_edge.serving.keep import KeptModels
-from fedclip_edge.wire import FrameRejected, decode_frame, expected_shapes
+from fedclip_edge.wire import expected_shapes
 
 MAX_PENDING = 64  # messages looked ahead at most (globals are retained: older ones are moot)
 
@@ -71,7 +72,11 @@ class Agent(RunGuard, RoundWork):
         self._cached: tuple[int, bytes] | None = None  # last update sent (round, payload)
         self._outbox: _Outbox | None = None
         self._last_wire = 0
-        self._last_global_key: tuple[str, int, tuple[str, ...]] | None = None
+        self._last_global_key: tuple[str, int, tuple[str, ...], bool] | None = None
+        # the global held (a compressed global's base); a dense copy is asked with a hello
+        self.globals_in = GlobalIn(
+            expected_shapes(AttentionAdapter(data.dim).state_dict()), log=log,
+            ask_dense=lambda: self._status("online", hello=True))
         self._epoch_seen = 0
         self._ready_at = clock()
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -165,7 +170,7 @@ class Agent(RunGuard, RoundWork):
         return None
 
     def _on_global(self, g: P.GlobalModel, msg: Received) -> None:
-        key = (g.session, g.round, tuple(sorted(g.have)))
+        key = (g.session, g.round, tuple(sorted(g.have)), bool(g.delta))
         repeated = key == self._last_global_key
         self._last_global_key = key
         if self._secagg is not None:
@@ -187,14 +192,11 @@ class Agent(RunGuard, RoundWork):
             return
         if repeated:
             return  # the same publication again (retained redelivery after a reconnect)
-        adapter = AttentionAdapter(self.data.dim)
-        try:
-            frame = decode_frame(g.frame, expected=expected_shapes(adapter.state_dict()))
-        except FrameRejected as exc:
-            self.log(f"warning: global adapter for round {g.round} rejected: {exc.message}")
+        tensors = self.globals_in.rebuild(g)  # dense, or a delta on the global held
+        if tensors is None:
             return
         if g.round > g.rounds:
-            self.final_state, self.final_global = frame.tensors, g
+            self.final_state, self.final_global = tensors, g
             self.log(f"final global adapter received (after round {g.rounds})")
             return
         self.current_round = g.round
@@ -205,7 +207,7 @@ class Agent(RunGuard, RoundWork):
         if why is not None:
             self.log(f"round {g.round}: skipped, {why} already arrived")
             return
-        self._train_and_send(g, frame.tensors, msg)
+        self._train_and_send(g, tensors, msg)
 
     def _waiting_for(self) -> str:
         """What this device waits for, and the likely cause when it never comes."""

@@ -26,6 +26,7 @@ from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData, round
 from fedclip_edge.device_agent.codec_state import CodecState, global_digest
 from fedclip_edge.device_agent.outbox import Outbox
 from fedclip_edge.errors import ConfigError
+from fedclip_edge.global_codec import state_digest
 from fedclip_edge.privacy.accountant import local_epsilon
 from fedclip_edge.privacy.dp import apply_delta, delta_of, privatize_delta, secure_generator
 from fedclip_edge.train import TrainingStopped, accuracy, train_local
@@ -188,7 +189,8 @@ class RoundWork(Outbox):
         payload = update.encode()
         if st is not None:
             st.residual, st.round, st.update = feedback.residual, g.round, payload
-            st.global_sha256 = global_digest(g.frame)
+            # a compressed global: the digest of the global itself, which its dense copy shares
+            st.global_sha256 = state_digest(glob) if g.delta else global_digest(g.frame)
             if self.cfg.state_file is not None:
                 st.save(self.cfg.state_file)  # before publishing: see codec_state.py
         return payload
@@ -217,7 +219,8 @@ class RoundWork(Outbox):
         st = self._load_codec_state(glob)
         if st.round < 0 or st.round < g.round:
             return False
-        if (st.round > g.round or st.global_sha256 != global_digest(g.frame)
+        if (st.round > g.round
+                or st.global_sha256 not in (global_digest(g.frame), state_digest(glob))
                 or _run_of(st.update) != g.run):
             # the job went back, or this round's global is another one (a new run of the job):
             # that residual belongs to updates this aggregator never had

@@ -25,7 +25,14 @@ from fedclip_edge.benchmarks.cli_codecs import bench_codecs
 from fedclip_edge.benchmarks.cli_infer import bench_infer
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
-from fedclip_edge.broker.cli_options import CodecName, TopkFraction, UpdateCodec, config_option
+from fedclip_edge.broker.cli_options import (
+    CodecName,
+    GlobalCodec,
+    GlobalTopkFraction,
+    TopkFraction,
+    UpdateCodec,
+    config_option,
+)
 from fedclip_edge.broker.demo import run_mqtt_demo
 from fedclip_edge.cli_keys import keys_app
 from fedclip_edge.cli_runner import (  # noqa: F401  (run_command: re-exported for one release)
@@ -215,6 +222,8 @@ def simulate_cmd(
     dp_delta: dpo.Delta = None,
     dp_target_epsilon: dpo.TargetEpsilon = None,
     dp_accountant: dpo.Accountant = None,
+    global_codec: GlobalCodec = CodecName.fp32,
+    global_topk_fraction: GlobalTopkFraction = None,
 ) -> None:
     """Run FedCLIP in one process: the paper's leave-one-domain-out protocol."""
 
@@ -249,6 +258,8 @@ def simulate_cmd(
         dp=dp,
         clients_per_domain=clients_per_domain,
         clients_per_round=clients_per_round,
+        global_codec=global_codec.value,
+        global_topk_fraction=global_topk_fraction,
     )
 
 

@@ -154,6 +154,9 @@ class SimulationConfig:
     # How each client's update travels (fedclip_edge.codecs); fp32 is lossless, today's frames.
     update_codec: str = "fp32"
     topk_fraction: float = 0.01
+    # How the global goes down (fedclip_edge.global_codec); fp32: dense, today's behaviour.
+    global_codec: str = "fp32"
+    global_topk_fraction: float | None = None  # None: topk_fraction's
 
     def __post_init__(self) -> None:
         from fedclip_edge.codecs import CODECS, check_topk_fraction
@@ -165,8 +168,14 @@ class SimulationConfig:
             raise ConfigError(
                 f"unknown update codec {self.update_codec!r}; choose one of {', '.join(CODECS)}"
             )
+        if self.global_codec not in CODECS:
+            raise ConfigError(
+                f"unknown global codec {self.global_codec!r}; choose one of {', '.join(CODECS)}"
+            )
         try:
             check_topk_fraction(self.topk_fraction)
+            if self.global_topk_fraction is not None:
+                check_topk_fraction(self.global_topk_fraction)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:

@@ -77,6 +77,8 @@ def run_simulation(
     dp: Any = None,
     clients_per_domain: int = 1,
     clients_per_round: int | None = None,
+    global_codec: str = "fp32",
+    global_topk_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Features (cached) -> federated simulation -> OUT/summary.json. `dp`: central DP's
     config (privacy.central.CentralDPConfig), None when off."""
@@ -95,6 +97,8 @@ def run_simulation(
         topk_fraction=topk_fraction,
         dp=dp,
         clients_per_round=clients_per_round,
+        global_codec=global_codec,
+        global_topk_fraction=global_topk_fraction,
     )
     out = Path(out)
     if features_dir is None:

@@ -21,6 +21,13 @@ from fedclip_edge.data.devices import poisson_sample
 from fedclip_edge.data.split import split_indices
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.features import FeatureSet
+from fedclip_edge.global_codec import (
+    DIGEST_HEX_BYTES,
+    GlobalCodecPlugin,
+    GlobalEncoder,
+    derive_initial,
+    state_digest,
+)
 from fedclip_edge.io import atomic_write_json
 from fedclip_edge.privacy.central import CentralDP, CentralDPConfig, PrivacyBudgetSpent
 from fedclip_edge.rounds import (
@@ -174,8 +181,18 @@ def run_seed(
     dp = None if cfg.dp is None else CentralDP(
         _sampled_dp(cfg.dp, per_round, len(clients)), planned_rounds=cfg.rounds,
         generator=_generator(seed, 7_919), fleet_size=lambda: per_round or len(clients))
-    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best,
-                         plugins=() if dp is None else (dp,))
+    # A compressed global: every global (evaluated, selected, trained from) is the one a device
+    # rebuilds from the frames; round 1's is the dense initial one.
+    downlink = GlobalCodecPlugin(
+        GlobalEncoder(cfg.global_codec, job="simulate", topk_fraction=cfg.global_topk_fraction
+                      if cfg.global_topk_fraction is not None else cfg.topk_fraction)
+    )
+    # the global codec's plugin last: it encodes the global the other plugins left
+    plugins = ([] if dp is None else [dp]) + ([downlink] if downlink.encoder.active else [])
+    # round 1's global: derived on the device from the seed (its digest: 64 B) when it matches
+    derived = state_digest(derive_initial(seed, fs.dim)) == state_digest(init_state)
+    down_frames: list[int] = [DIGEST_HEX_BYTES if derived else down_bytes]
+    engine = RoundEngine(cfg.make_strategy(), evaluate=evaluate, select=best, plugins=plugins)
     fleet = InProcessFleet(clients, work)
     index = {c: i for i, c in enumerate(clients)}
     sampler = _generator(seed, 104_729)
@@ -192,6 +209,9 @@ def run_seed(
             log(f"seed {seed}: {exc}")
             break
         assert done is not None  # every client answers in process
+        if plugins and rnd < cfg.rounds:  # the next round's global, as a delta frame
+            assert downlink.last is not None
+            down_frames.append(len(downlink.last.frame))
         ev = done.evaluation
         losses = records(done.answered, "loss")
         entry = {
@@ -247,6 +267,10 @@ def run_seed(
         ),
         "down_bytes_per_client_per_round": down_bytes,
         "local_steps": steps,
+        **({"global_codec": cfg.global_codec, "down_bytes_by_round": down_frames,
+            "initial_global": "derived" if derived else "dense",
+            "down_bytes_per_client_per_round": _mean([float(b) for b in down_frames])}
+           if plugins else {}),
         "adapter_change": moved,
         "history": history,
     }
@@ -322,7 +346,12 @@ def simulate(
         "topk_fraction": cfg.topk_fraction,
         **({} if cfg.clients_per_round is None else {"clients_per_round": cfg.clients_per_round}),
         "up_bytes_per_client_per_round": _mean([r["up_bytes_per_client_per_round"] for r in runs]),
-        "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"],
+        "down_bytes_per_client_per_round": runs[0]["down_bytes_per_client_per_round"]
+        if cfg.global_codec == "fp32"
+        else _mean([r["down_bytes_per_client_per_round"] for r in runs]),
+        **({"global_codec": cfg.global_codec,
+            "global_topk_fraction": cfg.global_topk_fraction or cfg.topk_fraction}
+           if cfg.global_codec != "fp32" else {}),
         "trainable_params": sum(p.numel() for p in AttentionAdapter(fs.dim).parameters()),
         "zero_shot": {
             d: accuracy(None, v.features, v.labels, fs.text_features) for d, v in fs.domains.items()
@@ -363,7 +392,10 @@ def simulate(
     log(
         f"update codec {cfg.update_codec}: {up:,.0f} bytes per client per round up "
         f"({fp32 / up:.1f}x fewer than fp32's {fp32:,}); "
-        f"{summary['down_bytes_per_client_per_round']:,} down (the dense fp32 global)"
+        + (f"{summary['down_bytes_per_client_per_round']:,} down (the dense fp32 global)"
+           if cfg.global_codec == "fp32" else
+           f"{summary['down_bytes_per_client_per_round']:,.0f} down (global codec "
+           f"{cfg.global_codec}; round 1's global {runs[0]['initial_global']} on the device)")
     )
     if out is not None:
         write_json(Path(out) / "summary.json", summary)
