@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import secagg_wire as W
 from fedclip_edge.broker.ingest import MAX_SAMPLES, device_metrics
+from fedclip_edge.broker.runbind import check_run
 from fedclip_edge.broker.transport import Received
 from fedclip_edge.errors import ConfigError
 from fedclip_edge.privacy.secagg import expand_mask, reconstruct_secret
@@ -89,6 +90,7 @@ class SecAggCollect:
             raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
         if agg.cfg.signed:
             W.verify(m, agg.cfg.keys_of(client))
+        check_run(f"secure-aggregation {m.step}", m.run, agg.run_id, agg.cfg.signed)
         if m.round != self.round or not self.phase:
             raise P.MessageRejected("stale" if m.round <= agg.completed else "secagg",
                                     f"{m.step} for round {m.round}, now {self.round}")
@@ -153,7 +155,7 @@ class SecAggCollect:
     def _send(self, step: str, data: dict[str, Any], body: bytes = b"") -> None:
         agg = self.agg
         m = W.SecAggMessage(step, agg.cfg.job, self.round, P.AGGREGATOR_ID, self.attempt,
-                            data, body, session=agg.session)
+                            data, body, session=agg.session, run=agg.run_id)
         self._last = W.sign(m, agg.cfg.signing_key).encode()
         agg.t.publish(P.control_topic(agg.cfg.job), self._last)
 

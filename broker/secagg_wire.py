@@ -82,12 +82,15 @@ class SecAggMessage:
     body: bytes = b""
     session: str = ""
     sig: str = ""
+    run: str = ""  # the job run (broker/runbind.py): the run of the round's global
 
     def encode(self) -> bytes:
         header = {"type": SECAGG, "step": self.step, "job": self.job, "round": self.round,
                   "client": self.client, "attempt": self.attempt, "data": self.data}
         if self.session:
             header["session"] = self.session
+        if self.run:
+            header["run"] = self.run
         if self.sig:
             header["sig"] = self.sig
         return encode_envelope(header, self.body)
@@ -112,14 +115,16 @@ def decode(payload: bytes, max_bytes: int = 1 << 30) -> SecAggMessage:
     step, job, client = header.get("step"), header.get("job"), header.get("client")
     rnd, attempt, data = header.get("round"), header.get("attempt", ""), header.get("data", {})
     session, sig = header.get("session", ""), header.get("sig", "")
+    run = header.get("run", "")
     if (step not in STEPS or not isinstance(job, str) or not _ID_RE.match(job)
             or not isinstance(client, str) or not _ID_RE.match(client)
             or not _is_int(rnd) or not 0 <= rnd <= MAX_ROUND
             or not isinstance(attempt, str) or len(attempt) > 64
             or not isinstance(data, dict) or not isinstance(session, str) or len(session) > 128
-            or not isinstance(sig, str) or len(sig) > 256):
+            or not isinstance(sig, str) or len(sig) > 256
+            or not isinstance(run, str) or len(run) > 64):
         raise MessageRejected("secagg", f"malformed secure-aggregation message ({step!r})")
-    return SecAggMessage(step, job, rnd, client, attempt, data, bytes(body), session, sig)
+    return SecAggMessage(step, job, rnd, client, attempt, data, bytes(body), session, sig, run)
 
 
 def _digest(m: SecAggMessage) -> bytes:
@@ -134,7 +139,7 @@ def sign(m: SecAggMessage, key: Ed25519PrivateKey | None) -> SecAggMessage:
     if key is None:
         return m
     sig = sign_message(key, type=SECAGG, job=m.job, round=m.round, client=m.client,
-                       session=m.session, frame_sha256=_digest(m))
+                       session=m.session, frame_sha256=_digest(m), run=m.run)
     return replace(m, sig=encode_signature(sig))
 
 
@@ -148,7 +153,7 @@ def verify(m: SecAggMessage, registry: KeyRegistry | None, *, key_id: str | None
     try:
         verify_message(registry, decode_signature(m.sig), key_id=key_id, type=SECAGG, job=m.job,
                        round=m.round, client=m.client, session=m.session,
-                       frame_sha256=_digest(m))
+                       frame_sha256=_digest(m), run=m.run)
     except SignatureRejected as exc:
         raise MessageRejected(exc.reason, str(exc)) from None
 

@@ -118,7 +118,8 @@ class RoundWork(Outbox):
         if self.cfg.dp_clip is not None:
             local, dp_note = self._local_dp(g.round, state, local, metrics)
         if self._secagg is not None:  # the update stays here; a masked sum of it leaves
-            self._secagg.trained(g.round, state, local, samples, g.weighting, metrics)
+            self._secagg.trained(g.round, state, local, samples, g.weighting, metrics,
+                                 run=g.run)
             self.last_trained = g.round
             self.rounds_trained += 1
             self.log(f"round {g.round} | samples {samples} | loss {res.loss:.4f} | compute "

@@ -68,6 +68,7 @@ class SecAggDevice:
         self.publish = publish
         self.log = log
         self.round = -1
+        self.run = ""  # the run of the round's global: every message of the round names it
         self.delta: np.ndarray | None = None  # w x (local - global), flat, unclipped
         self.weight = 1
         self.samples = 0
@@ -79,9 +80,10 @@ class SecAggDevice:
 
     # ---------------------------------------------------------------- from the agent
     def trained(self, rnd: int, glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor],
-                samples: int, weighting: str, metrics: dict[str, Any]) -> None:
+                samples: int, weighting: str, metrics: dict[str, Any], run: str = "") -> None:
         """Round `rnd`'s update is ready: keep it, advertise keys."""
         self.round, self.samples, self.metrics = rnd, samples, dict(metrics)
+        self.run = run
         self.weight = samples if weighting == "samples" else 1
         self.delta = W.flatten(local) - W.flatten(glob)
         self.advertised, self.current = [], None
@@ -107,7 +109,7 @@ class SecAggDevice:
 
     def _send(self, step: str, attempt: str, data: dict[str, Any], body: bytes = b"") -> None:
         m = W.SecAggMessage(step, self.job, self.round, self.client, attempt, data, body,
-                            session=self.session)
+                            session=self.session, run=self.run)
         self._last = W.sign(m, self.key).encode()
         self.publish(self._last)
 
@@ -125,6 +127,9 @@ class SecAggDevice:
         if m.job != self.job or m.client != P.AGGREGATOR_ID or m.round != self.round \
                 or self.delta is None:
             return  # another round's, or nothing held: not for this device now
+        if m.run != self.run:  # a replay from another run of the job (signed with it)
+            raise P.MessageRejected("run", f"secure-aggregation {m.step} of run {m.run!r}, "
+                                    f"this round's run is {self.run!r}")
         if m.step == "roster":
             self._on_roster(m)
         elif self.current is None or m.attempt != self.current.attempt:

@@ -123,3 +123,37 @@ def test_aggregator_messages_must_be_signed_by_the_aggregator() -> None:
     with pytest.raises(P.MessageRejected):
         dev.on_message(W.decode(forged.encode()))
     assert len(out) == 1  # its keys only
+
+
+RUN_1, RUN_2 = "00000000aa-0123456789abcdef", "00000000bb-0123456789abcdef"
+
+
+def test_a_signature_binds_the_run() -> None:
+    """A secure-aggregation message of one run of a job verifies for no other run."""
+    reg = keys.registry(["dev-a"])
+    m = W.sign(W.SecAggMessage("keys", "j", 1, "dev-a", "", {"w": 1}, run=RUN_1),
+               keys.key("dev-a"))
+    W.verify(W.decode(m.encode()), reg)
+    assert W.decode(m.encode()).run == RUN_1
+    with pytest.raises(P.MessageRejected) as e:
+        W.verify(W.decode(replace(m, run=RUN_2).encode()), reg)
+    assert e.value.reason == "bad_signature"
+
+
+def test_a_device_refuses_another_runs_roster() -> None:
+    """The device signs its round's messages for the run of the global it trained on, and a
+    roster replayed from another run of the job is refused (`run`), answered with nothing."""
+    out: list[bytes] = []
+    dev = SecAggDevice("j", "a", key=None, session="", registry=None, publish=out.append,
+                       log=lambda line: None)
+    dev.trained(1, {"w": torch.zeros(2)}, {"w": torch.ones(2)}, 5, "uniform", {}, run=RUN_2)
+    assert W.decode(out[0]).run == RUN_2
+    keys_ = W.decode(out[0]).data
+    devices = {c: {k: keys_[k] for k in ("c", "s", "w")} for c in ("a", "b", "c")}
+    roster = W.SecAggMessage("roster", "j", 1, P.AGGREGATOR_ID, "x1",
+                             {"devices": devices, "t": 2, "clip": 1.0, "max_weight": 1},
+                             run=RUN_1)
+    with pytest.raises(P.MessageRejected) as e:
+        dev.on_message(W.decode(roster.encode()))
+    assert e.value.reason == "run"
+    assert len(out) == 1  # its keys only

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,10 @@ def record_deltas(agents: list[Any]) -> dict[str, np.ndarray]:
     for agent in agents:
         inner = agent._secagg.trained
 
-        def trained(rnd, glob, local, *rest, c=agent.cfg.client_id, inner=inner):  # type: ignore[no-untyped-def]
+        def trained(rnd, glob, local, *rest, c=agent.cfg.client_id, inner=inner, **kw):  # type: ignore[no-untyped-def]
             if rnd == 1:
                 got[c] = W.flatten(local) - W.flatten(glob)
-            return inner(rnd, glob, local, *rest)
+            return inner(rnd, glob, local, *rest, **kw)
 
         agent._secagg.trained = trained
     return got
@@ -219,3 +220,26 @@ def test_a_failed_attempt_is_retried_with_fresh_keys(tmp_path: Path) -> None:
     close(final, expected(deltas, CLIENTS), 1e-6)
     assert all(len(set(k)) == len(k) == 2 for k in keys_sent.values()), keys_sent
     assert agg.history[0]["clients"] == CLIENTS
+
+
+def test_a_device_message_of_another_run_is_refused(tmp_path: Path) -> None:
+    """A device's secure-aggregation keys signed for another run of the job (a replay) are a
+    counted `run` rejection; the round still ends with the three devices of this run."""
+    agg, agents, threads = secure_federation(tmp_path)
+    deltas = record_deltas(agents)
+    replayed: list[str] = []
+    agent = agents[0]
+    inner = agent._secagg.publish
+
+    def publish(payload: bytes) -> Any:
+        m = W.decode(payload)
+        if m.step == "keys" and not replayed:  # first, the same keys "from" an earlier run
+            other = W.sign(replace(m, run="0000000001-0123456789abcdef", sig=""), agent.cfg.key)
+            replayed.append(other.run)
+            inner(other.encode())
+        return inner(payload)
+
+    agent._secagg.publish = publish
+    final = run(agg, threads)
+    close(final, expected(deltas, CLIENTS), 1e-6)
+    assert replayed and agg.counters["rejected_run"] >= 1, dict(agg.counters)
