@@ -10,7 +10,8 @@ engine (`tests/support/goldens.py` says how). Tolerances:
   from agent threads, so they reach the strategy in arrival order; FedAvg sums in float64 and
   the median sorts, so the order rarely shows, but a float64 sum in another order may round
   differently in its last bit.
-With another torch or numpy than the fixtures were captured with, CPU kernels may round
+With another torch or numpy than the fixtures were captured with, or another torch thread count
+(a float sum split over another number of threads rounds differently), CPU kernels may round
 differently: every comparison then uses relative 1e-5 (said in the failure message).
 """
 
@@ -29,7 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _rel(name: str, exact: float) -> float:
     meta = goldens.load(name).get("_meta", {})
-    same = meta.get("torch") == torch.__version__ and meta.get("numpy") == numpy.__version__
+    same = (meta.get("torch") == torch.__version__ and meta.get("numpy") == numpy.__version__
+            and meta.get("torch_threads") == torch.get_num_threads())
     return exact if same else 1e-5
 
 

@@ -286,7 +286,8 @@ def _meta() -> dict[str, str]:
     import numpy
     import torch
 
-    return {"torch": torch.__version__, "numpy": numpy.__version__}
+    return {"torch": torch.__version__, "numpy": numpy.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def load(name: str) -> dict[str, Any]:
