@@ -209,7 +209,7 @@ def run_seed(
             log(f"seed {seed}: {exc}")
             break
         assert done is not None  # every client answers in process
-        if plugins and rnd < cfg.rounds:  # the next round's global, as a delta frame
+        if downlink.encoder.active and rnd < cfg.rounds:  # the next global, as a delta frame
             assert downlink.last is not None
             down_frames.append(len(downlink.last.frame))
         ev = done.evaluation

@@ -293,3 +293,20 @@ def test_command_lines_refuse_dp_where_it_does_not_apply(tmp_path: Path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_simulate_with_central_dp_and_a_compressed_global(tmp_path: Path) -> None:
+    """Both plugins in one engine: DP noises the global, then the global codec sends its change
+    (the codec's plugin last); epsilon is reported as without it, the downlink counted as deltas."""
+    fs = tiny_features()
+    base = dict(test_domain="held", rounds=3, seeds=(0,), train=train_config("learning"),
+                strategy="fedavg", dp=dp_config(1.5, clip=0.1, population=30))
+    plain = simulate(fs, SimulationConfig(**base), None, log=lambda s: None)
+    both = simulate(fs, SimulationConfig(**base, global_codec="int8"), tmp_path,
+                    log=lambda s: None)
+    block = json.loads((tmp_path / "summary.json").read_text())["privacy"]
+    assert block["epsilon"] == pytest.approx(A.epsilon(1.5, 3 / 30, 3, 1 / 30))
+    assert both["global_codec"] == "int8"
+    # a delta frame's header outweighs this toy adapter (dim 4): the downlink is counted apart
+    assert both["down_bytes_per_client_per_round"] != plain["down_bytes_per_client_per_round"]
+    assert [h["epsilon"] for h in both["history"]] == [h["epsilon"] for h in plain["history"]]
