@@ -43,6 +43,10 @@ def test_bad_config_is_one_clear_error() -> None:
         SoakConfig(out=Path("x"), kinds=("kill_agent", "meteor"))
     with pytest.raises(ConfigError, match="at least 2 agents"):
         SoakConfig(out=Path("x"), agents=1)
+    with pytest.raises(ConfigError, match="unknown --global-codec"):
+        SoakConfig(out=Path("x"), global_codec="zip")
+    with pytest.raises(ConfigError, match="unknown --update-codec"):
+        SoakConfig(out=Path("x"), update_codec="int4")
 
 
 @pytest.mark.slow
