@@ -316,6 +316,14 @@ def bench_soak(
     timeout: Annotated[
         float, typer.Option(help="Seconds allowed for the whole run.", **R.SECONDS)
     ] = 3600.0,
+    global_codec: opt.GlobalCodec = opt.CodecName.fp32,
+    keyframe_every: Annotated[
+        int,
+        typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
+                     "only).", min=0, max=R.ROUNDS["max"]),
+    ] = 0,
+    global_topk_fraction: opt.GlobalTopkFraction = None,
+    update_codec: opt.UpdateCodec = opt.CodecName.fp32,
 ) -> None:
     """A federation under a seeded chaos schedule (kills, broker and aggregator restarts,
     garbage, replays) over mosquitto, then a reconciliation of every update sent."""
@@ -330,7 +338,9 @@ def bench_soak(
     signal.signal(signal.SIGTERM, on_sigterm)
     cfg = SoakConfig(out=out, agents=agents, rounds=rounds, seed=seed, per_class=per_class,
                      min_clients=min_clients, kinds=tuple(kinds or FAULT_KINDS),
-                     timeout_s=timeout)
+                     timeout_s=timeout, global_codec=global_codec.value,
+                     keyframe_every=keyframe_every, global_topk_fraction=global_topk_fraction,
+                     update_codec=update_codec.value)
     err = Console(stderr=True)
     start = time.monotonic()
     report = run_soak(

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip_edge.benchmarks.soak_crossrun import cross_run_payloads
+from fedclip_edge.benchmarks.soak_globals import check_codec_config, codec_args, snapshot_state
 from fedclip_edge.benchmarks.soak_reconcile import (
     FAULT_KINDS,
     _update_round,
@@ -77,8 +78,13 @@ class SoakConfig:
     broker_down_s: float = 1.0
     kinds: tuple[str, ...] = FAULT_KINDS
     timeout_s: float = 3600.0  # the whole run
+    global_codec: str = "fp32"  # the aggregator's --global-codec (soak_globals.py checks it)
+    keyframe_every: int = 0
+    global_topk_fraction: float | None = None
+    update_codec: str = "fp32"  # the agents' --update-codec
 
     def __post_init__(self) -> None:
+        check_codec_config(self)
         if self.agents < 2 or self.rounds < 2:
             raise ConfigError("a soak needs at least 2 agents and 2 rounds")
         unknown = sorted(set(self.kinds) - set(FAULT_KINDS))
@@ -321,7 +327,8 @@ class Soak:
                 "--cache", str(self.out / "cache" / d), "--idle-timeout", "300",
                 "--connect-timeout", "60", "--key", str(self.out / "keys" / f"{client}.key"),
                 "--aggregator-key", str(self.out / "keys" / "aggregator.pub"),
-                "--artifact-key", str(self.out / "keys" / "exporter.pub")]
+                "--artifact-key", str(self.out / "keys" / "exporter.pub"),
+                *codec_args(self.cfg)[1]]
 
     def _agg_cmd(self, resume: bool) -> list[str]:
         return [PY, "-m", "fedclip_edge.cli", "aggregate", "--broker", self.url, "--job",
@@ -332,7 +339,7 @@ class Soak:
                 "--max-retries", "5", "--device-keys", str(self.out / "keys" / "devices"),
                 "--signing-key", str(self.out / "keys" / "aggregator.key"),
                 # plain FedAvg: the reconciliation recomputes each global as the exact mean
-                "--strategy", "fedavg",
+                "--strategy", "fedavg", *codec_args(self.cfg)[0],
                 *(("--resume",) if resume else ())]
 
     @property
@@ -375,6 +382,7 @@ class Soak:
         elif f.kind == "kill_aggregator":
             self.procs.kill("aggregator")
             self.procs.note_committed("aggregator", self._completed())
+            snapshot_state(self.agg_out, self.procs.logs["aggregator"][-1])
             self.procs.start("aggregator", self._agg_cmd(resume=True))
             f.outcome = "injected"
         elif f.kind == "restart_broker":

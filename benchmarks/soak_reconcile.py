@@ -21,8 +21,15 @@ from typing import Any
 
 import torch
 
+from fedclip_edge.benchmarks.soak_globals import (
+    check_codec_rounds,
+    check_devices,
+    downlink_figures,
+    saved_states,
+    server_globals,
+)
 from fedclip_edge.broker import protocol as P
-from fedclip_edge.wire import FrameRejected, decode_frame
+from fedclip_edge.wire import FrameRejected, decode_frame, decode_update
 
 # the fault kinds, in the order the report lists them
 FAULT_KINDS = (
@@ -111,11 +118,16 @@ def _aggregator_log(paths: list[Path], killed: set[Path],
     return {"rejected": rejected, "uncounted": uncounted}
 
 
-def _tensors(payload: bytes) -> dict[str, torch.Tensor] | None:
+def _tensors(payload: bytes, base: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor] | None:
+    """The full adapter an update stands for; a delta codec's frame needs `base` (the global of
+    its round, as the aggregator decodes it)."""
     try:
         up = P.decode_message(payload)
         if not isinstance(up, P.Update):
             return None
+        if base is not None:
+            return decode_update(up.frame, base).tensors
         return decode_frame(up.frame).tensors
     except (P.MessageRejected, FrameRejected):
         return None
@@ -127,14 +139,17 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def _check_rounds(agg_out: Path, accepted: dict[int, list[str]],
                   recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]],
-                  completed: int) -> dict[str, Any]:
+                  completed: int, codec_check: Any = None) -> dict[str, Any]:
     """Each committed global against the float64 uniform mean of the recorded updates of the
-    clients metrics.jsonl lists for its round."""
+    clients metrics.jsonl lists for its round. With a global codec (`codec_check`, see
+    soak_globals.check_codec_rounds) the means, as float32 aggregates, are replayed through
+    the server's encoder instead."""
     from safetensors.torch import load_file
 
     bad: list[str] = []
     ambiguous = 0
     checked = 0
+    means: dict[int, list[dict[str, torch.Tensor]]] = {}
     for rnd in range(1, completed + 1):
         gfile = agg_out / "rounds" / f"global_r{rnd:04d}.safetensors"
         clients = accepted.get(rnd, [])
@@ -155,6 +170,11 @@ def _check_rounds(agg_out: Path, accepted: dict[int, list[str]],
             continue
         ambiguous += sum(len(o) > 1 for o in options)
         glob = load_file(str(gfile))
+        if codec_check is not None:
+            means[rnd] = [
+                {k: (sum(u[k].to(torch.float64) for u in combo) / len(combo)).to(torch.float32)
+                 for k in glob} for combo in itertools.islice(itertools.product(*options), 256)]
+            continue
         ok = False
         for combo in itertools.islice(itertools.product(*options), 256):
             mean = {k: sum(u[k].to(torch.float64) for u in combo) / len(combo) for k in glob}
@@ -165,6 +185,11 @@ def _check_rounds(agg_out: Path, accepted: dict[int, list[str]],
         checked += 1
         if not ok:
             bad.append(f"round {rnd}: the global is not the mean of its accepted updates")
+    replay = None
+    if codec_check is not None:
+        replay = codec_check(means)
+        bad += replay["mismatched"]
+        checked = replay["replayed"]
     final_ok = False
     if completed:
         from safetensors.torch import load_file as lf
@@ -173,7 +198,7 @@ def _check_rounds(agg_out: Path, accepted: dict[int, list[str]],
         b = lf(str(agg_out / "rounds" / f"global_r{completed:04d}.safetensors"))
         final_ok = _same(a, b)
     return {"checked": checked, "mismatched": bad, "ambiguous_updates": ambiguous,
-            "final_equals_last_round": final_ok}
+            "final_equals_last_round": final_ok, "codec_replay": replay}
 
 
 def _ancestors() -> set[int]:
@@ -274,16 +299,28 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
                 lost.append(f"{c} round {rnd}: sent, neither accepted nor rejected")
     forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
 
+    # the server's committed globals: the bases delta-coded updates decode against, and what
+    # every device must have rebuilt (soak_globals.py)
+    globals_ = server_globals(agg_out, cfg.seed, int(state.get("dim") or 0), completed)
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
     junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
     for _, topic, payload in recorded_msgs:
         if hashlib.sha256(payload).hexdigest() in junk:
             continue  # an injected forgery must not count as the device's update
-        t = _tensors(payload)
         r = _update_round(payload)
+        t = _tensors(payload, globals_.get(r - 1) if r else None)
         if t is not None and r is not None:
             recorded[(topic.rsplit("/", 1)[-1], r)].append(t)
-    rounds_check = _check_rounds(agg_out, accepted, recorded, completed)
+    codec_check = None
+    if cfg.global_codec != "fp32":
+        saved = saved_states(soak.procs.logs.get("aggregator", []), state)
+
+        def codec_check(means: dict[int, list[dict[str, torch.Tensor]]]) -> dict[str, Any]:
+            return check_codec_rounds(cfg, soak.job, globals_, means, completed, saved)
+
+    rounds_check = _check_rounds(agg_out, accepted, recorded, completed, codec_check)
+    devices = check_devices({c: soak.procs.logs.get(c, []) for c in soak.clients}, globals_,
+                            cfg.rounds, completed)
 
     expected_counted = logged - agg["uncounted"]
     rejected_counters = Counter({k[len("rejected_"):]: v for k, v in counters.items()
@@ -304,9 +341,18 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         "globals_match_accepted_updates": not rounds_check["mismatched"]
         and rounds_check["checked"] == completed,
         "final_global_is_last_round": rounds_check["final_equals_last_round"],
+        # (b): every global a device rebuilt is the aggregator's, bit for bit (sha256)
+        "devices_hold_the_servers_globals": devices["lines"] > 0 and not any(
+            devices[k] for k in ("mismatched", "no_server_global", "digest_failures",
+                                 "sent_without_a_logged_global")),
         "counters_match_logged_rejections": counters_ok,
         "no_process_leaked": not leaked and soak.brokers_started >= 1,
     }
+    if cfg.global_codec != "fp32":  # the codec was exercised: devices rebuilt from deltas
+        checks["globals_went_down_compressed"] = devices["rebuilt"].get("delta", 0) > 0
+        checks["residual_checked_at_every_kill_and_the_end"] = bool(
+            rounds_check["codec_replay"]) and rounds_check["codec_replay"][
+            "residuals_checked"] >= len({completed, *soak.procs.committed_at_kill.values()})
     report = {
         "ok": all(checks.values()),
         "checks": checks,
@@ -332,6 +378,8 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         "lost": lost,
         "accepted_not_sent": forged,
         "rounds_check": rounds_check,
+        "device_globals": devices,
+        "downlink": downlink_figures(rows),
         "brokers_started": soak.brokers_started,
         "aggregators_started": len(soak.procs.logs.get("aggregator", [])),
         "agent_starts": sum(len(soak.procs.logs.get(c, [])) for c in soak.clients),
@@ -365,8 +413,23 @@ def figures_line(r: dict[str, Any]) -> str:
         f"faults {faults} | updates sent {r['updates_sent']} "
         f"({r['update_messages_sent_by_devices']} messages), accepted {r['accepted']} | "
         f"rejected {rej} | rate-limited {r.get('rate_limited', 0)} | lost {len(r['lost'])} | "
-        f"globals {r['rounds_check']['checked']}/{r['rounds_committed']} match | leaked "
-        f"{len(r['leaked'])} | {r['wall_s']:.0f}s"
+        f"globals {r['rounds_check']['checked']}/{r['rounds_committed']} match | "
+        f"{_downlink_text(r)}leaked {len(r['leaked'])} | {r['wall_s']:.0f}s"
     )
+
+
+def _downlink_text(r: dict[str, Any]) -> str:
+    """The devices' globals against the server's, and (with a global codec) what went down."""
+    d = r.get("device_globals")
+    if not d:
+        return ""
+    text = (f"device globals {d['matched']}/{d['lines']} match (delta "
+            f"{d['rebuilt'].get('delta', 0)}, dense {d['rebuilt'].get('dense', 0)}; dense asked "
+            f"{sum(d['dense_asked'].values())}) | ")
+    down = r.get("downlink") or {}
+    if r["config"].get("global_codec", "fp32") != "fp32" and down:
+        text += (f"{r['config']['global_codec']} down: {down['globals_delta']} delta, "
+                 f"{down['globals_dense']} dense publications | ")
+    return text
 
 

@@ -33,6 +33,7 @@ from fedclip_edge.device_agent.round_work import RoundWork
 from fedclip_edge.device_agent.run_guard import RunGuard
 from fedclip_edge.device_agent.secagg_device import secagg_for
 from fedclip_edge.errors import TransportError
+from fedclip_edge.global_codec import state_digest
 from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import expected_shapes
 
@@ -195,6 +196,10 @@ class Agent(RunGuard, RoundWork):
         tensors = self.globals_in.rebuild(g)  # dense, or a delta on the global held
         if tensors is None:
             return
+        # the exact global held (`state_digest`, as the aggregator's): a log can be checked
+        # against the server's committed globals (`bench soak` does)
+        how = f"delta on round {g.delta['base_round']}'s" if g.delta else "dense"
+        self.log(f"round {g.round}: global {state_digest(tensors)} ({how})")
         if g.round > g.rounds:
             self.final_state, self.final_global = tensors, g
             self.log(f"final global adapter received (after round {g.rounds})")

@@ -43,6 +43,10 @@ def test_bad_config_is_one_clear_error() -> None:
         SoakConfig(out=Path("x"), kinds=("kill_agent", "meteor"))
     with pytest.raises(ConfigError, match="at least 2 agents"):
         SoakConfig(out=Path("x"), agents=1)
+    with pytest.raises(ConfigError, match="unknown --global-codec"):
+        SoakConfig(out=Path("x"), global_codec="zip")
+    with pytest.raises(ConfigError, match="unknown --update-codec"):
+        SoakConfig(out=Path("x"), update_codec="int4")
 
 
 @pytest.mark.slow
@@ -91,6 +95,70 @@ def test_short_soak_reconciles(tmp_path: Path) -> None:
     else:  # the forged update was refused: nothing was accepted that no device sent
         assert report["accepted_not_sent"] == []
     assert figures_line(report) == report["line"] and "lost 0" in report["line"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.mosquitto
+def test_short_soak_with_a_compressed_global_reconciles(tmp_path: Path) -> None:
+    """Issue 19 item 5: the compressed global down (topk-int8, with int8 delta updates up)
+    under the same chaos. Lost 0; every global a device rebuilt, restarted agents' included,
+    has the digest of the aggregator's committed one; every committed global is replayed from
+    the recorded updates through the server's encoder, and the residual the killed aggregator
+    saved (and the resumed one ended with) is the replayed one."""
+    mh.require_mosquitto()
+    report = run_soak(SoakConfig(out=tmp_path / "soak", agents=4, rounds=6, seed=0,
+                                 min_clients=2, timeout_s=900, global_codec="topk-int8",
+                                 update_codec="int8"), log=print)
+    print(report["line"])
+    checks = report["checks"]
+    assert checks == {k: True for k in checks}, (report["error"], report)
+    for k in ("devices_hold_the_servers_globals", "globals_went_down_compressed",
+              "residual_checked_at_every_kill_and_the_end", "lost_0"):
+        assert checks.get(k) is True, k
+    assert report["rounds_committed"] == 6 and report["lost"] == []
+    injected = report["faults_injected"]
+    assert injected.get("kill_agent", 0) >= 1 and injected.get("kill_aggregator", 0) >= 1
+    dev = report["device_globals"]
+    assert dev["matched"] == dev["lines"] > 0 and dev["rebuilt"].get("delta", 0) >= 1
+    # every incarnation, restarted agents' too, rebuilt (and so was checked on) some global
+    assert len(dev["per_log"]) == report["agent_starts"] and all(dev["per_log"].values()), dev
+    replay = report["rounds_check"]["codec_replay"]
+    assert replay["replayed"] == 6 and replay["mismatched"] == []
+    assert replay["residuals_checked"] >= 2  # the killed aggregator's state and the final one
+    assert report["downlink"]["globals_delta"] >= 1
+    assert "device globals" in report["line"] and "topk-int8 down" in report["line"]
+
+
+def test_reconciliation_reads_the_devices_globals(tmp_path: Path) -> None:
+    """Rule (b)'s parser on lines as the agent prints them: a digest that is not the server's,
+    a digest failure and an update sent from an unlogged global are each a finding."""
+    import torch
+
+    from fedclip_edge.benchmarks.soak_globals import check_devices
+    from fedclip_edge.global_codec import state_digest
+
+    g0, g1 = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    d0, d1 = state_digest(g0), state_digest(g1)
+    tail = "| loss 0.1 | compute 0.01s | wait 0.1s | down 1 B | up 2 B (fp32) | upload 0.01s"
+    ok = tmp_path / "dev-0.1.log"
+    ok.write_text(f"[dev-0] round 1: global {d0} (dense)\n[dev-0] round 1 | samples 5 {tail}\n"
+                  "[dev-0] round 2: compressed global not usable here (it is a change since "
+                  "round 1's global, this device holds none); asking for a dense copy\n"
+                  f"[dev-0] round 2: global {d1} (delta on round 1's)\n"
+                  f"[dev-0] round 3: global {d1} (dense)\n")
+    r = check_devices({"dev-0": [ok]}, {0: g0, 1: g1, 2: g1}, rounds=2, completed=2)
+    assert r["lines"] == r["matched"] == 3 and r["rebuilt"] == {"dense": 2, "delta": 1}
+    assert r["dense_asked"] == {"holds none": 1}
+    assert not (r["mismatched"] or r["digest_failures"] or r["sent_without_a_logged_global"])
+    bad = tmp_path / "dev-1.2.log"
+    bad.write_text(f"[dev-1] round 2: global {d0} (delta on round 1's)\n"
+                   "[dev-1] round 3: compressed global not usable here (global rebuilt from the "
+                   "base differs from the server's (digest 0, server 1): ...); asking for a "
+                   f"dense copy\n[dev-1] round 3 | samples 5 {tail}\n")
+    r = check_devices({"dev-1": [bad]}, {0: g0, 1: g1}, rounds=3, completed=1)
+    assert len(r["mismatched"]) == 1 and len(r["digest_failures"]) == 1
+    assert r["sent_without_a_logged_global"] == ["dev-1.2.log: round 3"]
 
 
 def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
