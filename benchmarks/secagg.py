@@ -62,12 +62,13 @@ def make_deltas(n: int, dim: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def drop_plan(n: int, rounds: int, fraction: float, steps: tuple[str, ...]
               ) -> dict[tuple[int, str], str]:
     """(round, device) -> the step after which it drops: max(1, round(fraction x n)) devices a
-    round (none for fraction 0), a different set each round, the steps cycled."""
+    round (none for fraction 0), the next ones each round, the steps cycled over them all."""
     k = 0 if fraction <= 0 else max(1, round(fraction * n))
     plan = {}
     for r in range(1, rounds + 1):
         for j in range(k):
-            plan[(r, f"sa{((r - 1) * k + j) % n:04d}")] = steps[j % len(steps)]
+            at = (r - 1) * k + j
+            plan[(r, f"sa{at % n:04d}")] = steps[at % len(steps)]
     return plan
 
 
