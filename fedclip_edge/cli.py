@@ -23,6 +23,7 @@ from fedclip_edge.benchmarks.cli import (
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
 from fedclip_edge.benchmarks.cli_infer import bench_infer
+from fedclip_edge.benchmarks.cli_secagg import bench_secagg
 from fedclip_edge.broker import cli_options as opt
 from fedclip_edge.broker.cli import aggregate, broker_app, status
 from fedclip_edge.broker.cli_options import (
@@ -403,6 +404,7 @@ def _register_parts() -> None:
     bench_app.command("soak")(bench_soak)
     bench_app.command("codecs")(bench_codecs)
     bench_app.command("infer")(bench_infer)
+    bench_app.command("secagg")(bench_secagg)
 
 
 def main(argv: list[str] | None = None) -> int:
