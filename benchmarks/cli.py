@@ -316,6 +316,11 @@ def bench_soak(
     timeout: Annotated[
         float, typer.Option(help="Seconds allowed for the whole run.", **R.SECONDS)
     ] = 3600.0,
+    secure_aggregation: Annotated[
+        bool, typer.Option("--secure-aggregation", help="Secure aggregation on the aggregator "
+                           "and every agent (benchmarks/soak_secure.py): forgeries made of its "
+                           "messages, reconciled from the devices' own records.")
+    ] = False,
 ) -> None:
     """A federation under a seeded chaos schedule (kills, broker and aggregator restarts,
     garbage, replays) over mosquitto, then a reconciliation of every update sent."""
@@ -330,7 +335,7 @@ def bench_soak(
     signal.signal(signal.SIGTERM, on_sigterm)
     cfg = SoakConfig(out=out, agents=agents, rounds=rounds, seed=seed, per_class=per_class,
                      min_clients=min_clients, kinds=tuple(kinds or FAULT_KINDS),
-                     timeout_s=timeout)
+                     timeout_s=timeout, secure_aggregation=secure_aggregation)
     err = Console(stderr=True)
     start = time.monotonic()
     report = run_soak(

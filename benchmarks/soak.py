@@ -77,16 +77,20 @@ class SoakConfig:
     broker_down_s: float = 1.0
     kinds: tuple[str, ...] = FAULT_KINDS
     timeout_s: float = 3600.0  # the whole run
+    secure_aggregation: bool = False  # benchmarks/soak_secure.py: its faults and reconciliation
 
     def __post_init__(self) -> None:
         if self.agents < 2 or self.rounds < 2:
             raise ConfigError("a soak needs at least 2 agents and 2 rounds")
+        if self.secure_aggregation and (self.agents < 3 or (self.min_clients or 3) < 3):
+            raise ConfigError("a secure soak needs 3 agents and --min-clients >= 3 (the sum of "
+                              "two updates tells each device the other's)")
         unknown = sorted(set(self.kinds) - set(FAULT_KINDS))
         if unknown:
             raise ConfigError(f"unknown fault kind(s) {', '.join(unknown)}; known: "
                               f"{', '.join(FAULT_KINDS)}")
         if self.min_clients is None:
-            self.min_clients = max(1, self.agents // 2)
+            self.min_clients = max(3 if self.secure_aggregation else 1, self.agents // 2)
         if not 1 <= self.min_clients <= self.agents:
             raise ConfigError("--min-clients must be between 1 and the number of agents")
 
@@ -536,8 +540,9 @@ class Soak:
                 if error:
                     break
                 done = self._completed()
-                while pending and pending[0].after_round <= done and done < self.cfg.rounds:
-                    self._fire(pending.pop(0), rng, recorder, injector)
+                with self._held(bool(pending) and pending[0].after_round <= done < self.cfg.rounds):
+                    while pending and pending[0].after_round <= done and done < self.cfg.rounds:
+                        self._fire(pending.pop(0), rng, recorder, injector)
                 time.sleep(0.05)
             for f in pending:
                 f.outcome = "not injected: the run ended first"
@@ -559,9 +564,16 @@ class Soak:
                 recorder.close()
             self._stop_broker()
         wall = time.monotonic() - self.t0
-        report = reconcile(self, recorder.snapshot() if recorder else [], finished, error, wall)
+        report = self._reconcile(recorder.snapshot() if recorder else [], finished, error, wall)
         (self.out / "soak.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return report
+
+    def _held(self, due: bool) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the secure soak holds the aggregator meanwhile
+
+    def _reconcile(self, recorded: list[tuple[float, str, bytes]], finished: bool, error: str,
+                   wall: float) -> dict[str, Any]:
+        return reconcile(self, recorded, finished, error, wall)
 
 
 def _run_step(args: list[str], timeout: float = 1800) -> None:
@@ -579,4 +591,8 @@ def _run_step(args: list[str], timeout: float = 1800) -> None:
 
 def run_soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole soak; the report is also written to OUT/soak.json."""
+    if cfg.secure_aggregation:
+        from fedclip_edge.benchmarks.soak_secure import SecureSoak
+
+        return SecureSoak(cfg, log).run()
     return Soak(cfg, log).run()
