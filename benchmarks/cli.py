@@ -328,6 +328,7 @@ def bench_soak(
     from rich.markup import escape
 
     from fedclip_edge.benchmarks.soak import FAULT_KINDS, SoakConfig, run_soak
+    from fedclip_edge.benchmarks.soak_secure import run_secure_soak
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # the soak's cleanup stops and reaps every child it started
@@ -338,7 +339,8 @@ def bench_soak(
                      timeout_s=timeout, secure_aggregation=secure_aggregation)
     err = Console(stderr=True)
     start = time.monotonic()
-    report = run_soak(
+    run = run_secure_soak if secure_aggregation else run_soak
+    report = run(
         cfg, log=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {escape(m)}")
     )
     print(report["line"])

@@ -590,9 +590,8 @@ def _run_step(args: list[str], timeout: float = 1800) -> None:
 
 
 def run_soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole soak; the report is also written to OUT/soak.json."""
+    """The whole soak; the report is also written to OUT/soak.json (with
+    `cfg.secure_aggregation`: soak_secure.run_secure_soak)."""
     if cfg.secure_aggregation:
-        from fedclip_edge.benchmarks.soak_secure import SecureSoak
-
-        return SecureSoak(cfg, log).run()
+        raise ConfigError("a secure soak runs with benchmarks/soak_secure.py run_secure_soak")
     return Soak(cfg, log).run()

@@ -75,6 +75,8 @@ class SecureSoak(Soak):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.job = f"ssoak{self.cfg.seed}"
+        self._stopped: Any = None  # the aggregator held while a batch of faults fires
+        self._replayed: dict[str, Any] = {}  # what the last replay re-sent
         # a flood last in its batch: what the others inject is queued before it
         self.faults.sort(key=lambda f: (f.after_round, f.kind == "flood"))
 
@@ -95,16 +97,35 @@ class SecureSoak(Soak):
         messages wait in the broker): each lands before the next round commits, however fast
         secure rounds go (a flood's acknowledgements alone take longer than a round). A
         `kill_aggregator` among them kills the stopped process; its successor runs."""
-        agg = self.procs.running.get("aggregator")
-        if not due or agg is None or agg.poll() is not None:
-            yield
-            return
-        os.kill(agg.pid, signal.SIGSTOP)
+        self._stopped = None
+        if due:
+            self._stop_aggregator()
         try:
             yield
         finally:
-            if agg.poll() is None:
+            agg, self._stopped = self._stopped, None
+            if agg is not None and agg.poll() is None:
                 os.kill(agg.pid, signal.SIGCONT)
+
+    def _stop_aggregator(self) -> None:
+        agg = self.procs.running.get("aggregator")
+        if agg is not None and agg.poll() is None:
+            os.kill(agg.pid, signal.SIGSTOP)
+            self._stopped = agg
+
+    def _await_successor(self, timeout_s: float = 180.0) -> None:
+        """After `kill_aggregator`: until the resumed aggregator says its devices are online
+        (connected, subscribed, roster read), then held like its predecessor, so the batch's
+        later messages reach an aggregator and not a session still being set up."""
+        log = self.procs.logs["aggregator"][-1]
+        proc = self.procs.running["aggregator"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if " device(s) online " in log.read_text(errors="replace"):
+                    break
+            time.sleep(0.05)
+        self._stop_aggregator()
 
     def _fire(self, f: Fault, rng: random.Random, recorder: Recorder,
               injector: Injector) -> None:
@@ -120,6 +141,8 @@ class SecureSoak(Soak):
             return
         if f.kind not in FORGED:
             super()._fire(f, rng, recorder, injector)
+            if f.kind == "kill_aggregator":
+                self._await_successor()
             return
         f.fired_at_round = self._completed()
         f.at_s = round(time.monotonic() - self.t0, 2)
@@ -133,6 +156,7 @@ class SecureSoak(Soak):
             if extra is not None:
                 ok = ok and injector.publish(P.control_topic(self.job), extra)
             self.injected.append({"kind": f.kind, "topic": topic, "round": f.fired_at_round + 1,
+                                  "client": topic.rsplit("/", 1)[-1], **self._replayed,
                                   "sha256": hashlib.sha256(payload).hexdigest()})
             f.outcome = "injected" if ok else "not acknowledged by the broker"
         self.log(f"fault after round {f.fired_at_round}: {f.kind} {f.target} -> {f.outcome}")
@@ -141,12 +165,14 @@ class SecureSoak(Soak):
                ) -> tuple[str, bytes, bytes | None] | None:
         """(topic, payload, a control message or None) of a forgery fault."""
         done = f.fired_at_round or 0
+        self._replayed = {}
         if f.kind == "replay":
             old = [(t, p, m) for t, p, m in msgs if 1 <= m.round <= done]
             if not old:
                 return None
             topic, payload, m = rng.choice(old)
             f.target = f"{m.client} {m.step} r{m.round}"
+            self._replayed = {"step": m.step, "of_round": m.round}
             return topic, payload, None
         keys = [m for _, _, m in msgs if m.step == "keys" and m.run]
         if not keys:
@@ -178,3 +204,10 @@ class SecureSoak(Soak):
         from fedclip_edge.benchmarks.soak_secure_reconcile import reconcile_secure
 
         return reconcile_secure(self, recorded, finished, error, wall)
+
+
+def run_secure_soak(cfg: Any, log: Any = print) -> dict[str, Any]:
+    """The secure soak (`cfg.secure_aggregation` set); the report is also OUT/soak.json."""
+    if not cfg.secure_aggregation:
+        cfg = dataclasses.replace(cfg, secure_aggregation=True)
+    return SecureSoak(cfg, log).run()

@@ -116,6 +116,44 @@ def verdict(rec: dict[str, Any], committed: dict[int, str], rows: Counter[tuple[
     return "lost"
 
 
+def _refuses(inj: dict[str, Any], r: dict[str, Any]) -> bool:
+    """Whether rejection line `r` is the refusal of injected message `inj`."""
+    kind, text = inj["kind"], r.get("text", "")
+    if r["kind"] != "update" or r["client"] != inj["topic"].rsplit("/", 1)[-1]:
+        return False
+    if kind == "garbage":
+        return r["reason"] == "envelope" or text.startswith("a plain update")
+    if kind == "flood":
+        return True
+    if kind == "foreign_signed":
+        return r["reason"] in ("bad_signature", "unknown_key")
+    if kind == "cross_run":
+        return r["reason"] == "run"
+    if kind == "site_claim":
+        return "weight 1000000000000000 " in text or (
+            r["reason"] in ("secagg", "stale") and text.startswith("keys")
+            and f"round {inj['round']}" in text)
+    if kind == "replay":
+        return text.startswith(f"{inj.get('step')} ") and f"round {inj.get('of_round')}" in text
+    return False
+
+
+def injected_refused(injected: list[dict[str, Any]], rejected: list[dict[str, Any]]
+                     ) -> list[str]:
+    """Each injected message matched to a refusal line of its own (a line serves one); what
+    none refuses is returned: it was lost on the way, or accepted."""
+    used: set[int] = set()
+    missing = []
+    for inj in injected:
+        hit = next((i for i, r in enumerate(rejected) if i not in used and _refuses(inj, r)),
+                   None)
+        if hit is None:
+            missing.append(f"{inj['kind']} on {inj['topic']} (round {inj.get('round')})")
+        else:
+            used.add(hit)
+    return missing
+
+
 def initial_global(dim: int, seed: int) -> dict[str, Any]:
     """The aggregator's round-0 adapter (broker/aggregator.py `_make_initial`)."""
     import torch
@@ -253,6 +291,7 @@ def reconcile_secure(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], f
     rounds_check = check_globals(agg_out, state, cfg.seed, cfg.agents, committed, clients, recs,
                                  drop)
 
+    unrefused = injected_refused(soak.injected, agg["rejected"])
     rejected_logged = Counter(r["reason"] for r in agg["rejected"])
     rejected_counters = Counter({k[len("rejected_"):]: v for k, v in counters.items()
                                  if k.startswith("rejected_")})
@@ -266,6 +305,7 @@ def reconcile_secure(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], f
         "all_rounds_committed": completed == cfg.rounds,
         "lost_0": not lost,
         "no_update_accepted_that_no_device_sent": not forged,
+        "every_injected_message_refused": not unrefused,
         "globals_match_accepted_updates": not rounds_check["mismatched"]
         and rounds_check["checked"] == completed,
         "final_global_is_last_round": rounds_check["final_equals_last_round"],
@@ -299,6 +339,7 @@ def reconcile_secure(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], f
         "rejected_lost_with_a_killed_aggregator": dict(agg["uncounted"]),
         "lost": lost,
         "accepted_not_sent": forged,
+        "injected_not_refused": unrefused,
         "rounds_check": rounds_check,
         "brokers_started": soak.brokers_started,
         "aggregators_started": len(agg_logs),

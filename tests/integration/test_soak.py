@@ -151,9 +151,11 @@ def test_short_secure_soak_reconciles(tmp_path: Path) -> None:
 
     mh.require_mosquitto()
     out = tmp_path / "ssoak"
-    report = run_soak(SoakConfig(out=out, agents=4, rounds=5, seed=0, min_clients=3,
-                                 round_timeout_s=30, timeout_s=900, secure_aggregation=True),
-                      log=print)
+    from fedclip_edge.benchmarks.soak_secure import run_secure_soak
+
+    report = run_secure_soak(SoakConfig(out=out, agents=4, rounds=5, seed=0, min_clients=3,
+                                        round_timeout_s=20, timeout_s=900,
+                                        secure_aggregation=True), log=print)
     print(report["line"])
     assert report["checks"] == {k: True for k in report["checks"]}, (report["error"], report)
     assert report["ok"] and report["secure_aggregation"] and report["lost"] == []
@@ -171,6 +173,7 @@ def test_short_secure_soak_reconciles(tmp_path: Path) -> None:
         "unknown_client", 0) >= injected["foreign_signed"]
     assert rej.get("run", 0) + rej.get("unknown_client", 0) >= injected["cross_run"]
     assert rej.get("secagg", 0) >= injected["site_claim"]
+    assert report["injected_not_refused"] == [], report["injected_not_refused"]
     # the faults landed while the job ran: each after its round's commit, before the next's
     assert all(f["fired_at_round"] == f["after_round"] for f in report["schedule"]), report[
         "schedule"]
@@ -260,3 +263,21 @@ def test_secure_reconciliation_reads_both_sides(tmp_path: Path) -> None:
     assert v("dev-0", 1, "bb22", {}, pid=7) == "unacknowledged_when_killed"
     assert v("dev-0", 1, "bb22", {}) == "lost"
     assert v("dev-0", 1, "zz99", {}) == "lost"  # an attempt no aggregator named
+
+    # each injected message needs a refusal line of its own, of its kind
+    from fedclip_edge.benchmarks.soak_secure_reconcile import injected_refused
+
+    def inj(kind: str, client: str, **kw: object) -> dict:
+        return {"kind": kind, "topic": f"fedclip/j/update/{client}", "round": 2, **kw}
+
+    lines = [{"kind": "update", "client": "dev-2", "reason": "stale",
+              "text": "shares for round 1, now 2"},
+             {"kind": "update", "client": "dev-0", "reason": "secagg",
+              "text": "keys of dev-0: weight 1000000000000000 does not match the job's weighting"},
+             {"kind": "update", "client": "dev-1", "reason": "run", "text": "keys signed for run"}]
+    assert injected_refused([inj("replay", "dev-2", step="shares", of_round=1),
+                             inj("site_claim", "dev-0"), inj("cross_run", "dev-1")], lines) == []
+    assert injected_refused([inj("cross_run", "dev-1"), inj("cross_run", "dev-1")], lines) == [
+        "cross_run on fedclip/j/update/dev-1 (round 2)"]  # one line refuses one message
+    assert len(injected_refused([inj("replay", "dev-2", step="keys", of_round=1),
+                                 inj("foreign_signed", "dev-0")], lines)) == 2
