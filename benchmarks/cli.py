@@ -324,6 +324,11 @@ def bench_soak(
     ] = 0,
     global_topk_fraction: opt.GlobalTopkFraction = None,
     update_codec: opt.UpdateCodec = opt.CodecName.fp32,
+    secure_aggregation: Annotated[
+        bool, typer.Option("--secure-aggregation", help="Secure aggregation on the aggregator "
+                           "and every agent (benchmarks/soak_secure.py): forgeries made of its "
+                           "messages, reconciled from the devices' own records.")
+    ] = False,
 ) -> None:
     """A federation under a seeded chaos schedule (kills, broker and aggregator restarts,
     garbage, replays) over mosquitto, then a reconciliation of every update sent."""
@@ -331,6 +336,7 @@ def bench_soak(
     from rich.markup import escape
 
     from fedclip_edge.benchmarks.soak import FAULT_KINDS, SoakConfig, run_soak
+    from fedclip_edge.benchmarks.soak_secure import run_secure_soak
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # the soak's cleanup stops and reaps every child it started
@@ -340,10 +346,12 @@ def bench_soak(
                      min_clients=min_clients, kinds=tuple(kinds or FAULT_KINDS),
                      timeout_s=timeout, global_codec=global_codec.value,
                      keyframe_every=keyframe_every, global_topk_fraction=global_topk_fraction,
-                     update_codec=update_codec.value)
+                     update_codec=update_codec.value,
+                     secure_aggregation=secure_aggregation)
     err = Console(stderr=True)
     start = time.monotonic()
-    report = run_soak(
+    run = run_secure_soak if secure_aggregation else run_soak
+    report = run(
         cfg, log=lambda m: err.print(f"[dim]{time.monotonic() - start:6.1f}s[/dim] {escape(m)}")
     )
     print(report["line"])

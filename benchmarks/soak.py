@@ -33,7 +33,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from typing import Any
 
 from fedclip_edge.benchmarks.soak_crossrun import cross_run_payloads
 from fedclip_edge.benchmarks.soak_globals import check_codec_config, codec_args, snapshot_state
+from fedclip_edge.benchmarks.soak_mqtt import Injector, Recorder
 from fedclip_edge.benchmarks.soak_reconcile import (
     FAULT_KINDS,
     _update_round,
@@ -82,17 +82,22 @@ class SoakConfig:
     keyframe_every: int = 0
     global_topk_fraction: float | None = None
     update_codec: str = "fp32"  # the agents' --update-codec
+    secure_aggregation: bool = False  # benchmarks/soak_secure.py: its faults and reconciliation
 
     def __post_init__(self) -> None:
         check_codec_config(self)
         if self.agents < 2 or self.rounds < 2:
             raise ConfigError("a soak needs at least 2 agents and 2 rounds")
+        if self.secure_aggregation and (self.agents < 3 or (self.min_clients or 3) < 3
+                                        or {self.global_codec, self.update_codec} != {"fp32"}):
+            raise ConfigError("a secure soak needs 3 agents, --min-clients >= 3 (the sum of two "
+                              "updates tells each device the other's) and fp32 codecs")
         unknown = sorted(set(self.kinds) - set(FAULT_KINDS))
         if unknown:
             raise ConfigError(f"unknown fault kind(s) {', '.join(unknown)}; known: "
                               f"{', '.join(FAULT_KINDS)}")
         if self.min_clients is None:
-            self.min_clients = max(1, self.agents // 2)
+            self.min_clients = max(3 if self.secure_aggregation else 1, self.agents // 2)
         if not 1 <= self.min_clients <= self.agents:
             raise ConfigError("--min-clients must be between 1 and the number of agents")
 
@@ -181,89 +186,6 @@ class Children:
 
     def unreaped(self) -> list[str]:
         return [f"{n} (pid {p.pid})" for n, p in self.all if p.returncode is None]
-
-
-class Recorder:
-    """Every payload the broker carries on the job's update topics (a persistent session, so a
-    restarted broker still delivers what it queued for it)."""
-
-    def __init__(self, port: int, job: str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.job = job
-        self.messages: list[tuple[float, str, bytes]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"soak-recorder-{job}",
-                                  protocol=mqtt.MQTTv311, clean_session=False)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(1, 2)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        if not self._subscribed.wait(20):
-            raise FedClipError("the soak's recorder could not subscribe to the broker")
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if not rc.is_failure:
-            client.subscribe(P.update_filter(self.job), qos=1)
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self._lock:
-            self.messages.append((time.monotonic(), msg.topic, bytes(msg.payload)))
-
-    def snapshot(self) -> list[tuple[float, str, bytes]]:
-        with self._lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.disconnect()
-        self.client.loop_stop()
-
-
-class Injector:
-    """A plain paho client that publishes what the devices never would (garbage, replays)."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-chaos",
-                                  protocol=mqtt.MQTTv311)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes) -> bool:
-        info = self.client.publish(topic, payload, qos=1)
-        with contextlib.suppress(Exception):
-            info.wait_for_publish(15)
-        try:
-            return bool(info.is_published())
-        except (RuntimeError, ValueError):  # not connected (the broker is being restarted)
-            return False
-
-    def flood(self, topic: str, n: int, rng: random.Random) -> int:
-        """`n` garbage messages (QoS 1, as fast as paho takes them); how many were acknowledged
-        by the broker (bounded: it waits at most 30 s for the last)."""
-        infos = [self.client.publish(topic, b"FCMQ\x01" + rng.randbytes(64), qos=1)
-                 for _ in range(n)]
-        deadline = time.monotonic() + 30
-        for info in infos:
-            with contextlib.suppress(Exception):
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        acked = 0
-        for info in infos:
-            with contextlib.suppress(RuntimeError, ValueError):
-                acked += bool(info.is_published())
-        return acked
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.disconnect()
-        self.client.loop_stop()
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -544,8 +466,9 @@ class Soak:
                 if error:
                     break
                 done = self._completed()
-                while pending and pending[0].after_round <= done and done < self.cfg.rounds:
-                    self._fire(pending.pop(0), rng, recorder, injector)
+                with self._held(bool(pending) and pending[0].after_round <= done < self.cfg.rounds):
+                    while pending and pending[0].after_round <= done and done < self.cfg.rounds:
+                        self._fire(pending.pop(0), rng, recorder, injector)
                 time.sleep(0.05)
             for f in pending:
                 f.outcome = "not injected: the run ended first"
@@ -567,9 +490,16 @@ class Soak:
                 recorder.close()
             self._stop_broker()
         wall = time.monotonic() - self.t0
-        report = reconcile(self, recorder.snapshot() if recorder else [], finished, error, wall)
+        report = self._reconcile(recorder.snapshot() if recorder else [], finished, error, wall)
         (self.out / "soak.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return report
+
+    def _held(self, due: bool) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the secure soak holds the aggregator meanwhile
+
+    def _reconcile(self, recorded: list[tuple[float, str, bytes]], finished: bool, error: str,
+                   wall: float) -> dict[str, Any]:
+        return reconcile(self, recorded, finished, error, wall)
 
 
 def _run_step(args: list[str], timeout: float = 1800) -> None:
@@ -586,5 +516,7 @@ def _run_step(args: list[str], timeout: float = 1800) -> None:
 
 
 def run_soak(cfg: SoakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole soak; the report is also written to OUT/soak.json."""
+    """The whole soak; the report is also written to OUT/soak.json (secure: soak_secure.py)."""
+    if cfg.secure_aggregation:
+        raise ConfigError("a secure soak runs with benchmarks/soak_secure.py run_secure_soak")
     return Soak(cfg, log).run()

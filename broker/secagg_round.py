@@ -138,6 +138,7 @@ class SecAggCollect:
                     "samples": self.keys[client]["samples"], "bytes_up": msg.wire_bytes,
                     "update_latency_s": self.agg.clock() - self.agg._published_at,
                     "update_dtype": f"int{W.BITS}", "update_codec": "secagg",
+                    "secagg_attempt": self.attempt,
                     "bytes_down": len(self.agg._global_payload)})
         self.records[client] = rec
 
@@ -188,6 +189,8 @@ class SecAggCollect:
             return self._fail(f"{n} of the {need} devices needed sent keys")
         self.t = W.threshold(n)
         self.max_weight = float(max(k["w"] for k in self.keys.values()))
+        agg.log(f"round {rnd.number}: secure aggregation attempt {self.attempt}: roster of {n} "
+                f"device(s), threshold {self.t}")
         self.phase = "shares"
         self._send("roster", {"devices": {u: {"c": k["c"], "s": k["s"], "w": k["w"]}
                                           for u, k in self.keys.items()},
@@ -262,7 +265,8 @@ class SecAggCollect:
         try:
             while not self._try(rnd):
                 attempts = agg._attempts = attempts + 1
-                agg.log(f"round {rnd.number}: secure aggregation attempt failed: {self.failed}")
+                agg.log(f"round {rnd.number}: secure aggregation attempt failed: {self.failed} "
+                        f"(attempt {self.attempt})")
                 if agg.cfg.on_short == "stop" or attempts > agg.cfg.max_retries:
                     return False
                 agg.log(f"round {rnd.number}: retry {attempts}/{agg.cfg.max_retries}, same "
@@ -279,5 +283,5 @@ class SecAggCollect:
         lost = len(self.order) - len(self.u3)
         agg.log(f"round {rnd.number}: secure aggregation: the sum of {len(self.u3)} masked "
                 f"updates unmasked by {len(self.reveals)} device(s) (threshold {self.t} of "
-                f"{len(self.order)}; {lost} dropped before masking)")
+                f"{len(self.order)}; {lost} dropped before masking; attempt {self.attempt})")
         return True

@@ -171,6 +171,7 @@ def run_agent(
     dp_noise_multiplier: float = 0.0,
     dp_delta: float = DEFAULT_LOCAL_DP_DELTA,
     secure_aggregation: bool = False,
+    secagg_record: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> int:
     """Features, then the MQTT loop, then (job done) the models kept in `models` (default:
@@ -194,6 +195,7 @@ def run_agent(
         dp_noise_multiplier=dp_noise_multiplier,
         dp_delta=dp_delta,
         secure_aggregation=secure_aggregation,
+        secagg_record=secagg_record,
     )
     if cfg.dp_clip is not None:
         log(f"local DP: update delta clipped to L2 norm {cfg.dp_clip:g}, Gaussian noise std "

@@ -117,6 +117,8 @@ class AgentConfig:
     dp_delta: float = DEFAULT_LOCAL_DP_DELTA  # the delta at which the device reports epsilon
     # secure aggregation (device_agent/secagg_device.py): only a masked update leaves
     secure_aggregation: bool = False
+    # with it: keep each clipped delta masked and sent in this folder (the device's own audit)
+    secagg_record: Path | None = None
 
     def __post_init__(self) -> None:
         P.check_id(self.job, "job")
@@ -133,6 +135,9 @@ class AgentConfig:
         if self.secure_aggregation and self.codec != "fp32":
             raise ConfigError(f"--secure-aggregation sends a masked fixed-point vector, not a "
                               f"codec's frame: --update-codec {self.codec} is refused with it")
+        if self.secagg_record is not None and not self.secure_aggregation:
+            raise ConfigError("--secagg-record keeps what secure aggregation masks: give "
+                              "--secure-aggregation with it")
         check_local_dp(self.dp_clip, self.dp_noise_multiplier, self.dp_delta)
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs {self.personalize_epochs}: 0 or more")

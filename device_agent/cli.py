@@ -135,6 +135,12 @@ def agent(
                      help="Local DP: the delta at which the device reports its epsilon."),
     ] = 1e-5,
     secure_aggregation: opt.SecureAggregation = False,
+    secagg_record: Annotated[
+        Path | None,
+        typer.Option(help="With --secure-aggregation: keep each clipped update delta this "
+                     "device masks and sends in this folder (its own data, never sent; an "
+                     "audit trail, as the secure soak reads it). Off unless given."),
+    ] = None,
     config: opt.config_option("agent") = None,
 ) -> None:
     """Run a device agent: extract features once, then train and upload each round."""
@@ -185,6 +191,7 @@ def agent(
         dp_noise_multiplier=dp_noise_multiplier,
         dp_delta=dp_delta,
         secure_aggregation=secure_aggregation,
+        secagg_record=secagg_record,
         log=log,
     )
 

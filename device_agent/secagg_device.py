@@ -11,10 +11,13 @@ for a failed attempt say nothing about a later one.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,8 +65,10 @@ class SecAggDevice:
 
     def __init__(self, job: str, client: str, *, key: Ed25519PrivateKey | None,
                  session: str, registry: KeyRegistry | None,
-                 publish: Callable[[bytes], Any], log: Callable[[str], None]) -> None:
+                 publish: Callable[[bytes], Any], log: Callable[[str], None],
+                 record: Path | None = None) -> None:
         self.job, self.client, self.key, self.session = job, client, key, session
+        self.record = record  # where the device keeps what it masked (None: nowhere)
         self.registry = registry
         self.publish = publish
         self.log = log
@@ -216,8 +221,12 @@ class SecAggDevice:
                                W.BITS)
             y = fp.add(y, mask) if v > self.client else fp.sub(y, mask)
         metrics = {**self.metrics, "secagg_clipped": n_clipped}
+        if self.record is not None:  # before it leaves: no vector sent without its record
+            keep_masked_input(self.record, self.round, a.attempt, self.weight, clipped)
         self._send("masked", a.attempt, {"metrics": metrics}, W.vector_bytes(y))
         self.sent += 1
+        self.log(f"round {self.round}: masked update sent (attempt {a.attempt}, {len(u2)} "
+                 f"devices)")
 
     def _on_survivors(self, m: W.SecAggMessage) -> None:
         a = self.current
@@ -249,6 +258,24 @@ class SecAggDevice:
         return True
 
 
+def keep_masked_input(folder: Path, rnd: int, attempt: str, weight: int,
+                      clipped: np.ndarray) -> None:
+    """The device's own record of what it masked (`agent --secagg-record`): the clipped delta
+    as `rNNNN-ATTEMPT.npy` (float64) and a line of `sent.jsonl`. It never leaves the device; an
+    audit (the secure soak) checks each committed global against the records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"r{rnd:04d}-{attempt}.npy"
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(clipped, dtype=np.float64))
+    os.replace(tmp, folder / name)
+    line = json.dumps({"round": rnd, "attempt": attempt, "weight": weight, "file": name,
+                       "pid": os.getpid()})
+    with open(folder / "sent.jsonl", "a") as f:
+        f.write(line + "\n")
+        f.flush()
+
+
 def secagg_for(agent: Any) -> SecAggDevice | None:
     """The agent's secure-aggregation side when its config asks for it."""
     cfg = agent.cfg
@@ -257,4 +284,5 @@ def secagg_for(agent: Any) -> SecAggDevice | None:
     topic = P.update_topic(cfg.job, cfg.client_id)
     return SecAggDevice(cfg.job, cfg.client_id, key=cfg.key, session=cfg.session,
                         registry=cfg.aggregator_registry,
-                        publish=lambda payload: agent.t.publish(topic, payload), log=agent.log)
+                        publish=lambda payload: agent.t.publish(topic, payload), log=agent.log,
+                        record=cfg.secagg_record)

@@ -206,3 +206,146 @@ def test_reconciliation_reads_the_logs_lines(tmp_path: Path) -> None:
     a2.write_text(a2.read_text() + "rate limit: dropped 2500 messages (172500 bytes) in the last "
                   "10s from senders over their limit: dev-flood 2500\n")
     assert _rate_limited([a1, a2]) == 2500
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.mosquitto
+def test_short_secure_soak_reconciles(tmp_path: Path) -> None:
+    """The soak with secure aggregation (benchmarks/soak_secure.py): every fault kind once,
+    reconciled from the devices' own records of what they masked and the aggregator's log and
+    metrics; the globals check fails once one client's delta is left out."""
+    from fedclip_edge.benchmarks.soak_secure_reconcile import check_globals
+
+    mh.require_mosquitto()
+    out = tmp_path / "ssoak"
+    from fedclip_edge.benchmarks.soak_secure import run_secure_soak
+
+    report = run_secure_soak(SoakConfig(out=out, agents=4, rounds=5, seed=0, min_clients=3,
+                                        round_timeout_s=20, timeout_s=900,
+                                        secure_aggregation=True), log=print)
+    print(report["line"])
+    assert report["checks"] == {k: True for k in report["checks"]}, (report["error"], report)
+    assert report["ok"] and report["secure_aggregation"] and report["lost"] == []
+    assert report["rounds_committed"] == 5 and report["rounds_check"]["checked"] == 5
+    injected = report["faults_injected"]
+    assert sorted(injected) == sorted(FAULT_KINDS), report["schedule"]
+    assert report["aggregators_started"] == 1 + injected["kill_aggregator"]
+    assert report["brokers_started"] == 1 + injected["restart_broker"]
+    assert report["agent_starts"] == 4 + injected["kill_agent"]
+    assert report["accepted"] >= 5 * 3 and report["updates_sent"] >= report["accepted"]
+    rej = report["rejected_by_reason"]
+    # every forgery refused: foreign key, weight claim, another run; replays of closed rounds
+    # (or `unknown_client` when a resumed aggregator got it before the device's hello)
+    assert rej.get("bad_signature", 0) + rej.get("unknown_key", 0) + rej.get(
+        "unknown_client", 0) >= injected["foreign_signed"]
+    assert rej.get("run", 0) + rej.get("unknown_client", 0) >= injected["cross_run"]
+    assert rej.get("secagg", 0) >= injected["site_claim"]
+    assert report["injected_not_refused"] == [], report["injected_not_refused"]
+    # the faults landed while the job ran: each after its round's commit, before the next's
+    assert all(f["fired_at_round"] == f["after_round"] for f in report["schedule"]), report[
+        "schedule"]
+    assert sum(rej.values()) >= sum(injected[k] for k in ("garbage", "replay", "foreign_signed",
+                                                          "site_claim", "cross_run"))
+    assert report["rate_limited"] >= 1
+    assert "lost 0" in report["line"] and report["line"].startswith("secure soak OK")
+    # the check can fail: one client's recorded delta left out of round 2 breaks it
+    state = json.loads((out / "aggregator" / "state.json").read_text())
+    rows = [json.loads(x) for x in (out / "aggregator" / "metrics.jsonl").read_text().splitlines()
+            if x]
+    some = next(r["client"] for r in rows if r.get("kind") == "client" and r["round"] == 2)
+    from fedclip_edge.benchmarks.soak_secure import SecureSoak
+
+    soak = SecureSoak(SoakConfig(out=out, agents=4, rounds=5, seed=0, secure_aggregation=True))
+    from fedclip_edge.benchmarks.soak_secure_reconcile import device_records
+
+    recs = {(r["client"], r["round"], r["attempt"]): r for c in soak.clients
+            for r in device_records(soak.record_dir(c), c)}
+    committed = {r["round"]: r["secagg_attempt"] for r in rows if r.get("kind") == "client"}
+    clients: dict[int, list[str]] = {}
+    for r in rows:
+        if r.get("kind") == "client":
+            clients.setdefault(r["round"], []).append(r["client"])
+    ok = check_globals(out / "aggregator", state, 0, 4, committed, clients, recs)
+    assert ok["mismatched"] == [] and ok["checked"] == 5
+    broken = check_globals(out / "aggregator", state, 0, 4, committed, clients, recs,
+                           drop=(some, 2))
+    assert [m.split(":")[0] for m in broken["mismatched"]] == ["round 2"], broken
+
+
+def test_secure_reconciliation_reads_both_sides(tmp_path: Path) -> None:
+    """The secure soak's parsers and verdicts on lines and records as the aggregator and the
+    device write them; a record nothing explains is lost."""
+    from collections import Counter
+
+    import numpy as np
+
+    from fedclip_edge.benchmarks.soak_reconcile import _aggregator_log
+    from fedclip_edge.benchmarks.soak_secure_reconcile import (
+        _add_texts,
+        attempts_logged,
+        device_records,
+        masked_rejections,
+        verdict,
+    )
+    from fedclip_edge.device_agent.secagg_device import keep_masked_input
+
+    a1, a2 = tmp_path / "aggregator.1.log", tmp_path / "aggregator.2.log"
+    a1.write_text(
+        "round 1: secure aggregation attempt aa11: roster of 4 device(s), threshold 3\n"
+        "round 1: secure aggregation attempt failed: 2 masked updates, the threshold is 3 "
+        "(attempt aa11)\n"
+        "round 1: secure aggregation attempt bb22: roster of 4 device(s), threshold 3\n"
+        "rejected (secagg) on fedclip/j/update/dev-1: masked of another attempt of round 1\n"
+        "round 1/5 | clients 3/4 | loss 0.5\n"
+        "round 2: secure aggregation attempt cc33: roster of 4 device(s), threshold 3\n")
+    a2.write_text("rejected (stale) on fedclip/j/update/dev-2: masked for round 1, now 2\n"
+                  "rejected (envelope) on fedclip/j/update/dev-3: not an envelope\n")
+    logged = attempts_logged([a1, a2], killed={a1})
+    assert logged["started"] == {(1, "aa11"), (1, "bb22"), (2, "cc33")}
+    assert logged["failed"] == {(1, "aa11")}
+    assert logged["by_killed"] == logged["started"]
+    agg = _aggregator_log([a1, a2], killed={a1})
+    _add_texts(agg["rejected"], [a1, a2])
+    refused = masked_rejections(agg["rejected"])
+    assert dict(refused) == {("dev-1", 1): ["secagg"], ("dev-2", 1): ["stale"]}
+
+    folder = tmp_path / "dev-0"
+    keep_masked_input(folder, 1, "bb22", 1, np.array([0.5, -1.0]))
+    with open(folder / "sent.jsonl", "a") as f:
+        f.write('{"round": 2, "attempt": "cc')  # cut by a kill before the send
+    (rec,) = device_records(folder, "dev-0")
+    assert (rec["round"], rec["attempt"], rec["weight"]) == (1, "bb22", 1)
+    assert np.load(rec["file"]).tolist() == [0.5, -1.0]
+
+    def v(client: str, rnd: int, attempt: str, rows: dict, pid: int = 1) -> str:
+        r = {"client": client, "round": rnd, "attempt": attempt, "pid": pid}
+        return verdict(r, {1: "bb22"}, Counter(rows), logged, refused, {("dev-3", 1)}, {7})
+
+    assert v("dev-0", 1, "bb22", {(1, "dev-0"): 1}) == "accepted"
+    assert v("dev-0", 1, "bb22", {(1, "dev-0"): 2}) == "lost"  # in the sum twice: not once
+    assert v("dev-0", 1, "aa11", {}) == "in_failed_attempt"
+    assert v("dev-0", 2, "cc33", {}) == "abandoned_by_killed_aggregator"
+    assert v("dev-2", 1, "bb22", {}) == "rejected_stale"
+    assert v("dev-3", 1, "bb22", {}) == "left_out_by_survivors"
+    assert v("dev-0", 1, "bb22", {}, pid=7) == "unacknowledged_when_killed"
+    assert v("dev-0", 1, "bb22", {}) == "lost"
+    assert v("dev-0", 1, "zz99", {}) == "lost"  # an attempt no aggregator named
+
+    # each injected message needs a refusal line of its own, of its kind
+    from fedclip_edge.benchmarks.soak_secure_reconcile import injected_refused
+
+    def inj(kind: str, client: str, **kw: object) -> dict:
+        return {"kind": kind, "topic": f"fedclip/j/update/{client}", "round": 2, **kw}
+
+    lines = [{"kind": "update", "client": "dev-2", "reason": "stale",
+              "text": "shares for round 1, now 2"},
+             {"kind": "update", "client": "dev-0", "reason": "secagg",
+              "text": "keys of dev-0: weight 1000000000000000 does not match the job's weighting"},
+             {"kind": "update", "client": "dev-1", "reason": "run", "text": "keys signed for run"}]
+    assert injected_refused([inj("replay", "dev-2", step="shares", of_round=1),
+                             inj("site_claim", "dev-0"), inj("cross_run", "dev-1")], lines) == []
+    assert injected_refused([inj("cross_run", "dev-1"), inj("cross_run", "dev-1")], lines) == [
+        "cross_run on fedclip/j/update/dev-1 (round 2)"]  # one line refuses one message
+    assert len(injected_refused([inj("replay", "dev-2", step="keys", of_round=1),
+                                 inj("foreign_signed", "dev-0")], lines)) == 2
