@@ -90,6 +90,16 @@ class MessageIntake:
         self, have: tuple[str, ...] | None = None, dense: bool = False
     ) -> None: ...
 
+    def check_sender(self, what: str, job: str, claimed: str, client: str) -> None:
+        """MessageRejected unless a device message on `client`'s topic is of this job, names
+        that client and comes from a device that said hello."""
+        if job != self.cfg.job:
+            raise P.MessageRejected("job", f"{what} for job {job!r}")
+        if claimed != client:
+            raise P.MessageRejected("client_mismatch", f"{what} of {claimed!r} on {client!r}")
+        if client not in self.roster:
+            raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
+
     @property
     def _answered(self) -> dict[str, dict[str, Any]]:
         """Who answered the current (or last) round, with their records."""
@@ -227,12 +237,7 @@ class MessageIntake:
         )
         if not isinstance(up, P.Update):
             raise P.MessageRejected("type", "an update topic carries only updates")
-        if up.job != self.cfg.job:
-            raise P.MessageRejected("job", f"update for job {up.job!r}")
-        if up.client != client:
-            raise P.MessageRejected("client_mismatch", f"update of {up.client!r} on {client!r}")
-        if client not in self.roster:
-            raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
+        self.check_sender("update", up.job, up.client, client)
         if up.round < self._round or up.round <= self.completed:
             # also between rounds (resumed, not yet open: _round is 0): a committed round's
             # update is stale, not "future"

@@ -82,12 +82,7 @@ class SecAggCollect:
         """One device message; MessageRejected (counted by the intake) when out of step."""
         m = W.decode(msg.payload)
         agg = self.agg
-        if m.job != agg.cfg.job:
-            raise P.MessageRejected("job", f"secure-aggregation message for job {m.job!r}")
-        if m.client != client:
-            raise P.MessageRejected("client_mismatch", f"{m.step} of {m.client!r} on {client!r}")
-        if client not in agg.roster:
-            raise P.MessageRejected("unknown_client", f"no hello from {client!r}")
+        agg.check_sender(f"secure-aggregation {m.step}", m.job, m.client, client)
         if agg.cfg.signed:
             W.verify(m, agg.cfg.keys_of(client))
         check_run(f"secure-aggregation {m.step}", m.run, agg.run_id, agg.cfg.signed)
