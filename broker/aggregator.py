@@ -124,9 +124,6 @@ class AggregatorConfig:
             raise ConfigError("rounds and min-clients must be >= 1 and round-timeout > 0")
         if self.on_short not in POLICIES:
             raise ConfigError(f"on-short must be one of {', '.join(POLICIES)}")
-        if self.global_codec != "fp32" and self.sites is not None:
-            raise ConfigError("--global-codec with --site-keys: a site reads dense globals "
-                              "only (not built yet); run the central with --global-codec fp32")
         if (self.eval_features is None) != (self.eval_domain is None):
             raise ConfigError("give --eval-features and --eval-domain together")
         if not self.insecure_unsigned and (self.registry is None or self.signing_key is None):

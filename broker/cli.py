@@ -275,8 +275,8 @@ def aggregate(
     if upstream is None and rounds is None:
         raise ConfigError("--rounds is required (except for a site: --upstream, --site)")
     if upstream is not None and global_codec.value != "fp32":
-        raise ConfigError("--global-codec is for a central or a plain aggregator; a site sends "
-                          "its devices dense globals (not built yet)")
+        raise ConfigError("--global-codec is for a central or a plain aggregator; a site "
+                          "forwards the central's (compressed when the central's is)")
     if site is not None:
         try:
             P.check_id(site, "--site")

@@ -40,11 +40,13 @@ from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig, Aggrega
 from fedclip_edge.broker.hierarchy import DEVICES_KEY, SITE_BACKEND, STRATEGY_KEY, site_metrics
 from fedclip_edge.broker.runbind import NEWER, OLDER
 from fedclip_edge.broker.runbind import compare as run_compare
+from fedclip_edge.broker.site_down import RelayDownlink
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
+from fedclip_edge.global_codec import GlobalMismatch
 from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.strategy import WEIGHTINGS, site_strategy
-from fedclip_edge.wire import FrameRejected, decode_frame, encode_frame
+from fedclip_edge.wire import FrameRejected, encode_frame
 from fedclip_edge.wire import expected_shapes as frame_shapes
 
 
@@ -75,7 +77,12 @@ class SiteAggregator(Aggregator):
             P.check_id(site, "site id")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if cfg.global_codec != "fp32":
+            raise ConfigError("a site forwards the central's global codec (the central's "
+                              "--global-codec): give --global-codec to the central only")
         super().__init__(transport, cfg, log=log, console=console, clock=clock, hooks=hooks)
+        # the central's globals, rebuilt here and passed on (compressed when they came so)
+        self.downlink = RelayDownlink(self.out)
         self.up = upstream
         self.site = site
         # upstream, the site is a signed client: its key is cfg.signing_key (which also signs
@@ -111,6 +118,13 @@ class SiteAggregator(Aggregator):
         finally:
             self._closed = True
 
+    def _publish_global(self, have: tuple[str, ...] | None = None, dense: bool = False) -> None:
+        # between rounds `global_state` is this site's committed partial, not a global: a
+        # device behind (or a reconnect) gets the central's next global when it comes
+        if self._closed and self._round <= self.cfg.rounds:
+            return
+        super()._publish_global(have, dense)
+
     def _write_reports(self, plot: bool = True) -> None:
         # drawing the plot takes seconds: never between a round and its upstream send
         super()._write_reports(plot=False)
@@ -137,6 +151,9 @@ class SiteAggregator(Aggregator):
             self.site, "online", {"train": int(samples)}, SITE_BACKEND, self._site_dim(),
             {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name},
             hello=True, session=self.session, run=self.up_run,
+            # the central global this site holds: a compressed central resends a dense copy
+            # to a site behind its round
+            round=self.downlink.held_round,
         )
         self.up.publish(P.status_topic(self.cfg.job, self.site), self._signed(st).encode(),
                         retain=True)
@@ -257,6 +274,7 @@ class SiteAggregator(Aggregator):
             return True
         if not isinstance(m, P.GlobalModel) or m.job != self.cfg.job:
             return False
+        self.downlink.heard(m.round, len(msg.payload))
         if m.round <= m.rounds and not self._adopt(m):
             return False
         if 0 < m.round <= m.rounds and m.round == self.completed:
@@ -274,18 +292,24 @@ class SiteAggregator(Aggregator):
         if m.round > m.rounds and self.final_state is not None:
             return True
         try:
-            frame = decode_frame(m.frame, expected=frame_shapes(self._template()))
+            state = self.downlink.receive(m, frame_shapes(self._template()))
+        except GlobalMismatch as exc:
+            self.up_counters["dense_asked"] += 1
+            self.log(f"site {self.site}: compressed central global of round {m.round} not "
+                     f"usable here ({exc}); asking the central for a dense copy")
+            self._hello_up()
+            return False
         except FrameRejected as exc:
             self.up_counters[f"rejected_frame_{exc.reason}"] += 1
             self.log(f"site {self.site}: central global of round {m.round} refused: {exc.message}")
             return False
         if m.round > m.rounds:
-            self.final_state = frame.tensors
+            self.final_state = state
             self.cfg.rounds = m.rounds
-            self.global_state = frame.tensors
+            self.global_state = state
             self.log(f"site {self.site}: final adapter received (after round {m.rounds})")
             return True
-        self._answer(m, frame.tensors)
+        self._answer(m, state)
         return False
 
     def _in_central_run(self, m: P.Control | P.GlobalModel) -> bool:
@@ -328,6 +352,8 @@ class SiteAggregator(Aggregator):
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # the store says what is wrong with the file
         super()._init_state()
+        if self.cfg.resume:
+            self.downlink.load(self.completed)
 
     def _wait_for_devices(self) -> None:
         """--wait-clients for this site's own devices, saying every `wait_log_s` how many."""

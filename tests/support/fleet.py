@@ -54,12 +54,12 @@ def start_agents(
 ) -> list[tuple[Agent, threading.Thread]]:
     """One running agent per client name (daemon threads; they end when the job is done).
     `models`: each keeps its models in models/<client> at the job's end (else none kept);
-    `agent_options`: more AgentConfig fields (an update codec)."""
+    `agent_options`: more AgentConfig fields (an update codec; a site's key as aggregator_key)."""
     out = []
     for c in clients:
         cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
-                          aggregator_key=keys.aggregator_public(),
-                          models=models / c if models is not None else None, **agent_options)
+                          models=models / c if models is not None else None,
+                          **{"aggregator_key": keys.aggregator_public(), **agent_options})
         t = MemoryTransport(
             broker,
             c,

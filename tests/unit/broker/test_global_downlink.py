@@ -219,13 +219,3 @@ def test_the_envelope_carries_signed_delta_fields() -> None:
         raw = P.GlobalModel(JOB, 3, b"frame", delta=bad).encode()  # type: ignore[arg-type]
         with pytest.raises(P.MessageRejected, match="delta"):
             P.decode_message(raw)
-
-
-def test_sites_and_global_codecs_are_refused_together(tmp_path: Path) -> None:
-    from fedclip_edge.broker.hierarchy import SiteRegistry
-    from fedclip_edge.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="--global-codec with --site-keys"):
-        AggregatorConfig(job=JOB, rounds=2, out=tmp_path, registry=keys.registry(DEVICES),
-                         signing_key=keys.key(keys.AGGREGATOR), global_codec="int8",
-                         sites=SiteRegistry(keys.registry(("site-1",)), {}))
