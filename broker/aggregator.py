@@ -110,7 +110,7 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         # a typo in a name or option, or a trim that drops nothing, fails before anything starts
         if self.secure_aggregation:  # first: its refusal says why the strategy cannot run
-            check_config(self.strategy, self.min_clients, self.secagg_clip)
+            check_config(self.strategy, self.min_clients, self.secagg_clip, self.sites is not None)
         check_round_size(self.make_strategy(), self.min_clients)
         if self.sites is not None and self.registry is not None:
             both = sorted(set(self.sites.keys.ids()) & set(self.registry.ids()))

@@ -248,9 +248,6 @@ def aggregate(
     dp_accountant: dpo.Accountant = None,
 ) -> None:
     """Run the aggregator of a federated job over MQTT (or a site aggregator: --upstream)."""
-    if secure_aggregation and upstream is not None:
-        raise ConfigError("--secure-aggregation is not implemented for a site aggregator yet "
-                          "(docs/privacy.md)")
     if secure_aggregation and strategy == CLI_DEFAULT_STRATEGY and clip_bound is None:
         # the default's per-update clip cannot run on a sum; the devices clip instead
         print(f"secure aggregation: strategy fedavg (the default {CLI_DEFAULT_STRATEGY} clips "

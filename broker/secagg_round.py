@@ -41,8 +41,14 @@ UNSUMMABLE = {
 }
 
 
-def check_config(strategy: str, min_clients: int, clip: float) -> None:
-    """--secure-aggregation's refusals, one line each (docs/privacy.md)."""
+def check_config(strategy: str, min_clients: int, clip: float, sites: bool = False) -> None:
+    """--secure-aggregation's refusals, one line each (docs/privacy.md). `sites`: the
+    aggregator accepts sites (--site-keys), whose answer is one plain signed update each."""
+    if sites:
+        raise ConfigError("--secure-aggregation with --site-keys is refused: a site answers "
+                          "with one signed update (its devices' aggregate), not masked steps; "
+                          "run --secure-aggregation at each site over its devices "
+                          "(docs/privacy.md, 'Placement with sites')")
     if strategy in UNSUMMABLE:
         raise ConfigError(f"--secure-aggregation: strategy {strategy} is refused, "
                           f"{UNSUMMABLE[strategy]} and the aggregator only learns their sum "

@@ -18,6 +18,11 @@ site is a late device for the central (its update is refused as stale, the next 
 When the central publishes its final adapter (round > rounds) the site publishes it to its
 devices with `control: done` and ends.
 
+`--secure-aggregation`: the site runs the secure protocol with its own devices
+(`secagg_round.py`): it learns only their sum, and sends upstream the mean that sum gives with
+the same weight, as above (the central needs nothing new; a central over sites refuses
+`--secure-aggregation` itself: a site's answer is one signed update, not masked steps).
+
 `--resume`: the site's run folder says which round it committed; if the central still waits for
 that round, the site re-sends that round's partial from its files instead of running it again.
 """
@@ -246,9 +251,11 @@ class SiteAggregator(Aggregator):
         )
         self._send_up(g.round, payload)
         self.central_rounds.append(g.round)
+        # with secure aggregation the accumulator held one input, the unmasked sum's mean
+        what = ("the secure sum" if self._secagg is not None else "mean") + " of"
         self.log(
-            f"site {self.site}: round {g.round}/{g.rounds} sent upstream: mean of {acc.count} "
-            f"update(s), {acc.samples} samples"
+            f"site {self.site}: round {g.round}/{g.rounds} sent upstream: {what} "
+            f"{len(self._answered)} update(s), {acc.samples} samples"
         )
 
     def _on_central(self, msg: Received) -> bool:

@@ -54,12 +54,14 @@ def start_agents(
 ) -> list[tuple[Agent, threading.Thread]]:
     """One running agent per client name (daemon threads; they end when the job is done).
     `models`: each keeps its models in models/<client> at the job's end (else none kept);
-    `agent_options`: more AgentConfig fields (an update codec; a site's key as aggregator_key)."""
+    `agent_options`: more AgentConfig fields (an update codec; `aggregator_key`: the public key
+    their aggregator signs with, a site's, instead of the tests' aggregator's)."""
     out = []
+    agg_key = agent_options.pop("aggregator_key", None) or keys.aggregator_public()
     for c in clients:
         cfg = AgentConfig(JOB, c, idle_timeout_s=30, poll_s=0.02, key=keys.key(c),
-                          models=models / c if models is not None else None,
-                          **{"aggregator_key": keys.aggregator_public(), **agent_options})
+                          aggregator_key=agg_key,
+                          models=models / c if models is not None else None, **agent_options)
         t = MemoryTransport(
             broker,
             c,
