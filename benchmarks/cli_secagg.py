@@ -27,7 +27,7 @@ def bench_secagg(
         typer.Option(help="Adapter width (512: ViT-B-32): one for every count, or one per "
                      "--devices in order.", **R.DIM),
     ] = None,
-    rounds: Annotated[int, typer.Option(help="Rounds of each run.", min=1, max=1000)] = 2,
+    rounds: Annotated[int, typer.Option(help="Rounds of each run.", **R.ROUNDS)] = 2,
     dropout: Annotated[
         float, typer.Option(help="Share of the devices that drop out each round of the "
                             "dropout run (at least one).", min=0.0, max=0.33)

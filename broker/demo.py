@@ -154,6 +154,8 @@ def run_mqtt_demo(
     update_codec: str = "fp32",
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     secure_aggregation: bool = False,
+    global_codec: str = "fp32",
+    global_topk_fraction: float | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run the federation end to end and return the aggregator's summary.
@@ -230,6 +232,8 @@ def run_mqtt_demo(
             strategy=strategy,
             strategy_options=strategy_options or {},
             secure_aggregation=secure_aggregation,
+            global_codec=global_codec,
+            global_topk_fraction=global_topk_fraction or DEFAULT_TOPK_FRACTION,
             registry=KeyRegistry.load(keys / "devices"),
             signing_key=load_private_key(keys / "aggregator.key"),
         )

@@ -329,6 +329,8 @@ def demo(
     update_codec: UpdateCodec = CodecName.fp32,
     topk_fraction: TopkFraction = 0.01,
     secure_aggregation: opt.SecureAggregation = False,
+    global_codec: GlobalCodec = CodecName.fp32,
+    global_topk_fraction: GlobalTopkFraction = None,
     config: config_option("demo") = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,
     dp_clip: dpo.Clip = None,
@@ -352,6 +354,9 @@ def demo(
     if inproc and update_codec.value != "fp32":
         raise ConfigError("--update-codec is for the MQTT demo's agents; with --inproc use "
                           "`fedclip-edge simulate --update-codec`")
+    if inproc and global_codec.value != "fp32":
+        raise ConfigError("--global-codec is for the MQTT demo's aggregator; with --inproc use "
+                          "`fedclip-edge simulate --global-codec`")
     if inproc:
 
         run_demo(
@@ -382,6 +387,8 @@ def demo(
         update_codec=update_codec.value,
         topk_fraction=topk_fraction,
         secure_aggregation=secure_aggregation,
+        global_codec=global_codec.value,
+        global_topk_fraction=global_topk_fraction,
     )
 
 
