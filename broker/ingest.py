@@ -113,13 +113,21 @@ class MessageIntake:
 
     def _penalized(self) -> None:
         """A device unsubscribed for flooding (broker/penalty.py) is offline until the broker
-        sends its retained status back with the resubscription: rounds do not wait for it."""
+        sends its retained status back with the resubscription: rounds do not wait for it.
+
+        The round's global goes out again (listing who answered): before the unsubscribe the
+        flood filled the broker's queue for us, and the broker drops what does not fit, an
+        honest update too; a device whose update is not listed sends it again (duplicates
+        count once). Without this such a round waited for its deadline."""
         box = getattr(self.t, "penalty", None)
-        for who in box.take_new() if box is not None else ():
+        new = box.take_new() if box is not None else []
+        for who in new:
             dev = self.roster.get(who)
             if dev is not None and dev.active:
                 self.roster.set_state(who, "offline")
                 self.log(f"device {who} is offline while it is penalized for flooding")
+        if new and self._round and self._secagg is None:
+            self._publish_global()
 
     def _reject(self, reason: str, topic: str, message: str) -> None:
         self.counters[f"rejected_{reason}"] += 1
