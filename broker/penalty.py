@@ -10,7 +10,8 @@ quiet; docs/reliability.md "The flood, measured"). Two things keep it at the bro
   unregistered id to the aggregator at all. Unsigned jobs keep the wildcards (no registry).
 - `PenaltyBox`: a registered id that trips its rate limit is unsubscribed at the broker for a
   penalty window (10 s, doubled while it keeps tripping, at most 320 s), then subscribed again
-  (the broker sends its retained status back). What it publishes meanwhile is its own loss.
+  (the broker sends its retained status back) on probation: 20 messages, not the whole burst,
+  before its limit trips again. What it publishes meanwhile is its own loss.
   mosquitto (2.0.11, checked) still delivers what it had queued for the aggregator before the
   UNSUBSCRIBE (up to `max_inflight_messages` + `max_queued_messages`): those are dropped here
   before decoding, acknowledged and counted (`penalized`).
@@ -33,6 +34,10 @@ from fedclip_edge.broker.ratelimit import sender_of
 
 DEFAULT_PENALTY_S = 10.0
 MAX_PENALTY_S = 320.0
+# a sender back from a penalty has this many messages before its rate limit trips again (an
+# honest device's retained hello and its update are 2-3): a flood that goes on is cut after a
+# few messages, not after a whole burst (500) decoded as garbage by the aggregator
+PROBATION_MESSAGES = 20.0
 
 
 def id_filters(job: str, ids: Iterable[str]) -> list[str]:
@@ -62,10 +67,12 @@ class PenaltyBox:
         *,
         penalty_s: float = DEFAULT_PENALTY_S,
         max_penalty_s: float = MAX_PENALTY_S,
+        probation_messages: float = PROBATION_MESSAGES,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.penalty_s, self.max_penalty_s = penalty_s, max(penalty_s, max_penalty_s)
+        self.probation_messages = probation_messages
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.clock = clock
         self.penalties: Counter[str] = Counter()  # per sender, since start
@@ -127,6 +134,9 @@ class PenaltyBox:
                 self._resubscribing += 1
                 del self._until[who]
                 filters, window, before = self._held.pop(who)
+                limit = getattr(transport, "rate_limit", None)
+                if limit is not None:  # before the SUBSCRIBE: its first messages count
+                    limit.probation(who, self.probation_messages)
                 transport.subscribe(*filters)
                 self._resubscribing -= 1
                 self.log(f"penalty: {who} subscribed again after {window:g}s "

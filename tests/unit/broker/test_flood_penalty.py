@@ -127,3 +127,38 @@ def test_a_flood_stays_at_the_broker_and_the_honest_rounds_complete(tmp_path: Pa
     assert len(globals_2) == 2 and agg.counters["rejected_duplicate"] == 0
     # in memory nothing is queued for the aggregator: the unsubscribe stops evil at once
     assert t.penalty.dropped == {} and t.rate_limit.dropped["evil"] == 1
+
+
+def test_a_sender_back_from_a_penalty_that_still_floods_trips_after_its_probation() -> None:
+    """Back from its penalty a sender has 5 messages (probation), not its burst of 100: a flood
+    that goes on costs the aggregator 5 garbage messages to decode, not 100."""
+    from fedclip_edge.broker.ratelimit import SenderRateLimit
+
+    clock, lines = flood.FakeClock(), []
+    broker = MemoryBroker()
+    t = MemoryTransport(broker, "aggregator",
+                        rate_limit=SenderRateLimit(messages_per_s=10, message_burst=100,
+                                                   log=lines.append, clock=clock),
+                        penalty=PenaltyBox(penalty_s=10, probation_messages=5,
+                                           log=lines.append, clock=clock))
+    t.subscribe(*id_filters("j", ["x", "y"]))
+    t.connect()
+    flooder = MemoryTransport(broker, "flooder")
+    flooder.connect()
+
+    def flood_x(n: int) -> int:
+        for _ in range(n):
+            flooder.publish(P.update_topic("j", "x"), b"garbage")
+        got = 0
+        while t.recv(0) is not None:
+            got += 1
+        return got
+
+    assert flood_x(300) == 100 and t.penalty.held == {"x"}  # the burst, then unsubscribed
+    clock.now += 11
+    t.recv(0)  # the penalty is over: subscribed again, on probation
+    assert t.penalty.held == set()
+    assert flood_x(300) == 5 and t.penalty.held == {"x"}  # 5 more, then held again (20 s)
+    assert "for 20s (penalty 2 in a row)" in lines[-1]
+    flooder.publish(P.update_topic("j", "y"), b"honest")  # another sender: untouched
+    assert t.recv(0) is not None
