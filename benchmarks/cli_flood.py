@@ -27,7 +27,8 @@ def bench_flood(
     flooder: Annotated[
         list[str] | None,
         typer.Option(help="unregistered and/or registered (in the job's device keys, no agent "
-                     "running for it); default both."),
+                     "running for it), or none (a control run: nothing published); default "
+                     "unregistered and registered."),
     ] = None,
     round_timeout: Annotated[
         float, typer.Option(help="The aggregator's round deadline, seconds (the command "
@@ -40,7 +41,7 @@ def bench_flood(
 
     modes, floods = mode or ["before", "after"], flooder or ["unregistered", "registered"]
     bad = [m for m in modes if m not in ("before", "after")] + [
-        f for f in floods if f not in ("unregistered", "registered")]
+        f for f in floods if f not in ("unregistered", "registered", "none")]
     if bad:
         raise typer.BadParameter(f"unknown: {', '.join(bad)}")
     print("| mode | flooding id | flood messages | reached the aggregator | quiet rounds "

@@ -6,7 +6,8 @@ worker, the per-sender rate limit, and in mode `after` the penalty box) in this 
 signed job, 3 agents on small synthetic features (threads of one child process), and after
 round 5 a flooder (its own process) that publishes 200-byte garbage, QoS 1, on one id's update
 topic as fast as it can for `seconds`. The flooding id is either unregistered (not in the
-job's device keys) or registered (in them, but no agent runs for it).
+job's device keys) or registered (in them, but no agent runs for it); `none` is the control run
+(no message published: how much the round times of this machine spread by themselves).
 
 Modes: `before` subscribes the wildcards `update/+` and `status/+` and has no penalty box: the
 transport of merge2 (rate limit only); `after` is the command line's transport now (per-id
@@ -80,7 +81,12 @@ def _agents(url: str, run_s: float) -> None:
 
 
 def _flooder(url: str, topic: str, seconds: float, result: str) -> None:
-    """200-byte garbage, QoS 1, as fast as paho takes it (at most 1000 unacknowledged)."""
+    """200-byte garbage, QoS 1, as fast as paho takes it (at most 1000 unacknowledged);
+    topic `-`: nothing, the control run (the machine's own spread of round times)."""
+    if topic == "-":
+        time.sleep(seconds)
+        Path(result).write_text(json.dumps({"published": 0}))
+        return
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -123,6 +129,7 @@ def run_case(mode: str, flooder: str, out: Path, *, seconds: float = 30.0,
     lines: list[str] = []
     ids = [*AGENTS, *((FLOODER_ID,) if flooder == "registered" else ())]
     topic = P.update_topic(JOB, FLOODER_ID)
+    flood_topic = "-" if flooder == "none" else topic
 
     class Rx(PrevalidatingMqttTransport):
         from_flooder = 0
@@ -159,7 +166,7 @@ def run_case(mode: str, flooder: str, out: Path, *, seconds: float = 30.0,
                 state["flood"] = [now, None]
                 state["proc"] = subprocess.Popen(
                     [sys.executable, "-m", "fedclip_edge.benchmarks.flood", "flooder", url,
-                     topic, str(seconds), str(out / "flooder.json")])
+                     flood_topic, str(seconds), str(out / "flooder.json")])
             proc = state["proc"]
             if proc is not None and state["flood"][1] is None and proc.poll() is not None:
                 state["flood"][1] = now  # the flooder is done (it exits when its time is up)
