@@ -15,8 +15,8 @@ messages per client), and a crash loses nothing that was acknowledged. When the 
 (in bytes or in messages) the receiving thread waits for room instead of dropping the message:
 nothing is acknowledged and dropped unlogged. A flood is cut at its sender instead
 (`rate_limit`, broker/ratelimit.py): messages over one sender's limit are dropped before any
-decoding, acknowledged, counted (`rate_limited`) and logged as one summary line per interval, so
-the flood costs that sender, not the others' rounds.
+decoding, acknowledged, counted (`rate_limited`) and logged as one summary line per interval, and
+a registered sender over it is unsubscribed at the broker a while (`penalty`, broker/penalty.py).
 
 Chunking lives here: a publish above `max_payload` becomes chunk envelopes
 (`protocol.split_payload`) and the receiving transport reassembles them. A retained publish that
