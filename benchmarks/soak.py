@@ -54,6 +54,7 @@ from fedclip_edge.broker.procs import stop_process
 from fedclip_edge.errors import ConfigError, FedClipError
 
 FLOOD_MESSAGES = 3000  # per flood fault: well over a sender's burst (500)
+FLOOD_ID = "dev-flood"
 # faults per committed round, by kind (at least one of each whatever the length of the run)
 FAULT_RATES = {
     "kill_agent": 0.06, "restart_broker": 0.03, "kill_aggregator": 0.03, "garbage": 0.06,
@@ -219,11 +220,14 @@ class Soak:
         data, art, keys = self.out / "data", self.out / "artifact", self.out / "keys"
         # signed as a deployment is: the exporter signs the artifact, each device its messages,
         # the aggregator its globals; `devices/` is the registry of who may take part
-        for key_id in ["aggregator", "exporter", "foreign", *self.clients]:
+        for key_id in ["aggregator", "exporter", "foreign", FLOOD_ID, *self.clients]:
             if not (keys / f"{key_id}.key").is_file():
                 new_keypair(keys, key_id, overwrite=True)
         (keys / "devices").mkdir(exist_ok=True)
-        for c in self.clients:
+        # the flood's id is registered (a key, no agent runs for it): an unregistered id's flood
+        # is not even routed to the aggregator (issue 22); a registered one's meets its rate
+        # limit and then its penalty (unsubscribed a while: broker/penalty.py)
+        for c in [*self.clients, FLOOD_ID]:
             (keys / "devices" / f"{c}.pub").write_bytes((keys / f"{c}.pub").read_bytes())
         if not (data / ".done").is_file():
             _run_step(["data", "synth", "--out", str(data), "--per-class",
@@ -357,9 +361,9 @@ class Soak:
                                   "sha256": hashlib.sha256(payload).hexdigest()})
             f.outcome = "injected" if ok else "not acknowledged by the broker"
         elif f.kind == "flood":
-            # garbage as fast as the chaos client can publish, on the topic of an id that is
-            # no device: it must cost that id (rate limit), not the devices' rounds
-            f.target = "dev-flood"
+            # garbage as fast as the chaos client can publish, on the topic of a registered id
+            # that runs no agent: it must cost that id (rate limit, penalty), not the rounds
+            f.target = FLOOD_ID
             topic = P.update_topic(self.job, f.target)
             sent = injector.flood(topic, FLOOD_MESSAGES, rng)
             self.injected.append({"kind": "flood", "topic": topic, "messages": sent})

@@ -352,6 +352,7 @@ class Aggregator(MessageIntake):
             if left <= 0:
                 return
             msg = self.t.recv(min(left, 0.25))
+            self._penalized()
             if self.t.epoch != self._epoch_seen:  # reconnected: the broker may have lost all
                 self._epoch_seen = self.t.epoch
                 self.log(f"connected to the broker (connection {self.t.epoch})")
@@ -530,7 +531,7 @@ class Aggregator(MessageIntake):
         """The whole job; raises FedClipError when it stops short (policy `stop` or retries)."""
         self._load_eval()
         self._init_state()
-        self.t.subscribe(P.update_filter(self.cfg.job), P.status_filter(self.cfg.job))
+        self.t.subscribe(*self._subscriptions())
         self.t.connect(self.cfg.connect_timeout_s)
         self._epoch_seen = self.t.epoch
         if self.completed < self.cfg.rounds:
@@ -548,6 +549,7 @@ class Aggregator(MessageIntake):
             lambda: self.roster.active_count >= self.cfg.min_clients,
         )
         self._await_binding()
+        self._narrow()
         self._make_initial()
         self._start_prevalidation()
         self.log(

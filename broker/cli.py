@@ -28,6 +28,7 @@ from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.aggregator import Aggregator, AggregatorConfig
 from fedclip_edge.broker.embedded import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from fedclip_edge.broker.hierarchy import SiteRegistry
+from fedclip_edge.broker.penalty import PenaltyBox
 from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.broker.status import build_status, collect_retained, format_status
 from fedclip_edge.broker.transport import DEFAULT_MAX_INFLIGHT_BYTES, MqttTransport, TlsOptions
@@ -328,6 +329,8 @@ def aggregate(
         max_message_bytes=cfg.max_update_bytes + 2**20,
         # a flood costs its sender: over-limit messages dropped, counted, one line per interval
         rate_limit=SenderRateLimit(log=lambda line: print(line, flush=True)),
+        # signed jobs: a registered id over its limit is unsubscribed at the broker a while
+        penalty=PenaltyBox(log=lambda line: print(line, flush=True)),
     )
     log, console = make_log(sys.stdout)
 

@@ -23,6 +23,7 @@ from fedclip_edge.broker.hierarchy import (
     check_weight_claim,
     read_site_weight,
 )
+from fedclip_edge.broker.penalty import id_filters
 from fedclip_edge.broker.roster import Device
 from fedclip_edge.broker.runbind import check_run, status_binds
 from fedclip_edge.broker.secagg_wire import is_secagg
@@ -104,6 +105,39 @@ class MessageIntake:
     def _answered(self) -> dict[str, dict[str, Any]]:
         """Who answered the current (or last) round, with their records."""
         return self._open.answered if self._open is not None else {}
+
+    # ------------------------------------------------------------------ what we subscribe to
+    def _subscriptions(self) -> list[str]:
+        """Signed: the registered ids' own topics (broker/penalty.py), plus `status/+` until
+        the rounds start (a refused hello is named with its fix); unsigned: the wildcards."""
+        job = self.cfg.job
+        if not self.cfg.signed:
+            return [P.update_filter(job), P.status_filter(job)]
+        sites = self.cfg.sites.keys.ids() if self.cfg.sites is not None else ()
+        return [*id_filters(job, [*self.cfg.registry.ids(), *sites]), P.status_filter(job)]
+
+    def _narrow(self) -> None:
+        """The rounds start: an unregistered id's status no longer reaches us either."""
+        if self.cfg.signed:
+            self.t.unsubscribe(P.status_filter(self.cfg.job))
+
+    def _penalized(self) -> None:
+        """A device unsubscribed for flooding (broker/penalty.py) is offline until the broker
+        sends its retained status back with the resubscription: rounds do not wait for it.
+
+        The round's global goes out again (listing who answered): before the unsubscribe the
+        flood filled the broker's queue for us, and the broker drops what does not fit, an
+        honest update too; a device whose update is not listed sends it again (duplicates
+        count once). Without this such a round waited for its deadline."""
+        box = getattr(self.t, "penalty", None)
+        new = box.take_new() if box is not None else []
+        for who in new:
+            dev = self.roster.get(who)
+            if dev is not None and dev.active:
+                self.roster.set_state(who, "offline")
+                self.log(f"device {who} is offline while it is penalized for flooding")
+        if new and self._round and self._secagg is None:
+            self._publish_global()
 
     def _reject(self, reason: str, topic: str, message: str) -> None:
         self.counters[f"rejected_{reason}"] += 1

@@ -16,7 +16,8 @@ each, deploy/grafana/fedclip-edge.json plots them):
 - bytes: `update_bytes_up_total` (accepted updates as received, chunks included),
   `update_bytes_down_total` (the global each answering device downloaded),
   `mqtt_payload_bytes_total{direction}` (every MQTT payload the aggregator sent or received),
-  `transport_rejected_total{reason}` (chunks refused before a whole message existed, a full inbox)
+  `transport_rejected_total{reason}` (chunks refused before a whole message existed; messages
+  dropped before decoding: `rate_limited` over a sender's limit, `penalized` while it is held)
 - devices: `devices_online`, `devices_known`; `aggregator_info{fedclip_job, session}`
 - privacy: `dp_epsilon` (central DP's epsilon after the committed rounds; NaN when off)
 """

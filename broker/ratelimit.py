@@ -94,6 +94,16 @@ class SenderRateLimit:
         self.report()
         return ok
 
+    def probation(self, who: str, messages: float) -> None:
+        """`who` starts again with at most `messages` tokens, refilling from now: a sender back
+        from a penalty (broker/penalty.py) that still floods trips after a few messages, not
+        after a whole burst decoded as garbage."""
+        now = self.clock()
+        with self._lock:
+            b = self._buckets.get(who)
+            if b is not None:
+                b.messages, b.at = min(self.message_burst, messages), now
+
     def report(self, force: bool = False) -> str | None:
         """One line for the drops since the last report (none: nothing logged)."""
         now = self.clock()

@@ -401,13 +401,14 @@ class SiteAggregator(Aggregator):
         """Serve the central job's rounds until it is done; returns its final adapter."""
         self._load_eval()
         self._init_state()
-        self.t.subscribe(P.update_filter(self.cfg.job), P.status_filter(self.cfg.job))
+        self.t.subscribe(*self._subscriptions())
         self.t.connect(self.cfg.connect_timeout_s)
         self._epoch_seen = self.t.epoch
         self._publish_control("running")
         self._pump(self.clock() + 0.3, lambda: False)
         self._wait_for_devices()
         self._await_binding()
+        self._narrow()
         dim = self._site_dim()
         if self.global_state is None:
             self.global_state = self._template()

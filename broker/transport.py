@@ -15,8 +15,8 @@ messages per client), and a crash loses nothing that was acknowledged. When the 
 (in bytes or in messages) the receiving thread waits for room instead of dropping the message:
 nothing is acknowledged and dropped unlogged. A flood is cut at its sender instead
 (`rate_limit`, broker/ratelimit.py): messages over one sender's limit are dropped before any
-decoding, acknowledged, counted (`rate_limited`) and logged as one summary line per interval, so
-the flood costs that sender, not the others' rounds.
+decoding, acknowledged, counted (`rate_limited`) and logged as one summary line per interval, and
+a registered sender over it is unsubscribed at the broker a while (`penalty`, broker/penalty.py).
 
 Chunking lives here: a publish above `max_payload` becomes chunk envelopes
 (`protocol.split_payload`) and the receiving transport reassembles them. A retained publish that
@@ -35,9 +35,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from fedclip_edge.broker import protocol
+from fedclip_edge.broker.brokerurl import TlsOptions, parse_broker_url
+from fedclip_edge.broker.penalty import PenaltyBox
 from fedclip_edge.broker.protocol import MessageRejected, Reassembler
 from fedclip_edge.broker.ratelimit import SenderRateLimit
 from fedclip_edge.errors import TransportError
@@ -45,6 +46,8 @@ from fedclip_edge.errors import TransportError
 # What an inbox may hold before the receiving thread waits: 64 MiB is 30 fp32 ViT-B-32 adapter
 # updates (2.1 MB each), enough to keep the aggregator busy, small next to a burst of 1000.
 DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+# topic filters per SUBSCRIBE/UNSUBSCRIBE packet: 10,000 devices' 20,000 topics in 40 packets
+FILTERS_PER_PACKET = 500
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,12 @@ class Transport:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         manual_ack: bool = False,
         rate_limit: SenderRateLimit | None = None,
+        penalty: PenaltyBox | None = None,
     ) -> None:
         self.client_id = client_id
         self.rate_limit = rate_limit
+        # a registered sender over its rate limit is unsubscribed for a while (broker/penalty.py)
+        self.penalty = penalty
         self.max_payload = max_payload
         self.counters = Counters()
         self.rejected: Counter[str] = Counter()  # chunk-level rejections, by reason
@@ -139,7 +145,7 @@ class Transport:
         self.peak_inflight_bytes = 0
         self._room = threading.Condition()
         self._closing = False
-        self._filters: list[str] = []
+        self._filters: dict[str, None] = {}  # ordered; a dict: 20,000 per-id topics
         # bounded by `_admit` (bytes and count), so a put never finds it full
         self._inbox_size = max(1, inbox_size)
         self._inbox: queue.Queue[Received] = queue.Queue()
@@ -168,14 +174,26 @@ class Transport:
     def _subscribe_raw(self, pattern: str) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _subscribe_many(self, patterns: list[str]) -> None:
+        for p in patterns:
+            self._subscribe_raw(p)
+
+    def _unsubscribe_many(self, patterns: list[str]) -> None:
+        """Stop the broker routing `patterns` here (the base: nothing routes by filters)."""
+
     # --- the interface
     def subscribe(self, *patterns: str) -> None:
-        """Subscribe now and again after every reconnect."""
+        """Subscribe now and again after every reconnect (MQTT: 500 filters per SUBSCRIBE)."""
+        self._filters.update(dict.fromkeys(patterns))
+        if self.connected:
+            self._subscribe_many(list(patterns))
+
+    def unsubscribe(self, *patterns: str) -> None:
+        """Unsubscribe now, and not again after a reconnect."""
         for p in patterns:
-            if p not in self._filters:
-                self._filters.append(p)
-            if self.connected:
-                self._subscribe_raw(p)
+            self._filters.pop(p, None)
+        if self.connected:
+            self._unsubscribe_many(list(patterns))
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Delivery:
         """QoS 1 publish of a whole message, chunked when above `max_payload`."""
@@ -195,6 +213,8 @@ class Transport:
         them, when the consumer calls `ack(msg)`.
         """
         self._expire_chunks()
+        if self.penalty is not None:
+            self.penalty.tick(self)  # penalties over: resubscribed (on the consumer's thread)
         try:
             msg = self._inbox.get(timeout=max(0.0, timeout))
         except queue.Empty:
@@ -262,8 +282,14 @@ class Transport:
         if not payload:
             self._ack_now(token)
             return  # a cleared retained message
+        if self.penalty is not None and self.penalty.holds(topic):
+            self.rejected["penalized"] += 1  # queued at the broker before the unsubscribe
+            self._ack_now(token)
+            return
         if self.rate_limit is not None and not self.rate_limit.allow(topic, len(payload)):
             self.rejected["rate_limited"] += 1  # and in the limiter's summary line, by sender
+            if self.penalty is not None:
+                self.penalty.tripped(self, topic)  # a registered id: unsubscribed a while
             self._ack_now(token)
             return
         if protocol.peek_type(payload) == "chunk":
@@ -358,12 +384,15 @@ class MemoryTransport(Transport):
             self.broker.clients[self.client_id] = self
             self._connected = True
             self.epoch += 1
-        for f in self._filters:
-            self._subscribe_raw(f)
+        self._subscribe_many(list(self._filters))
 
     def close(self) -> None:
         with self.broker.lock:
             self._connected = False
+
+    def unsubscribe(self, *patterns: str) -> None:
+        with self.broker.lock:  # MemoryBroker.publish reads the filters under its lock
+            super().unsubscribe(*patterns)
 
     def _subscribe_raw(self, pattern: str) -> None:
         with self.broker.lock:
@@ -384,44 +413,6 @@ class MemoryTransport(Transport):
 
 
 # ----------------------------------------------------------------------------- MQTT
-
-
-@dataclass(frozen=True)
-class TlsOptions:
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    insecure: bool = False  # skip hostname verification (self-signed test setups only)
-
-    @classmethod
-    def from_options(
-        cls,
-        ca_certs: Any = None,
-        certfile: Any = None,
-        keyfile: Any = None,
-        insecure: bool = False,
-    ) -> TlsOptions | None:
-        """From CLI options (paths or None); None when no TLS option was given."""
-        if not (ca_certs or certfile or keyfile or insecure):
-            return None
-        return cls(*(str(p) if p else None for p in (ca_certs, certfile, keyfile)), insecure)
-
-
-def parse_broker_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    """'mqtt://[user:pass@]host[:port]' or 'mqtts://...' -> (host, port, tls, user, password)."""
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-    tls = parsed.scheme in ("mqtts", "ssl")
-    if not parsed.hostname:
-        raise TransportError(f"broker URL {url!r} has no host")
-    try:
-        port = parsed.port or (8883 if tls else 1883)
-    except ValueError:
-        raise TransportError(f"broker URL {url!r} has an invalid port") from None
-    user = unquote(parsed.username) if parsed.username else None
-    password = unquote(parsed.password) if parsed.password else None
-    return parsed.hostname, port, tls, user, password
 
 
 class MqttTransport(Transport):
@@ -557,8 +548,7 @@ class MqttTransport(Transport):
                 client.disconnect()  # do not hammer the broker with refused credentials
             return
         self._refused = None
-        for f in self._filters:
-            client.subscribe(f, qos=protocol.QOS)
+        self._subscribe_many(list(self._filters))
         self._ever_connected = True
         self._connected = True
         self.epoch += 1
@@ -579,6 +569,14 @@ class MqttTransport(Transport):
 
     def _subscribe_raw(self, pattern: str) -> None:
         self.client.subscribe(pattern, qos=protocol.QOS)
+
+    def _subscribe_many(self, patterns: list[str]) -> None:
+        for i in range(0, len(patterns), FILTERS_PER_PACKET):
+            self.client.subscribe([(p, protocol.QOS) for p in patterns[i:i + FILTERS_PER_PACKET]])
+
+    def _unsubscribe_many(self, patterns: list[str]) -> None:
+        for i in range(0, len(patterns), FILTERS_PER_PACKET):
+            self.client.unsubscribe(patterns[i:i + FILTERS_PER_PACKET])
 
     def _send(self, topic: str, payload: bytes, retain: bool) -> Callable[[float], bool]:
         info = self.client.publish(topic, payload, qos=protocol.QOS, retain=retain)

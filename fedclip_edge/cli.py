@@ -22,6 +22,7 @@ from fedclip_edge.benchmarks.cli import (
     bench_soak,
 )
 from fedclip_edge.benchmarks.cli_codecs import bench_codecs
+from fedclip_edge.benchmarks.cli_flood import bench_flood
 from fedclip_edge.benchmarks.cli_infer import bench_infer
 from fedclip_edge.benchmarks.cli_secagg import bench_secagg
 from fedclip_edge.broker import cli_options as opt
@@ -412,6 +413,7 @@ def _register_parts() -> None:
     bench_app.command("codecs")(bench_codecs)
     bench_app.command("infer")(bench_infer)
     bench_app.command("secagg")(bench_secagg)
+    bench_app.command("flood")(bench_flood)
 
 
 def main(argv: list[str] | None = None) -> int:
