@@ -41,13 +41,21 @@ def summarize(summary: dict[str, Any]) -> dict[str, Any]:
     last_pers = [_mean(list(r["history"][-1]["test_acc"].values())) for r in runs]
     last_gen = [r["history"][-1]["generalization_acc"] for r in runs]
     curve_bytes: list[float] = []
+    curve_both: list[float] = []  # up + down, where simulate counted the downlink per round
     curve_acc: list[float] = []
-    cumulative = 0.0
+    cumulative = both = 0.0
     rounds = len(runs[0]["history"])
     for i in range(rounds):
         per_seed_up = [_mean(list(r["history"][i]["up_bytes"].values())) for r in runs]
         cumulative += _mean(per_seed_up)
         curve_bytes.append(cumulative)
+        # a dense (fp32) global costs the same every round: simulate writes that one figure
+        down = [r["down_bytes_by_round"][i] if "down_bytes_by_round" in r
+                else r["down_bytes_per_client_per_round"] if not summary.get("global_codec")
+                else None for r in runs]
+        if None not in down:
+            both += _mean(per_seed_up) + _mean(down)
+            curve_both.append(both)
         curve_acc.append(_mean([_mean(list(r["history"][i]["test_acc"].values())) for r in runs]))
     return {
         "codec": summary["update_codec"],
@@ -59,14 +67,25 @@ def summarize(summary: dict[str, Any]) -> dict[str, Any]:
         "selected": {"personalization": _spread(sel_pers), "held_out": _spread(sel_gen)},
         "last_round": {"personalization": _spread(last_pers), "held_out": _spread(last_gen)},
         "zero_shot_personalization": _mean(list(summary["zero_shot_test"].values())),
-        "curve": {"cumulative_up_bytes": curve_bytes, "mean_test_acc": curve_acc},
+        "curve": {"cumulative_up_bytes": curve_bytes, "mean_test_acc": curve_acc,
+                  **({"cumulative_up_down_bytes": curve_both} if curve_both else {})},
+        **({"global_codec": summary["global_codec"],
+            # unset: the uplink's fraction (simulate's default for the downlink)
+            "global_topk_fraction": summary.get("global_topk_fraction")
+            or summary.get("topk_fraction")}
+           if summary.get("global_codec") else {}),
     }
 
 
-def _label(row: dict[str, Any]) -> str:
-    if row["codec"] in ("topk", "topk-int8"):
-        return f"{row['codec']} {row['topk_fraction']:g}"
-    return row["codec"]
+def _label(row: dict[str, Any], both_ways: bool = False) -> str:
+    up = (f"{row['codec']} {row['topk_fraction']:g}" if row["codec"] in ("topk", "topk-int8")
+          else row["codec"])
+    if not both_ways:
+        return up
+    down = row.get("global_codec", "fp32")
+    if down in ("topk", "topk-int8"):
+        down = f"{down} {row['global_topk_fraction']:g}"
+    return f"{up} up / {down} down"
 
 
 def table(rows: list[dict[str, Any]], tower_bytes: int | None) -> str:
@@ -102,28 +121,34 @@ def table(rows: list[dict[str, Any]], tower_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Mean client test accuracy against cumulative uplink bytes per client (log x)."""
+def plot(rows: list[dict[str, Any]], path: Path, both_ways: bool = False) -> None:
+    """Mean client test accuracy against cumulative uplink bytes per client (log x); with
+    `both_ways`, against uplink plus downlink bytes (runs with a --global-codec)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    key = "cumulative_up_down_bytes" if both_ways else "cumulative_up_bytes"
     for r in rows:
+        per_round = r["up_bytes_per_client_per_round"] + (
+            r["down_bytes_per_client_per_round"] if both_ways else 0)
         ax.plot(
-            r["curve"]["cumulative_up_bytes"],
+            r["curve"][key],
             [100 * a for a in r["curve"]["mean_test_acc"]],
             marker=".",
-            label=f"{_label(r)} ({r['up_bytes_per_client_per_round'] / 1024:,.1f} KiB/round)",
+            label=f"{_label(r, both_ways)} ({per_round / 1024:,.1f} KiB/round)",
         )
     zs = 100 * rows[0]["zero_shot_personalization"]
     ax.axhline(zs, color="grey", linestyle=":", label=f"zero-shot ({zs:.1f}%)")
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative uplink bytes per client")
+    ax.set_xlabel("cumulative uplink + downlink bytes per client" if both_ways
+                  else "cumulative uplink bytes per client")
     ax.set_ylabel("mean test accuracy of the clients (%), mean over seeds")
     ax.set_title(
-        f"FedCLIP update codecs: {rows[0]['rounds']} rounds, seeds {rows[0]['seeds']}, "
+        f"FedCLIP {'codecs up and down' if both_ways else 'update codecs'}: "
+        f"{rows[0]['rounds']} rounds, seeds {rows[0]['seeds']}, "
         "error feedback"
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -145,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="bench codecs' bench.json at d=512 (repeatable, one per top-k fraction): adds each "
         "codec's ratio to full FedAvg's tower frame",
+    )
+    parser.add_argument(
+        "--both-ways",
+        action="store_true",
+        help="plot against uplink + downlink bytes (runs with --global-codec; simulate counts "
+        "the downlink per round)",
     )
     args = parser.parse_args(argv)
     rows = []
@@ -173,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             r["tower_ratio_at_512"] = ratios[key]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "codecs_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, args.out / "codecs_accuracy.png")
+    if args.both_ways and not all("cumulative_up_down_bytes" in r["curve"] for r in rows):
+        print("error: --both-ways needs runs whose summary.json counts a compressed downlink "
+              "per round (down_bytes_by_round: simulate with this version)", file=sys.stderr)
+        return 2
+    plot(rows, args.out / "codecs_accuracy.png", both_ways=args.both_ways)
     print(table(rows, tower_bytes))
     print(f"wrote {args.out / 'codecs_accuracy.json'} and {args.out / 'codecs_accuracy.png'}")
     return 0

@@ -657,3 +657,20 @@ def test_codecs_accuracy_reads_simulate_runs_into_table_and_plot(tmp_path, capsy
     assert "| fp32 |" in out and "| topk 0.05 |" in out and "+0.00" in out
     assert (tmp_path / "codecs_accuracy.png").stat().st_size > 10_000
     assert accuracy_main([str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+
+
+def test_codecs_accuracy_plots_both_ways(tmp_path) -> None:
+    """Runs with a compressed global: the curve counts uplink and downlink bytes per round."""
+    from fedclip_edge.benchmarks.codecs_accuracy import main as accuracy_main
+
+    fs = tiny_features()
+    cfg = sim_config("topk", topk_fraction=0.05, global_codec="int8")
+    simulate(fs, cfg, tmp_path / "run", log=lambda _: None)
+    assert accuracy_main([str(tmp_path / "run"), "--out", str(tmp_path), "--both-ways"]) == 0
+    row = json.loads((tmp_path / "codecs_accuracy.json").read_text())[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    down = summary["per_seed"][0]["down_bytes_by_round"]
+    up, both = row["curve"]["cumulative_up_bytes"], row["curve"]["cumulative_up_down_bytes"]
+    assert both == pytest.approx([u + sum(down[: i + 1]) for i, u in enumerate(up)])
+    assert row["global_codec"] == "int8"
+    assert (tmp_path / "codecs_accuracy.png").stat().st_size > 10_000
