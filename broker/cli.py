@@ -260,8 +260,8 @@ def aggregate(
         dp_config(dp_noise_multiplier, clip=dp_clip, adaptive=dp_adaptive_clip,
                   quantile=dp_clip_quantile, population=dp_population, per_round=dp_per_round,
                   delta=dp_delta, target_epsilon=dp_target_epsilon, accountant=dp_accountant),
-        rounds=rounds, min_clients=min_clients, sites=bool(upstream or site_keys),
-        resume=resume)
+        rounds=rounds, min_clients=min_clients, sites=bool(site_keys), resume=resume,
+        site=site if upstream is not None else None)
     if dp is not None and secure_aggregation:
         raise ConfigError("central DP (--dp-*) clips each device's update at the aggregator, which "
                           "--secure-aggregation hides: use the agents' local DP (agent --dp-clip "
@@ -361,13 +361,13 @@ def aggregate(
         agg = SiteAggregator(
             transport, up_transport, cfg, site=site, log=log, console=console, hooks=prom,
             upstream_key=load_public_key(upstream_key) if upstream_key else None,
-            session=site_session,
+            session=site_session, plugins=() if dp is None else (dp,),
         )
     else:
         agg = Aggregator(transport, cfg, log=log, console=console, hooks=prom,
                          plugins=() if dp is None else (dp,))
-        if dp is not None:  # the expected count: the devices online when round 1 opens
-            dp.fleet_size = lambda: max(agg.roster.active_count, cfg.min_clients)
+    if dp is not None:  # the expected count: the devices online when round 1 opens
+        dp.fleet_size = lambda: max(agg.roster.active_count, cfg.min_clients)
     if prom is not None:
         metrics = serve_metrics(agg, prom, metrics_host, metrics_port)
         log(f"metrics for Prometheus at {metrics.url}")

@@ -19,6 +19,7 @@ from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.hierarchy import (
     SITE_BACKEND,
+    SITE_CLAIM,
     check_site_role,
     check_weight_claim,
     read_site_weight,
@@ -28,6 +29,7 @@ from fedclip_edge.broker.roster import Device
 from fedclip_edge.broker.runbind import check_run, status_binds
 from fedclip_edge.broker.secagg_wire import is_secagg
 from fedclip_edge.broker.transport import Received
+from fedclip_edge.privacy.central import OVER_SITES, CentralDP
 from fedclip_edge.rounds import Update
 from fedclip_edge.strategy import over_sites_note
 from fedclip_edge.wire import FrameRejected, decode_update
@@ -86,6 +88,7 @@ class MessageIntake:
     binding: set[str]  # said hello for no run / another run: expected to say it for this one
     _secagg: Any  # broker.secagg_round.SecAggCollect with --secure-aggregation, else None
     downlink: Any
+    engine: Any
 
     def _publish_global(
         self, have: tuple[str, ...] | None = None, dense: bool = False
@@ -193,6 +196,9 @@ class MessageIntake:
             authn.verify(st, keys_of, job=self.cfg.job)  # admitted only if registered
         if st.state != "offline":
             check_site_role(client, st.backend, self.cfg.sites, self.cfg.signed)
+            if st.backend == SITE_BACKEND and any(  # an unsigned job's site, under central DP
+                    isinstance(p, CentralDP) for p in self.engine.plugins):
+                raise P.MessageRejected(SITE_CLAIM, f"{client} is a site: {OVER_SITES}")
             # online only for this run: another run's is refused, none (a first hello) waits;
             # either way the device (if live) says hello for this run once it sees its control
             self.binding.add(client)

@@ -23,6 +23,13 @@ devices with `control: done` and ends.
 the same weight, as above (the central needs nothing new; a central over sites refuses
 `--secure-aggregation` itself: a site's answer is one signed update, not masked steps).
 
+`--dp-*` (central DP at the site, privacy/central.py): the site's round engine clips each of its
+devices' deltas, noises their sum and divides it by the expected count, as a flat job's
+aggregator does, and accounts the site's own population and sampling rate; what it sends
+upstream is that noised mean with a weight that does not depend on who answered (the expected
+count; no sample total, no loss): the central, the other sites and every device downstream see
+only the DP release (docs/privacy.md). Such a site needs the central's uniform weighting.
+
 `--resume`: the site's run folder says which round it committed; if the central still waits for
 that round, the site re-sends that round's partial from its files instead of running it again.
 """
@@ -49,6 +56,8 @@ from fedclip_edge.broker.site_down import RelayDownlink
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.global_codec import GlobalMismatch
+from fedclip_edge.privacy.central import CentralDP, PrivacyBudgetSpent
+from fedclip_edge.rounds import RoundPlugin
 from fedclip_edge.signing import KeyRegistry
 from fedclip_edge.strategy import WEIGHTINGS, site_strategy
 from fedclip_edge.wire import FrameRejected, encode_frame
@@ -77,6 +86,7 @@ class SiteAggregator(Aggregator):
         idle_timeout_s: float = 0.0,
         upstream_key: Ed25519PublicKey | None = None,
         session: str | None = None,
+        plugins: tuple[RoundPlugin, ...] = (),
     ) -> None:
         try:
             P.check_id(site, "site id")
@@ -85,7 +95,10 @@ class SiteAggregator(Aggregator):
         if cfg.global_codec != "fp32":
             raise ConfigError("a site forwards the central's global codec (the central's "
                               "--global-codec): give --global-codec to the central only")
-        super().__init__(transport, cfg, log=log, console=console, clock=clock, hooks=hooks)
+        super().__init__(transport, cfg, log=log, console=console, clock=clock, hooks=hooks,
+                         plugins=plugins)
+        # central DP over this site's devices (--dp-*), None without
+        self.dp = next((p for p in plugins if isinstance(p, CentralDP)), None)
         # the central's globals, rebuilt here and passed on (compressed when they came so)
         self.downlink = RelayDownlink(self.out)
         self.up = upstream
@@ -152,6 +165,8 @@ class SiteAggregator(Aggregator):
     # ------------------------------------------------------------------ upstream side
     def _hello_up(self) -> None:
         samples = sum(d.samples.get("train", 0) for d in self.devices.values() if d.active)
+        if self.dp is not None:
+            samples = 0  # the devices' data sizes are not released with DP at the site
         st = P.Status(
             self.site, "online", {"train": int(samples)}, SITE_BACKEND, self._site_dim(),
             {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name},
@@ -181,6 +196,10 @@ class SiteAggregator(Aggregator):
     def _partial_payload(self, rnd: int, state: dict[str, torch.Tensor], devices: int,
                          samples: int, loss: float | None) -> bytes:
         frame = encode_frame(state, job=self.cfg.job, round=rnd, client=self.site)
+        if self.dp is not None:
+            # the DP release is the noised mean alone: its weight is the expected count (the
+            # divisor), not who answered; no sample total, no loss (not noised)
+            devices, samples, loss = self.dp.expected, 0, None
         metrics = site_metrics(devices, samples, self.cfg.weighting)
         if loss is not None:
             metrics["loss"] = loss
@@ -208,6 +227,10 @@ class SiteAggregator(Aggregator):
         """The central's job settings (weighting, seed, training, rounds) become this site's;
         False when its weighting is one this build does not know."""
         if g.weighting:
+            if self.dp is not None and g.weighting != "uniform":
+                raise ConfigError(f"site {self.site}: central DP at this site weighs every "
+                                  f"device equally; the central's job weighs by {g.weighting} "
+                                  "(run the central with --weighting uniform)")
             if g.weighting not in WEIGHTINGS:
                 self.log(f"site {self.site}: central weighting {g.weighting!r} unknown; ignored")
                 return False
@@ -235,7 +258,13 @@ class SiteAggregator(Aggregator):
     def _answer(self, g: P.GlobalModel, state: dict[str, torch.Tensor]) -> None:
         """Run central round g.round on this site's devices and send the partial upstream."""
         self.global_state = state
-        if not self._run_round(g.round):
+        try:
+            ran = self._run_round(g.round)
+        except PrivacyBudgetSpent:  # this site's budget: its devices are done, it answers no more
+            self._round = 0
+            self._publish_control("done")
+            raise
+        if not ran:
             self.log(
                 f"site {self.site}: round {g.round}: too few devices answered; nothing sent "
                 "upstream (the central counts this site as late)"
@@ -252,7 +281,8 @@ class SiteAggregator(Aggregator):
         self._send_up(g.round, payload)
         self.central_rounds.append(g.round)
         # with secure aggregation the accumulator held one input, the unmasked sum's mean
-        what = ("the secure sum" if self._secagg is not None else "mean") + " of"
+        what = ("the secure sum" if self._secagg is not None else
+                "the DP-noised mean" if self.dp is not None else "mean") + " of"
         self.log(
             f"site {self.site}: round {g.round}/{g.rounds} sent upstream: {what} "
             f"{len(self._answered)} update(s), {acc.samples} samples"

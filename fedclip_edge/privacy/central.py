@@ -155,21 +155,30 @@ def dp_strategy(strategy: str, weighting: str) -> tuple[str, str | None]:
     return "fedavg", note
 
 
+# The one line a central (or a regional site) over sites says to --dp-*: its updates are
+# sites' aggregates, so clipping and noising them would bound a SITE's influence (site-level
+# DP), not a device's; user-level DP runs at each site, over that site's own devices.
+OVER_SITES = ("central DP over sites is refused: it would clip and noise each SITE's aggregate "
+              "(site-level DP), not each device's update (user-level DP); run the --dp-* "
+              "options at each site (aggregate --upstream ... --site S --dp-...) instead "
+              "(docs/privacy.md)")
+
+
 def aggregator_dp(cfg: CentralDPConfig | None, *, rounds: int | None, min_clients: int,
-                  sites: bool, resume: bool) -> CentralDP | None:
+                  sites: bool, resume: bool, site: str | None = None) -> CentralDP | None:
     """`aggregate`'s plug-in (None when central DP is off): noise from the OS's CSPRNG. A job
     whose plan exceeds --dp-target-epsilon is refused here when the expected count is known
-    (--dp-per-round) and nothing is committed yet; else before its first round."""
+    (--dp-per-round) and nothing is committed yet; else before its first round. `sites`: this
+    aggregator takes sites' updates (--site-keys): refused (OVER_SITES). `site`: this is site
+    `site` (--upstream): DP over its own devices, accounted for them alone."""
     if cfg is None:
         return None
     if sites:
-        raise ConfigError("central DP over sites is not supported yet: clipping a site's "
-                          "aggregate bounds a site, not a device (user-level DP needs each "
-                          "device's delta); run central DP on a flat job")
+        raise ConfigError(OVER_SITES)
     if cfg.per_round is not None and cfg.per_round < min_clients:
         raise ConfigError(f"central DP: --dp-per-round {cfg.per_round} is below --min-clients "
                           f"{min_clients}")
-    dp = CentralDP(cfg, planned_rounds=rounds)
+    dp = CentralDP(cfg, planned_rounds=rounds, site=site)
     if cfg.per_round is not None and not resume:
         dp.check_plan()
     return dp
@@ -192,12 +201,15 @@ class CentralDP(RoundPlugin):
     a seeded one for a reproducible simulation, else `secure_generator()` (seeded from the
     OS's CSPRNG). `planned_rounds` lets the first round refuse a job whose plan exceeds
     --dp-target-epsilon; `fleet_size` gives the expected count per round when the config does
-    not (the aggregator's devices online at the first round), fixed for the job from then on."""
+    not (the aggregator's devices online at the first round), fixed for the job from then on.
+    `site`: the plug-in of site aggregator `site` (broker/site.py): its rounds are the central's
+    rounds it answers, so a round it skips (late, too few devices) is simply not accounted."""
 
     def __init__(self, cfg: CentralDPConfig, *, planned_rounds: int | None = None,
                  generator: torch.Generator | None = None,
-                 fleet_size: Callable[[], int] | None = None) -> None:
+                 fleet_size: Callable[[], int] | None = None, site: str | None = None) -> None:
         self.cfg = cfg
+        self.site = site
         self.planned_rounds = planned_rounds
         self.generator = generator if generator is not None else secure_generator()
         self.fleet_size = fleet_size
@@ -249,7 +261,10 @@ class CentralDP(RoundPlugin):
         """summary.json's `privacy` block (epsilon None: no finite epsilon, z = 0)."""
         known = self.per_round is not None
         return {
-            "mechanism": "central DP-FedAvg (user level: each device's whole update)",
+            "mechanism": ("central DP-FedAvg (user level: each device's whole update)"
+                          if self.site is None else
+                          f"central DP-FedAvg at site {self.site} (user level for its own "
+                          "devices: each device's whole update; what it sends upstream)"),
             "epsilon": self.epsilon,
             "delta": self.delta if known else self.cfg.delta,
             "noise_multiplier": self.cfg.noise_multiplier,
@@ -296,7 +311,7 @@ class CentralDP(RoundPlugin):
 
     # ------------------------------------------------------------------ the round
     def on_open(self, rnd: OpenRound) -> None:
-        if rnd.number != self.rounds + 1:
+        if self.site is None and rnd.number != self.rounds + 1:
             raise ConfigError(
                 f"central DP: round {rnd.number} opens with {self.rounds} round(s) accounted; "
                 "the rounds before it ran without central DP (their globals have no finite "
