@@ -40,7 +40,8 @@ from fedclip_edge.global_codec import (
 )
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, decode_update, encode_update
 
-_DIGEST_LINE = re.compile(r"\] round (\d+): global ([0-9a-f]{64}) \((dense|delta on round \d+)")
+_DIGEST_LINE = re.compile(
+    r"\] round (\d+): global ([0-9a-f]{64}) \((dense|delta on round \d+|derived from seed \d+)")
 _NOT_USABLE = re.compile(r"\] round (\d+): compressed global not usable here \((.*)\); asking")
 _SENT_LINE = re.compile(r"\] round (\d+) \| samples ")
 # the causes a healthy federation has for a dense copy: the device holds another round's
@@ -147,7 +148,7 @@ def check_devices(logs: Mapping[str, list[Path]], globals_: Mapping[int, State],
             per_log[entry["log"]] = len(entry["digests"])
             for rnd, digest, kind in entry["digests"]:
                 lines += 1
-                how["dense" if kind == "dense" else "delta"] += 1
+                how[kind if kind == "dense" else kind.split()[0]] += 1  # dense|delta|derived
                 if rnd not in want:
                     unknown.append(f"{entry['log']}: round {rnd} (no committed global for it)")
                 elif digest != want[rnd]:
@@ -229,10 +230,11 @@ def saved_states(agg_logs: list[Path], final: Mapping[str, Any]) -> dict[int, di
 
 
 def downlink_figures(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """What the aggregator's round rows say went down: delta and dense publications."""
+    """What the aggregator's round rows say went down: delta, dense and derived publications."""
     rounds = [r for r in rows if r.get("kind") != "client" and "globals_dense" in r]
     return {"globals_delta": sum(int(r["globals_delta"]) for r in rounds),
             "globals_dense": sum(int(r["globals_dense"]) for r in rounds),
+            "globals_derived": sum(int(r.get("globals_derived", 0)) for r in rounds),
             "bytes_down_per_client": sum(int(r["bytes_down_per_client"]) for r in rounds)}
 
 

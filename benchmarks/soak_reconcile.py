@@ -424,12 +424,14 @@ def _downlink_text(r: dict[str, Any]) -> str:
     if not d:
         return ""
     text = (f"device globals {d['matched']}/{d['lines']} match (delta "
-            f"{d['rebuilt'].get('delta', 0)}, dense {d['rebuilt'].get('dense', 0)}; dense asked "
+            f"{d['rebuilt'].get('delta', 0)}, dense {d['rebuilt'].get('dense', 0)}, derived "
+            f"{d['rebuilt'].get('derived', 0)}; dense asked "
             f"{sum(d['dense_asked'].values())}) | ")
     down = r.get("downlink") or {}
     if r["config"].get("global_codec", "fp32") != "fp32" and down:
         text += (f"{r['config']['global_codec']} down: {down['globals_delta']} delta, "
-                 f"{down['globals_dense']} dense publications | ")
+                 f"{down['globals_dense']} dense, {down.get('globals_derived', 0)} derived "
+                 "publications | ")
     return text
 
 

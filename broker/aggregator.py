@@ -33,7 +33,7 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker import report as M
 from fedclip_edge.broker.authn import signature_holds
-from fedclip_edge.broker.global_down import GlobalDownlink
+from fedclip_edge.broker.global_down import GlobalDownlink, can_derive
 from fedclip_edge.broker.hierarchy import SiteRegistry
 from fedclip_edge.broker.ingest import (  # noqa: F401  (re-exported: their old home)
     MAX_DIM,
@@ -316,7 +316,7 @@ class Aggregator(MessageIntake):
     def _publish_global(self, have: tuple[str, ...] | None = None, dense: bool = False) -> None:
         assert self.global_state is not None
         rnd = self._round
-        delta = self.downlink.delta_for(rnd, dense=dense)
+        delta = self.downlink.delta_for(rnd, dense=dense, derive=can_derive(self.devices.values()))
         frame = delta.frame if delta is not None else encode_frame(
             self.global_state, job=self.cfg.job, round=rnd, client=P.AGGREGATOR_ID)
         msg = P.GlobalModel(
@@ -336,7 +336,7 @@ class Aggregator(MessageIntake):
             msg = authn.sign(msg, self.cfg.signing_key)
         self._global_payload = msg.encode()
         self.t.publish(P.global_topic(self.cfg.job), self._global_payload, retain=True)
-        self.downlink.count(rnd, len(self._global_payload), delta=delta is not None)
+        self.downlink.count(rnd, len(self._global_payload), delta=delta)
 
     def _publish_control(self, state: str) -> None:
         ctl = P.Control(self.cfg.job, state, self.completed, self.cfg.rounds, self.session,
@@ -551,6 +551,8 @@ class Aggregator(MessageIntake):
         self._await_binding()
         self._narrow()
         self._make_initial()
+        self.downlink.set_initial(self.global_state, seed=self.cfg.seed, dim=self.cfg.dim,
+                                  resumed=self.resumed)
         self._start_prevalidation()
         self.log(
             f"job {self.cfg.job}: {self.roster.active_count} device(s) online "

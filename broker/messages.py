@@ -38,7 +38,7 @@ from fedclip_edge.broker.fields import (
     _text_field,
 )
 from fedclip_edge.broker.topics import _ID_RE
-from fedclip_edge.global_fields import check_delta_fields
+from fedclip_edge.global_fields import DERIVED, check_delta_fields
 
 STATES = ("online", "offline", "training", "uploaded")
 CONTROL_STATES = ("running", "done")
@@ -258,8 +258,10 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
         train = _flat_object(header, "train") if "train" in header else {}
         _check_train(train)
         rnd = _int_field(header, "round", 0, MAX_ROUND)
-        if not body:
-            raise MessageRejected("fields", "global needs a round >= 0 and a frame")
+        delta = _delta_field(header)
+        if bool(body) == (delta.get("codec") == DERIVED):  # derived: the frame is empty
+            raise MessageRejected("fields", "global needs a round >= 0 and a frame (none when "
+                                  "derived)")
         return GlobalModel(
             job=_text_field(header, "job", ident=True),
             round=rnd,
@@ -272,7 +274,7 @@ def _decode_fields(header: dict[str, Any], body: bytes) -> Message:
             sig=_text_field(header, "sig", ""),
             run=_text_field(header, "run", ""),
             weighting=_text_field(header, "weighting", ""),
-            delta=_delta_field(header),
+            delta=delta,
         )
     if kind == "update":
         metrics = _flat_object(header, "metrics") if "metrics" in header else {}

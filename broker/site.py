@@ -56,6 +56,7 @@ from fedclip_edge.broker.site_down import RelayDownlink
 from fedclip_edge.broker.transport import Received, Transport
 from fedclip_edge.errors import ConfigError, FedClipError, TransportError
 from fedclip_edge.global_codec import GlobalMismatch
+from fedclip_edge.global_fields import DERIVE_KEY, DERIVE_VERSION
 from fedclip_edge.privacy.central import CentralDP, PrivacyBudgetSpent
 from fedclip_edge.rounds import RoundPlugin
 from fedclip_edge.signing import KeyRegistry
@@ -169,7 +170,8 @@ class SiteAggregator(Aggregator):
             samples = 0  # the devices' data sizes are not released with DP at the site
         st = P.Status(
             self.site, "online", {"train": int(samples)}, SITE_BACKEND, self._site_dim(),
-            {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name},
+            {"site_devices": str(self.roster.active_count), STRATEGY_KEY: self.strategy.name,
+             DERIVE_KEY: DERIVE_VERSION},  # it derives a derived round 1 itself (site_down)
             hello=True, session=self.session, run=self.up_run,
             # the central global this site holds: a compressed central resends a dense copy
             # to a site behind its round

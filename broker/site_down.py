@@ -9,6 +9,11 @@ frame unchanged (the envelope re-signed by the site, as every global it sends do
 `delta` fields {codec, base_round, digest} as they came: the digest still checks the central's
 exact global on every device.
 
+A derived round 1 (the central's frame is empty: `fedclip_edge.global_fields.DERIVED`) the
+site derives itself from the signed seed and checks the digest, as a device does (its hello
+upstream says it can); it forwards it derived when every one of its devices says it can too,
+dense otherwise.
+
 The site sends a dense global instead when the central's was dense (round 1, keyframes, the
 final adapter, a dense copy it asked for), when its devices cannot hold the base (the site did
 not send them the round before), or when a device asks (a hello from a device behind the
@@ -31,8 +36,10 @@ import torch
 from safetensors import safe_open
 
 from fedclip_edge.broker import protocol as P
+from fedclip_edge.broker.global_down import kind
 from fedclip_edge.broker.store import save_adapter
-from fedclip_edge.global_codec import GlobalDelta, GlobalMismatch, apply_delta
+from fedclip_edge.global_codec import GlobalDelta, GlobalMismatch, apply_delta, derive_checked
+from fedclip_edge.global_fields import DERIVED
 from fedclip_edge.wire import decode_frame
 
 HELD_FILE = "central_global.safetensors"
@@ -76,6 +83,12 @@ class RelayDownlink:
         if g.round == self.held_round and self.held is not None:
             return self.held  # the same global again (a retry, a resend)
         base = int(g.delta["base_round"])
+        if self.codec == DERIVED:
+            state = derive_checked(g.seed, {k: tuple(v) for k, v in shapes.items()},
+                                   g.delta["digest"])
+            self.forward = GlobalDelta(DERIVED, g.round, 0, b"", g.delta["digest"])
+            self._hold(g.round, state)
+            return state
         if base != self.held_round or self.held is None:
             raise GlobalMismatch(
                 f"it is a change since round {base}'s global, this site holds "
@@ -101,20 +114,24 @@ class RelayDownlink:
         self.held_round = rnd
 
     # ------------------------------------------------------------------ to the devices
-    def delta_for(self, rnd: int, *, dense: bool = False) -> GlobalDelta | None:
+    def delta_for(self, rnd: int, *, dense: bool = False, derive: bool = False
+                  ) -> GlobalDelta | None:
         """The central's delta frame to forward as round `rnd`'s global, or None: dense. Only
-        when the site's devices hold its base: the site sent them that round last."""
+        when the site's devices hold its base: the site sent them that round last; a derived
+        one only when they all can derive (`derive`)."""
         f = self.forward
         if dense or f is None or f.round != rnd:
             return None
+        if f.codec == DERIVED:
+            return f if derive else None
         before = self.prev if rnd == self.cur else self.cur
         return f if f.base_round == before else None
 
-    def count(self, rnd: int, nbytes: int, *, delta: bool) -> None:
+    def count(self, rnd: int, nbytes: int, *, delta: GlobalDelta | None) -> None:
         if rnd != self.cur:
             self.prev, self.cur = self.cur, rnd
         self.bytes[rnd] += nbytes
-        self.sent[(rnd, "delta" if delta else "dense")] += 1
+        self.sent[(rnd, kind(delta))] += 1
 
     def round_fields(self, rnd: int) -> dict[str, Any]:
         """For the site's round summary: what each of its devices got (every publication) and
@@ -124,5 +141,6 @@ class RelayDownlink:
             "bytes_down_per_client": self.bytes[rnd],
             "globals_delta": self.sent[(rnd, "delta")],
             "globals_dense": self.sent[(rnd, "dense")],
+            "globals_derived": self.sent[(rnd, DERIVED)],
             "bytes_from_central": self.bytes_in[rnd],
         }

@@ -6,6 +6,11 @@ global rebuilds the new one (`fedclip_edge.global_codec.apply_delta`) and checks
 the exact global the aggregator holds, so the two never drift. A device that does not (it
 joined late, missed a round, or the digest differs) asks for a dense copy: it says hello again
 with its last round, which the aggregator answers with a dense global (broker/ingest.py).
+
+Round 1's global may come derived (an empty frame, `delta` codec "derived"): the device makes
+it itself, `derive_initial(the global's signed seed, its adapter width)`, and checks the digest;
+a mismatch (another torch that initializes otherwise) asks for a dense copy the same way. The
+device says it can in its hello (`CAPABILITY`, in `versions`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from collections.abc import Callable
 import torch
 
 from fedclip_edge.broker import protocol as P
-from fedclip_edge.global_codec import GlobalMismatch, apply_delta
+from fedclip_edge.global_codec import GlobalMismatch, apply_delta, derive_checked
+from fedclip_edge.global_fields import DERIVE_KEY, DERIVE_VERSION, DERIVED
 from fedclip_edge.wire import FrameRejected, decode_frame
+
+CAPABILITY = {DERIVE_KEY: DERIVE_VERSION}  # merged into the hello's versions
 
 
 class GlobalIn:
@@ -48,7 +56,12 @@ class GlobalIn:
         if g.round == self.round and self.state is not None:
             return self.state  # the same global again (a retry of a short round)
         base = int(g.delta["base_round"])
-        if base != self.round or self.state is None:
+        if g.delta["codec"] == DERIVED:
+            try:
+                return self._hold(g.round, derive_checked(g.seed, self.shapes, g.delta["digest"]))
+            except GlobalMismatch as exc:
+                why = str(exc)
+        elif base != self.round or self.state is None:
             why = (f"it is a change since round {base}'s global, this device holds "
                    + (f"round {self.round}'s" if self.state is not None else "none"))
         else:

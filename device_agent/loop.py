@@ -34,6 +34,7 @@ from fedclip_edge.device_agent.run_guard import RunGuard
 from fedclip_edge.device_agent.secagg_device import secagg_for
 from fedclip_edge.errors import TransportError
 from fedclip_edge.global_codec import state_digest
+from fedclip_edge.global_fields import DERIVED
 from fedclip_edge.serving.keep import KeptModels
 from fedclip_edge.wire import expected_shapes
 
@@ -198,7 +199,8 @@ class Agent(RunGuard, RoundWork):
             return
         # the exact global held (`state_digest`, as the aggregator's): a log can be checked
         # against the server's committed globals (`bench soak` does)
-        how = f"delta on round {g.delta['base_round']}'s" if g.delta else "dense"
+        how = ("dense" if not g.delta else f"derived from seed {g.seed}"
+               if g.delta["codec"] == DERIVED else f"delta on round {g.delta['base_round']}'s")
         self.log(f"round {g.round}: global {state_digest(tensors)} ({how})")
         if g.round > g.rounds:
             self.final_state, self.final_global = tensors, g

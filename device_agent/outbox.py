@@ -15,6 +15,7 @@ from fedclip_edge.broker import authn
 from fedclip_edge.broker import protocol as P
 from fedclip_edge.broker.transport import Delivery, Transport
 from fedclip_edge.device_agent.agent_config import AgentConfig, LocalData
+from fedclip_edge.device_agent.global_in import CAPABILITY
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Outbox:
     def _status(self, state: str, *, hello: bool = False, upload_s: float | None = None) -> None:
         st = P.Status(
             self.cfg.client_id, state, self._sizes, self.data.backend, self.data.dim,
-            self.data.versions, round=self.last_trained, upload_s=upload_s, hello=hello,
+            {**self.data.versions, **CAPABILITY}, round=self.last_trained, upload_s=upload_s,
+            hello=hello,
             session=self.cfg.session, run=self.job_run,
         )
         if self.cfg.key is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ from fedclip_edge import codecs
 from fedclip_edge.adapter import AttentionAdapter
 from fedclip_edge.codecs import DEFAULT_TOPK_FRACTION, ErrorFeedback
 from fedclip_edge.errors import FrameError
-from fedclip_edge.global_fields import check_delta_fields  # noqa: F401  (re-exported)
+from fedclip_edge.global_fields import (
+    DERIVED,
+    check_delta_fields,  # noqa: F401  (re-exported)
+)
 from fedclip_edge.rounds.engine import OpenRound, RoundPlugin, State
 from fedclip_edge.wire import DEFAULT_MAX_FRAME_BYTES, decode_update, encode_update
 
@@ -61,11 +65,53 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 def derive_initial(seed: int, dim: int) -> dict[str, torch.Tensor]:
     """Round 1's global as every side makes it (`torch.manual_seed(seed)`, then the adapter's
     default init), so a device that knows the job's seed and width needs no bytes for it; the
-    server's digest still decides (another torch could init otherwise). The caller's RNG is
-    left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return {k: v.detach().clone() for k, v in AttentionAdapter(dim).state_dict().items()}
+    server's digest still decides (another torch could init otherwise).
+
+    The same numbers are drawn from a private generator seeded alike, each `nn.Linear` as its
+    `reset_parameters` does, in the adapter's order: the global RNG is never touched, so threads
+    that derive or train at the same time (agents in one process) cannot change the result (a
+    test keeps it equal to the seeded construction)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        adapter = AttentionAdapter(dim)
+    adapter.to_empty(device="cpu")
+    with torch.no_grad():
+        for module in adapter.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+                if module.bias is not None:
+                    bound = 1 / math.sqrt(module.in_features) if module.in_features else 0.0
+                    torch.nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"derive_initial cannot init a {type(module).__name__}")
+    return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+
+
+def derived_global(state: Mapping[str, torch.Tensor], seed: int, dim: int) -> GlobalDelta | None:
+    """Round 1's global as a derived one (no frame: devices make it from the seed), or None
+    when `state` is not exactly `derive_initial(seed, dim)` (checked by digest)."""
+    digest = state_digest(state)
+    if digest != state_digest(derive_initial(seed, dim)):
+        return None
+    return GlobalDelta(DERIVED, 1, 0, b"", digest)
+
+
+def derive_checked(
+    seed: int, shapes: Mapping[str, tuple[int, ...]], digest: str
+) -> dict[str, torch.Tensor]:
+    """The receiving side of a derived global: `derive_initial` at the width `shapes` (the
+    adapter's) imply, checked against the server's digest; `GlobalMismatch` otherwise."""
+    dims = {s[0] for s in shapes.values() if len(s) == 1}
+    state = derive_initial(seed, dims.pop()) if len(dims) == 1 else {}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != {k: tuple(v) for k, v in shapes.items()}:
+        raise GlobalMismatch("a derived global, but this adapter's shapes are not the "
+                             "derivable adapter's")
+    mine = state_digest(state)
+    if mine != digest:
+        raise GlobalMismatch(f"the global derived here from seed {seed} differs from the "
+                             f"server's (digest {mine[:12]}, server {str(digest)[:12]})")
+    return state
 
 
 @dataclass(frozen=True)

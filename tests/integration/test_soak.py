@@ -142,13 +142,15 @@ def test_reconciliation_reads_the_devices_globals(tmp_path: Path) -> None:
     d0, d1 = state_digest(g0), state_digest(g1)
     tail = "| loss 0.1 | compute 0.01s | wait 0.1s | down 1 B | up 2 B (fp32) | upload 0.01s"
     ok = tmp_path / "dev-0.1.log"
-    ok.write_text(f"[dev-0] round 1: global {d0} (dense)\n[dev-0] round 1 | samples 5 {tail}\n"
+    ok.write_text(f"[dev-0] round 1: global {d0} (derived from seed 0)\n"
+                  f"[dev-0] round 1 | samples 5 {tail}\n"
                   "[dev-0] round 2: compressed global not usable here (it is a change since "
                   "round 1's global, this device holds none); asking for a dense copy\n"
                   f"[dev-0] round 2: global {d1} (delta on round 1's)\n"
                   f"[dev-0] round 3: global {d1} (dense)\n")
     r = check_devices({"dev-0": [ok]}, {0: g0, 1: g1, 2: g1}, rounds=2, completed=2)
-    assert r["lines"] == r["matched"] == 3 and r["rebuilt"] == {"dense": 2, "delta": 1}
+    assert r["lines"] == r["matched"] == 3
+    assert r["rebuilt"] == {"derived": 1, "dense": 1, "delta": 1}
     assert r["dense_asked"] == {"holds none": 1}
     assert not (r["mismatched"] or r["digest_failures"] or r["sent_without_a_logged_global"])
     bad = tmp_path / "dev-1.2.log"

@@ -1,6 +1,7 @@
 """The compressed global over MQTT (issue 19), real agents on the in-memory broker: every device
-trains from exactly the aggregator's global, whether it applied the delta, joined late, failed
-the digest or outlived an aggregator crash; and the downlink bytes are counted per round.
+trains from exactly the aggregator's global, whether it derived round 1's from the seed, applied
+the delta, joined late, failed the digest or outlived an aggregator crash; and the downlink
+bytes are counted per round.
 
 The aggregator's global of round r is `rounds/global_r{r-1}` (round 1's: the seeded initial
 adapter); a device's is recorded by wrapping its `globals_in.rebuild`.
@@ -39,15 +40,20 @@ def make_agg(broker: MemoryBroker, out: Path, hooks: AggregatorHooks | None = No
     return agg
 
 
-def record(agent) -> dict[int, tuple[str, bool]]:
-    """round -> (digest of the global the agent rebuilt, whether it came as a delta)."""
-    seen: dict[int, tuple[str, bool]] = {}
+def how(g: P.GlobalModel) -> str:
+    """How a global came: "dense", "delta" or "derived" (round 1, made from the seed)."""
+    return "dense" if not g.delta else "derived" if g.delta["codec"] == "derived" else "delta"
+
+
+def record(agent) -> dict[int, tuple[str, str]]:
+    """round -> (digest of the global the agent rebuilt, how it came: `how`)."""
+    seen: dict[int, tuple[str, str]] = {}
     rebuild = agent.globals_in.rebuild
 
     def spy(g: P.GlobalModel):
         state = rebuild(g)
         if state is not None:
-            seen[g.round] = (state_digest(state), bool(g.delta))
+            seen[g.round] = (state_digest(state), how(g))
         return state
 
     agent.globals_in.rebuild = spy
@@ -68,6 +74,21 @@ def summaries(out: Path) -> dict[int, dict]:
     return {r["round"]: r for r in rows if "bytes_down_per_client" in r}
 
 
+def published(agg: Aggregator) -> list[tuple[int, int, P.GlobalModel]]:
+    """Every global the aggregator publishes: (round, envelope bytes, the message decoded)."""
+    out: list[tuple[int, int, P.GlobalModel]] = []
+    real = agg.t.publish
+
+    def spy(topic: str, payload: bytes, **kw):
+        if topic == P.global_topic(JOB):
+            g = P.decode_message(payload)
+            out.append((g.round, len(payload), g))
+        return real(topic, payload, **kw)
+
+    agg.t.publish = spy  # type: ignore[method-assign]
+    return out
+
+
 def finish(agents) -> None:
     for _, th in agents:
         th.join(10)
@@ -79,19 +100,30 @@ def test_devices_rebuild_every_compressed_global_bit_for_bit(tmp_path: Path) -> 
     agents = start_agents(broker, ["dev-a", "dev-b", "dev-c"])
     seen = [record(a) for a, _ in agents]
     agg = make_agg(broker, tmp_path)
+    pubs = published(agg)
     final = agg.run()
     finish(agents)
     want = server_globals(tmp_path, 4)
     for (a, _), s in zip(agents, seen, strict=True):
         assert {r: d for r, (d, _) in s.items()} == want, a.cfg.client_id
-        assert [s[r][1] for r in range(1, 6)] == [False, True, True, True, False]
+        assert [s[r][1] for r in range(1, 6)] == ["derived", "delta", "delta", "delta", "dense"]
         assert a.globals_in.dense_asked == 0 and a.rounds_trained == 4
         assert state_digest(a.final_state) == state_digest(final)
     rows = summaries(tmp_path)
-    assert [rows[r]["globals_dense"] for r in range(1, 5)] == [1, 0, 0, 0]
+    assert [rows[r]["globals_derived"] for r in range(1, 5)] == [1, 0, 0, 0]
+    assert [rows[r]["globals_dense"] for r in range(1, 5)] == [0, 0, 0, 0]
     assert [rows[r]["globals_delta"] for r in range(1, 5)] == [0, 1, 1, 1]
-    dense = rows[1]["bytes_down_per_client"]
-    assert all(0 < rows[r]["bytes_down_per_client"] < dense for r in (2, 3, 4))  # d = 8: headers
+    # round 1: one signed envelope with no frame, counted at its real size
+    first = [(n, g) for r, n, g in pubs if r == 1]
+    assert len(first) == 1 and first[0][1].frame == b""
+    assert first[0][1].delta == {"codec": "derived", "base_round": 0, "digest": want[1]}
+    assert rows[1]["bytes_down_per_client"] == first[0][0]
+    assert all(0 < first[0][0] < rows[r]["bytes_down_per_client"] for r in (2, 3, 4))
+    assert all(rows[r]["bytes_down_per_client"] == sum(n for q, n, _ in pubs if q == r)
+               for r in range(1, 5))
+    clients = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ones = [c["bytes_down"] for c in clients if c.get("kind") == "client" and c["round"] == 1]
+    assert ones == [first[0][0]] * 3  # each device's round-1 downlink: the derived envelope
     # the residual went with each commit
     saved = json.loads((tmp_path / "state.json").read_text())["plugins"][-1]
     assert saved["codec"] == "int8" and saved["last"]["round"] == 5
@@ -104,7 +136,8 @@ def test_keyframes_go_dense_every_k_rounds(tmp_path: Path) -> None:
     agg.run()
     finish(agents)
     rows = summaries(tmp_path)
-    assert [rows[r]["globals_dense"] for r in range(1, 5)] == [1, 0, 1, 0]
+    assert [rows[r]["globals_dense"] for r in range(1, 5)] == [0, 0, 1, 0]
+    assert rows[1]["globals_derived"] == 1  # round 1 is a keyframe, made on the devices
 
 
 def test_a_device_that_joins_late_gets_a_dense_global(tmp_path: Path) -> None:
@@ -150,8 +183,8 @@ def test_a_digest_mismatch_asks_for_a_dense_copy(tmp_path: Path) -> None:
     want = server_globals(tmp_path, 4)
     a = agents[0][0]
     assert a.globals_in.dense_asked == 1
-    assert seen[2] == (want[2], False)  # round 2 came dense after the delta failed
-    assert seen[3] == (want[3], True)  # and the deltas work again from there
+    assert seen[2] == (want[2], "dense")  # round 2 came dense after the delta failed
+    assert seen[3] == (want[3], "delta")  # and the deltas work again from there
     assert summaries(tmp_path)[2]["globals_dense"] == 1
     assert all(b.globals_in.dense_asked == 0 for b, _ in agents[1:])
 

@@ -108,9 +108,9 @@ def test_a_site_forwards_the_centrals_delta_and_devices_hold_its_global(
     # the site forwarded deltas after round 1; dev-c asked for (and got) a dense round 3
     for (a, _), got in zip(agents[:2], seen[:2], strict=True):
         # (round 3's dense copy for dev-c reached them too: it may be the last they recorded)
-        assert [got[r][1] for r in (1, 2, 4, 5)] == [False, True, True, False]
+        assert [got[r][1] for r in (1, 2, 4, 5)] == ["derived", "delta", "delta", "dense"]
         assert a.globals_in.dense_asked == 0
-    assert agents[2][0].globals_in.dense_asked == 1 and seen[2][3] == (want[3], False)
+    assert agents[2][0].globals_in.dense_asked == 1 and seen[2][3] == (want[3], "dense")
     rows = summaries(tmp_path / "site")
     assert [rows[r]["globals_delta"] for r in range(2, ROUNDS + 1)] == [1, 1, 1]
     assert [rows[r]["globals_dense"] for r in range(2, ROUNDS + 1)] == [0, 1, 0]
@@ -119,7 +119,7 @@ def test_a_site_forwards_the_centrals_delta_and_devices_hold_its_global(
         assert 0 < rows[r]["bytes_from_central"] == crows[r]["bytes_down_per_client"]
         assert rows[r]["global_codec"] == codec
     assert s.up_counters["dense_asked"] == 0
-    # docs/hierarchy.md quotes these (round 1: dense, before the site knows the codec)
+    # docs/hierarchy.md quotes these (round 1: derived, no frame on either hop)
     print(json.dumps({r: [crows[r]["bytes_down_per_client"],
                           rows[r]["bytes_down_per_client"] if r in rows else None]
                       for r in range(1, ROUNDS + 1)}))
@@ -161,7 +161,7 @@ def test_a_resumed_site_keeps_its_base_and_its_devices_the_centrals_global(
     for (a, _), got in zip(agents, seen, strict=True):
         assert all(want[r] == d for r, (d, _) in got.items()), a.cfg.client_id
         assert state_digest(a.final_state) == want[ROUNDS + 1]
-    assert seen[0][4][1] is True  # round 4 went down as the central's delta again
+    assert seen[0][4][1] == "delta"  # round 4 went down as the central's delta again
 
 
 def test_a_site_refuses_a_global_codec_of_its_own_and_a_central_takes_sites(
