@@ -37,6 +37,7 @@ FAULT_KINDS = (
     "site_claim", "flood", "cross_run",
 )
 _RATE_LIMITED = re.compile(r"rate limit: dropped (\d+) messages")
+_PENALTY = re.compile(r"penalty: \S+ went over its rate limit")
 _ROUND_LINE = re.compile(r"\] round (\d+) \| samples .* \| upload (\S+)$")
 _RESENT = re.compile(r"\] round (\d+): (aggregator lacks my update|reconnected), sending")
 _DROPPED = re.compile(r"\] round (\d+): unsent update dropped")
@@ -387,19 +388,23 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
         # the flood's messages over its sender's limit: dropped at the transport, one summary
         # line per interval (not rejections: never decoded, never in state.json's counters)
         "rate_limited": _rate_limited(soak.procs.logs.get("aggregator", [])),
+        # a registered flooder unsubscribed at the broker for a while (broker/penalty.py)
+        "penalties": _rate_limited(soak.procs.logs.get("aggregator", []), _PENALTY),
     }
     report["line"] = figures_line(report)
     return report
 
 
-def _rate_limited(paths: list[Path]) -> int:
+def _rate_limited(paths: list[Path], pattern: re.Pattern[str] = _RATE_LIMITED) -> int:
+    """The messages the rate-limit lines say were dropped (or, given `pattern` without a group,
+    how many lines match it)."""
     n = 0
     for path in paths:
         try:
             text = Path(path).read_text(errors="replace")
         except OSError:
             continue
-        n += sum(int(m.group(1)) for m in _RATE_LIMITED.finditer(text))
+        n += sum(int(m.group(1)) if m.groups() else 1 for m in pattern.finditer(text))
     return n
 
 

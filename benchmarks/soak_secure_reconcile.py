@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedclip_edge.benchmarks.soak_reconcile import (
+    _PENALTY,
     _aggregator_log,
     _broker_save_errors,
     _leftovers,
@@ -346,6 +347,7 @@ def reconcile_secure(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], f
         "agent_starts": sum(len(soak.procs.logs.get(c, [])) for c in soak.clients),
         "leaked": leaked,
         "rate_limited": _rate_limited(agg_logs),
+        "penalties": _rate_limited(agg_logs, _PENALTY),
     }
     report["line"] = figures_line(report).replace("soak ", "secure soak ", 1)
     return report
