@@ -324,10 +324,9 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
                             cfg.rounds, completed)
 
     expected_counted = logged - agg["uncounted"]
-    rejected_counters = Counter({k[len("rejected_"):]: v for k, v in counters.items()
-                                 if k.startswith("rejected_")})
-    counters_ok = rejected_counters == expected_counted and counters["accepted"] == len(
-        client_rows)
+    rejected_counters = rejected_in_state(counters)
+    counters_ok = (rejected_counters == expected_counted
+                   and counters["accepted"] == len(client_rows))
     leaked = soak.procs.unreaped() + _leftovers(soak.out)
     faults = Counter(f.kind for f in soak.faults if f.outcome == "injected")
     skipped = {f.kind: f.outcome for f in soak.faults if f.outcome != "injected"}
@@ -393,6 +392,12 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
     }
     report["line"] = figures_line(report)
     return report
+
+
+def rejected_in_state(counters: dict[str, int]) -> Counter:
+    """The rejections state.json counted, by reason (both soaks compare them with the log)."""
+    return Counter({k[len("rejected_"):]: v for k, v in counters.items()
+                    if k.startswith("rejected_")})
 
 
 def _rate_limited(paths: list[Path], pattern: re.Pattern[str] = _RATE_LIMITED) -> int:

@@ -44,6 +44,7 @@ from fedclip_edge.benchmarks.soak_reconcile import (
     _leftovers,
     _rate_limited,
     figures_line,
+    rejected_in_state,
 )
 from fedclip_edge.broker import secagg_wire as W
 from fedclip_edge.broker.secagg_round import DEFAULT_CLIP
@@ -294,8 +295,7 @@ def reconcile_secure(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], f
 
     unrefused = injected_refused(soak.injected, agg["rejected"])
     rejected_logged = Counter(r["reason"] for r in agg["rejected"])
-    rejected_counters = Counter({k[len("rejected_"):]: v for k, v in counters.items()
-                                 if k.startswith("rejected_")})
+    rejected_counters = rejected_in_state(counters)
     counters_ok = (rejected_counters == rejected_logged - agg["uncounted"]
                    and counters["accepted"] == len(client_rows))
     leaked = soak.procs.unreaped() + _leftovers(soak.out)
