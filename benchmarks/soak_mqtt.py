@@ -56,29 +56,50 @@ class Recorder:
 
 
 class Injector:
-    """A plain paho client that publishes what the devices never would (garbage, replays)."""
+    """A plain paho client that publishes what the devices never would (garbage, replays).
+
+    A fault right after a broker restart must still land: paho reconnects on its own but with a
+    growing back-off, and a publish made while it is away is only queued. So the injector
+    reconnects every 1-2 s and each publish first waits (bounded) for a live connection, then
+    for the broker's PUBACK."""
+
+    CONNECT_WAIT_S = 60.0
+    ACK_WAIT_S = 60.0
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        self._connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-chaos",
                                   protocol=mqtt.MQTTv311)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self._connected.clear()
+        self.client.reconnect_delay_set(1, 2)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not rc.is_failure:
+            self._connected.set()
+
     def publish(self, topic: str, payload: bytes) -> bool:
+        """Whether the broker acknowledged it (QoS 1)."""
+        if not self._connected.wait(self.CONNECT_WAIT_S):
+            return False
         info = self.client.publish(topic, payload, qos=1)
         with contextlib.suppress(Exception):
-            info.wait_for_publish(15)
+            info.wait_for_publish(self.ACK_WAIT_S)
         try:
             return bool(info.is_published())
-        except (RuntimeError, ValueError):  # not connected (the broker is being restarted)
+        except (RuntimeError, ValueError):  # the connection dropped before the PUBACK
             return False
 
     def flood(self, topic: str, n: int, rng: random.Random) -> int:
         """`n` garbage messages (QoS 1, as fast as paho takes them); how many were acknowledged
         by the broker (bounded: it waits at most 30 s for the last)."""
+        if not self._connected.wait(self.CONNECT_WAIT_S):
+            return 0
         infos = [self.client.publish(topic, b"FCMQ\x01" + rng.randbytes(64), qos=1)
                  for _ in range(n)]
         deadline = time.monotonic() + 30

@@ -77,7 +77,10 @@ def _agent_sends(paths: list[Path], killed: set[Path]) -> dict[str, Any]:
                     acked.add(rnd)
             elif m := _RESENT.search(line):
                 messages += 1
-                acked.add(int(m.group(1)))  # sent before; the resend makes it count as sent
+                # sent before; the resend makes it count as sent (a kill between the first send
+                # and its round line leaves only this line, from the restarted agent's outbox)
+                acked.add(int(m.group(1)))
+                logged.add(int(m.group(1)))
             elif m := _DROPPED.search(line):
                 queued.discard(int(m.group(1)))
         if path in killed:
@@ -298,13 +301,19 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
                 verdicts["rejected_" + rejected_for[(c, rnd)][0]] += 1
             else:
                 lost.append(f"{c} round {rnd}: sent, neither accepted nor rejected")
-    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published]
+    # what the broker carried on a device's topic that the chaos client did not make came from
+    # that device (only it holds its key): a kill -9 between the agent's send and its round
+    # line leaves no line for an update the aggregator rightly accepted
+    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
+    carried = {(topic.rsplit("/", 1)[-1], r) for _, topic, payload in recorded_msgs
+               if hashlib.sha256(payload).hexdigest() not in junk
+               and (r := _update_round(payload)) is not None}
+    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published | carried]
 
     # the server's committed globals: the bases delta-coded updates decode against, and what
     # every device must have rebuilt (soak_globals.py)
     globals_ = server_globals(agg_out, cfg.seed, int(state.get("dim") or 0), completed)
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
-    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
     for _, topic, payload in recorded_msgs:
         if hashlib.sha256(payload).hexdigest() in junk:
             continue  # an injected forgery must not count as the device's update
