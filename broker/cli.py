@@ -377,7 +377,9 @@ def aggregate(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        discard_session(broker, transport.client_id, username, password, tls, connect_timeout)
+        if not resume:  # a resumed job keeps what its session queued while it was down
+            discard_session(broker, transport.client_id, username, password, tls,
+                            connect_timeout)
         agg.run()
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(agg.completed)) from None
@@ -398,7 +400,8 @@ def discard_session(url: str, client_id: str, username: str | None, password: st
     Why: the broker keeps a persistent session per client id (per username on the production
     broker, which sets `use_username_as_clientid`): without this, a new job inherits the last
     job's subscriptions and queued messages and counts them as `rejected (job)` every round.
-    Nothing of this job is lost: devices send again what a new aggregator session lacks."""
+    Nothing of this job is lost: devices send again what a new aggregator session lacks. Not
+    with --resume: the session then holds this job's messages of the time it was down."""
     probe = MqttTransport(url, client_id, username=username, password=password, tls=tls,
                           clean_session=True)
     try:
