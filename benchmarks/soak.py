@@ -294,6 +294,13 @@ class Soak:
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
+    def from_devices(self, recorder: Recorder) -> list[tuple[float, str, bytes]]:
+        """What the recorder saw, less what the chaos client made: a fault built on an earlier
+        forgery (a replay of the cross-run update) would be refused for that forgery's reason,
+        not its own."""
+        made = {i["sha256"] for i in self.injected if "sha256" in i}
+        return [m for m in recorder.snapshot() if hashlib.sha256(m[2]).hexdigest() not in made]
+
     def _fire(self, f: Fault, rng: random.Random, recorder: Recorder,
               injector: Injector) -> None:
         f.fired_at_round = self._completed()
@@ -324,7 +331,7 @@ class Soak:
                                   "sha256": hashlib.sha256(payload).hexdigest()})
             f.outcome = "injected" if ok else "not acknowledged by the broker"
         elif f.kind == "replay":
-            old = [m for m in recorder.snapshot() if _update_round(m[2]) not in (None, 0)
+            old = [m for m in self.from_devices(recorder) if _update_round(m[2]) not in (None, 0)
                    and _update_round(m[2]) < f.fired_at_round]  # type: ignore[operator]
             if not old:
                 f.outcome = "skipped: no update of a committed round recorded yet"
@@ -348,7 +355,7 @@ class Soak:
                 f.outcome = "injected" if ok else "not acknowledged by the broker"
         elif f.kind == "cross_run":  # soak_crossrun.py: another run's signed update and done
             made = cross_run_payloads(self.out / "keys", self.job, f.fired_at_round + 1,
-                                      [m[2] for m in recorder.snapshot()])
+                                      [m[2] for m in self.from_devices(recorder)])
             if made is None:
                 f.outcome = "skipped: no update recorded yet to take a run from"
                 return
@@ -394,7 +401,7 @@ class Soak:
         from fedclip_edge.broker import authn
         from fedclip_edge.signing import load_private_key
 
-        old = [m for m in recorder.snapshot() if _update_round(m[2])]
+        old = [m for m in self.from_devices(recorder) if _update_round(m[2])]
         if not old:
             return None
         _, _, payload = old[-1]
@@ -417,7 +424,7 @@ class Soak:
         from fedclip_edge.broker import authn
         from fedclip_edge.signing import load_private_key
 
-        old = [m for m in recorder.snapshot() if _update_round(m[2])]
+        old = [m for m in self.from_devices(recorder) if _update_round(m[2])]
         if not old:
             return None
         _, topic, payload = rng.choice(old)

@@ -147,7 +147,7 @@ class SecureSoak(Soak):
             return
         f.fired_at_round = self._completed()
         f.at_s = round(time.monotonic() - self.t0, 2)
-        msgs = recorded_secagg(recorder.snapshot())
+        msgs = recorded_secagg(self.from_devices(recorder))
         made = self._forge(f, rng, msgs)
         if made is None:
             f.outcome = "skipped: no secure-aggregation message recorded yet to start from"
