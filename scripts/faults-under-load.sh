@@ -16,7 +16,8 @@ mkdir -p "$LOGS"
 TESTS=(
   tests/integration/test_federation.py
   tests/integration/test_transport_mosquitto.py
-  tests/integration/test_soak.py::test_short_soak_reconciles
+  tests/integration/test_soak.py
+  tests/integration/test_soak_clients.py
   "tests/integration/test_exits.py::test_sigint_aggregate_waiting_for_devices"
   "tests/integration/test_exits.py::test_sigint_broker_run"
   "tests/integration/test_exits.py::test_sigterm_broker_run_is_a_clean_stop"
