@@ -393,9 +393,17 @@ def demo(
     )
 
 
-def _register_parts() -> None:
-    """Commands whose options live with their part of the toolkit (imported here, at start)."""
+_registered: list[bool] = []
 
+
+def _register_parts() -> None:
+    """Commands whose options live with their part of the toolkit (imported here, at start).
+    Once per process: typer appends on every registration, so each in-process `main()` call
+    (tests, embedding code) had grown the command tree again and every later call rebuilt all
+    copies (19 s for one test late in the unit suite, 3 s alone)."""
+    if _registered:
+        return
+    _registered.append(True)
     app.command("export")(export)
     app.command("agent")(agent)
     app.command("doctor")(doctor)
