@@ -317,11 +317,7 @@ def bench_soak(
         float, typer.Option(help="Seconds allowed for the whole run.", **R.SECONDS)
     ] = 3600.0,
     global_codec: opt.GlobalCodec = opt.CodecName.fp32,
-    keyframe_every: Annotated[
-        int,
-        typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
-                     "only).", min=0, max=R.ROUNDS["max"]),
-    ] = 0,
+    keyframe_every: opt.KeyframeEvery = 0,
     global_topk_fraction: opt.GlobalTopkFraction = None,
     update_codec: opt.UpdateCodec = opt.CodecName.fp32,
     secure_aggregation: Annotated[

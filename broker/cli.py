@@ -231,11 +231,7 @@ def aggregate(
                      "update delta coordinate-wise to [-this, this] (the fixed-point range)."),
     ] = 1.0,
     global_codec: opt.GlobalCodec = opt.CodecName.fp32,
-    keyframe_every: Annotated[
-        int,
-        typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
-                     "only; devices that miss a round ask for one).", min=0, max=R.ROUNDS["max"]),
-    ] = 0,
+    keyframe_every: opt.KeyframeEvery = 0,
     global_topk_fraction: opt.GlobalTopkFraction = None,
     config: opt.config_option("aggregate") = None,
     dp_noise_multiplier: dpo.NoiseMultiplier = None,

@@ -67,6 +67,11 @@ GlobalCodec = Annotated[
         case_sensitive=False,
     ),
 ]
+KeyframeEvery = Annotated[
+    int,
+    typer.Option(help="With --global-codec: a dense global every K rounds (0: round 1 "
+                 "only; devices that miss a round ask for one).", min=0, max=R.ROUNDS["max"]),
+]
 GlobalTopkFraction = Annotated[
     float | None,
     typer.Option(
