@@ -170,6 +170,7 @@ class MessageIntake:
                 is_update = True
                 if self._secagg is not None:  # only masked steps: a plain update is refused
                     if not is_secagg(msg.payload):
+                        P.decode_envelope(msg.payload)  # garbage is refused as what it is
                         raise P.MessageRejected("secagg", "a plain update in a job with secure "
                                                 "aggregation (is the agent run with "
                                                 "--secure-aggregation?)")

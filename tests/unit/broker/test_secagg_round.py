@@ -243,3 +243,30 @@ def test_a_device_message_of_another_run_is_refused(tmp_path: Path) -> None:
     final = run(agg, threads)
     close(final, expected(deltas, CLIENTS), 1e-6)
     assert replayed and agg.counters["rejected_run"] >= 1, dict(agg.counters)
+
+
+def test_garbage_and_a_plain_update_are_refused_for_what_they_are(tmp_path: Path) -> None:
+    """In a secure job, bytes that are no envelope are `envelope` (they were counted as a plain
+    update, `secagg`, with advice about --secure-aggregation); a well-formed plain update is
+    `secagg`. The round still ends with the three devices' sum."""
+    from fedclip_edge.broker import protocol as P
+
+    agg, agents, threads = secure_federation(tmp_path)
+    deltas = record_deltas(agents)
+    agent = agents[0]
+    inner = agent._secagg.publish
+    sent: list[bool] = []
+
+    def publish(payload: bytes) -> Any:
+        if not sent:
+            sent.append(True)
+            inner(b"FCMQ\x01" + bytes(range(64)))
+            plain = P.Update(JOB, 1, agent.cfg.client_id, 10, {"loss": 1.0}, b"frame")
+            inner(plain.encode())
+        return inner(payload)
+
+    agent._secagg.publish = publish
+    final = run(agg, threads)
+    close(final, expected(deltas, CLIENTS), 1e-6)
+    assert agg.counters["rejected_envelope"] == 1, dict(agg.counters)
+    assert agg.counters["rejected_secagg"] >= 1, dict(agg.counters)
