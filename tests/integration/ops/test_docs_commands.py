@@ -132,6 +132,9 @@ PREAMBLE = """set -euo pipefail
 # a root shell's mosquitto would drop to the `mosquitto` user, who cannot enter a private tmp
 mosquitto() {
   if [ "$(id -u)" = 0 ]; then grep -q '^user root' "$2" || echo 'user root' >> "$2"; fi
+  # in the background (`mosquitto ... &`: a subshell) become the broker, so that `$!`, a
+  # page's `kill` and the trap below reach mosquitto itself, not a shell that waits for it
+  if [ "$BASHPID" != "$$" ]; then exec mosquitto "$@"; fi
   command mosquitto "$@"
 }
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
@@ -151,6 +154,16 @@ def _run(page: str, tmp_path: Path, subs: dict[str, str], timeout: float) -> str
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))
     assert res.returncode == 0, f"docs/{page}: rc {res.returncode}\n{res.stderr[-4000:]}{logs}"
     return res.stdout + res.stderr
+
+
+def _stop_pid(pidfile: Path) -> None:
+    """SIGTERM the process a page's block started in the background, if it still runs."""
+    import signal
+
+    try:
+        os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        pass  # never started, or already gone
 
 
 @pytest.mark.integration
@@ -177,7 +190,10 @@ def test_hierarchy_md_blocks_run(tmp_path: Path) -> None:
 def test_operations_md_walkthrough_runs(tmp_path: Path) -> None:
     mh.require_mosquitto("mosquitto_passwd", "openssl")
     port, metrics = mh.free_port(), mh.free_port()
-    out = _run("operations.md", tmp_path, {"18883": str(port), "9464": str(metrics)}, 900)
+    try:
+        out = _run("operations.md", tmp_path, {"18883": str(port), "9464": str(metrics)}, 900)
+    finally:  # the page stops its broker at its end; a failure before that must not leak it
+        _stop_pid(tmp_path / "fleet" / "mosquitto.pid")
     log = (tmp_path / "aggregator.log").read_text()
     assert "interrupted: before any round was committed: nothing to keep" in log, log
     assert "job shapes done: 3 rounds" in log, log
