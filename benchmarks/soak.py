@@ -46,6 +46,7 @@ from fedclip_edge.benchmarks.soak_mqtt import Injector, Recorder
 from fedclip_edge.benchmarks.soak_reconcile import (
     FAULT_KINDS,
     _update_round,
+    made_by_chaos,
     reconcile,
 )
 from fedclip_edge.broker import protocol as P
@@ -298,7 +299,7 @@ class Soak:
         """What the recorder saw, less what the chaos client made: a fault built on an earlier
         forgery (a replay of the cross-run update) would be refused for that forgery's reason,
         not its own."""
-        made = {i["sha256"] for i in self.injected if "sha256" in i}
+        made = made_by_chaos(self.injected)
         return [m for m in recorder.snapshot() if hashlib.sha256(m[2]).hexdigest() not in made]
 
     def _fire(self, f: Fault, rng: random.Random, recorder: Recorder,

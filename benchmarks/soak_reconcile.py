@@ -55,6 +55,12 @@ def _update_round(payload: bytes) -> int | None:
     return m.round if isinstance(m, P.Update) else None
 
 
+def made_by_chaos(injected: list[dict[str, Any]]) -> set[str]:
+    """sha256 of each message the chaos client made. Not replays: a replay is a device's own
+    message, byte for byte, so its bytes are that device's."""
+    return {i["sha256"] for i in injected if i["kind"] != "replay" and "sha256" in i}
+
+
 # ---------------------------------------------------------------------------------- reconcile
 
 
@@ -301,26 +307,26 @@ def reconcile(soak: Any, recorded_msgs: list[tuple[float, str, bytes]], finished
                 verdicts["rejected_" + rejected_for[(c, rnd)][0]] += 1
             else:
                 lost.append(f"{c} round {rnd}: sent, neither accepted nor rejected")
-    # what the broker carried on a device's topic that the chaos client did not make came from
-    # that device (only it holds its key): a kill -9 between the agent's send and its round
-    # line leaves no line for an update the aggregator rightly accepted
-    junk = {i["sha256"] for i in soak.injected if i["kind"] != "replay" and "sha256" in i}
-    carried = {(topic.rsplit("/", 1)[-1], r) for _, topic, payload in recorded_msgs
-               if hashlib.sha256(payload).hexdigest() not in junk
-               and (r := _update_round(payload)) is not None}
-    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published | carried]
-
     # the server's committed globals: the bases delta-coded updates decode against, and what
     # every device must have rebuilt (soak_globals.py)
     globals_ = server_globals(agg_out, cfg.seed, int(state.get("dim") or 0), completed)
     recorded: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = defaultdict(list)
+    # what the broker carried on a device's topic that the chaos client did not make came from
+    # that device (only it holds its key): a kill -9 between the agent's send and its round
+    # line leaves no line for an update the aggregator rightly accepted
+    carried: set[tuple[str, int]] = set()
+    junk = made_by_chaos(soak.injected)
     for _, topic, payload in recorded_msgs:
         if hashlib.sha256(payload).hexdigest() in junk:
             continue  # an injected forgery must not count as the device's update
         r = _update_round(payload)
+        if r is None:
+            continue
+        carried.add((topic.rsplit("/", 1)[-1], r))
         t = _tensors(payload, globals_.get(r - 1) if r else None)
-        if t is not None and r is not None:
+        if t is not None:
             recorded[(topic.rsplit("/", 1)[-1], r)].append(t)
+    forged = [f"{c} round {r}" for r, c in row_counts if (c, r) not in published | carried]
     codec_check = None
     if cfg.global_codec != "fp32":
         saved = saved_states(soak.procs.logs.get("aggregator", []), state)

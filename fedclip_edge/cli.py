@@ -393,17 +393,13 @@ def demo(
     )
 
 
-_registered: list[bool] = []
-
-
 def _register_parts() -> None:
     """Commands whose options live with their part of the toolkit (imported here, at start).
     Once per process: typer appends on every registration, so each in-process `main()` call
     (tests, embedding code) had grown the command tree again and every later call rebuilt all
     copies (19 s for one test late in the unit suite, 3 s alone)."""
-    if _registered:
-        return
-    _registered.append(True)
+    if any(c.name == "export" for c in app.registered_commands):
+        return  # registered already (by an earlier call)
     app.command("export")(export)
     app.command("agent")(agent)
     app.command("doctor")(doctor)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,8 +159,6 @@ def _run(page: str, tmp_path: Path, subs: dict[str, str], timeout: float) -> str
 
 def _stop_pid(pidfile: Path) -> None:
     """SIGTERM the process a page's block started in the background, if it still runs."""
-    import signal
-
     try:
         os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
     except (OSError, ValueError, IndexError):
